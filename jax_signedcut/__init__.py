@@ -1,0 +1,31 @@
+"""jax_signedcut: 1-bit signed cut decompositions of weight matrices in JAX."""
+
+from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
+from jax_signedcut._budget import width_for_bits as width_for_bits
+from jax_signedcut._budget import width_for_rate as width_for_rate
+from jax_signedcut._decompose import decompose as decompose
+from jax_signedcut._factors import SignedCut as SignedCut
+from jax_signedcut._factors import nbytes as nbytes
+from jax_signedcut._factors import reconstruct as reconstruct
+from jax_signedcut._factors import relative_error as relative_error
+from jax_signedcut._factors import truncate as truncate
+from jax_signedcut._packing import pack_signs as pack_signs
+from jax_signedcut._packing import unpack_signs as unpack_signs
+from jax_signedcut._start import start_words as start_words
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SignedCut",
+    "bytes_per_cut",
+    "decompose",
+    "nbytes",
+    "pack_signs",
+    "reconstruct",
+    "relative_error",
+    "start_words",
+    "truncate",
+    "unpack_signs",
+    "width_for_bits",
+    "width_for_rate",
+]

@@ -1,0 +1,141 @@
+"""``decompose``: input checks, width resolution and backend dispatch."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_signedcut import _budget, _oracle, _start
+from jax_signedcut._factors import SignedCut
+
+BACKENDS = ("auto", "jnp", "ffi")
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+def _check_matrix(a, name="a"):
+  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+    a = np.asarray(a)
+  dtype = jnp.dtype(a.dtype)
+  if not any(dtype == jnp.dtype(d) for d in _FLOAT_DTYPES):
+    raise TypeError(
+        f"{name} must be a float32, bfloat16, float16 or float64 array, got dtype {dtype}")
+  if a.ndim < 2:
+    raise ValueError(f"{name} must have shape (..., m, n) with ndim >= 2, got shape {a.shape}")
+  if any(d == 0 for d in a.shape):
+    raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+  if not isinstance(a, jax.core.Tracer):
+    finite = np.isfinite(np.asarray(a, dtype=np.float32)) if not isinstance(a, jax.Array) \
+        else np.asarray(jnp.isfinite(a))
+    if not finite.all():
+      bad = np.argwhere(~finite)[0]
+      value = np.asarray(a[tuple(bad)], dtype=np.float32)
+      raise ValueError(
+          f"{name} has {int((~finite).sum())} non-finite entries (NaN/Inf), e.g. "
+          f"{name}[{', '.join(map(str, bad))}] = {value}")
+  return a
+
+
+def _check_max_error(max_error):
+  if max_error is None:
+    return None
+  if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) \
+      or not math.isfinite(max_error) or max_error <= 0:
+    raise ValueError(f"max_error must be a finite number > 0, got {max_error!r}")
+  return float(max_error)
+
+
+def decompose(a, *, key, width: int | None = None, rate: float | None = None,
+              bits_per_weight: float | None = None, max_error: float | None = None,
+              backend: str = "auto") -> SignedCut:
+  """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix or a batch.
+
+  Cuts are built one at a time on the remainder; each starts from key-derived
+  random column signs and alternates ``s = sgn(R t)``, ``t = sgn(Rᵀ s)`` until
+  ``sᵀ R t`` stops rising, then subtracts ``c s tᵀ`` with ``c = sᵀ R t / (m n)``.
+
+  Args:
+    a: float array (..., m, n); float32, bfloat16, float16 or float64
+      (computed in float32). Leading dims are independent matrices.
+    key: a ``jax.random.key`` of shape () — the same start signs are used for
+      every matrix of the batch — or of the batch shape (...).
+    width: number of cuts.
+    rate: storage as a fraction of the bf16 footprint (see ``width_for_rate``).
+    bits_per_weight: storage in bits per entry (see ``width_for_bits``).
+    max_error: stop early once ‖R‖_F ≤ max_error·‖A‖_F; the width from the
+      other argument is then the maximum and ``num_cuts`` records the count.
+    backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
+      kernel, CPU) or ``"auto"`` (the fastest for the platform).
+
+  Exactly one of width / rate / bits_per_weight must be given. All
+  configuration is static under ``jax.jit``; ``a`` and ``key`` may be traced.
+
+  Returns:
+    A :class:`SignedCut` with s_bits (..., w, ceil(m/32)), t_bits
+    (..., w, ceil(n/32)), c (..., w) and num_cuts (...).
+
+  Raises:
+    TypeError: non-float ``a``, a bad key or a non-integer width.
+    ValueError: ndim < 2, an empty dimension, NaN/Inf entries (checked
+      eagerly only: under ``jax.jit`` a non-finite matrix gives NaN scales and
+      ``num_cuts`` 0 instead), a bad budget, or an unknown backend.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> a = jax.random.normal(jax.random.key(1), (64, 48))
+    >>> f = decompose(a, key=jax.random.key(0), width=96)
+    >>> f.s_bits.shape, f.t_bits.shape, f.c.shape
+    ((96, 2), (96, 2), (96,))
+    >>> bool(relative_error(a, f) < 0.5)
+    True
+  """
+  a = _check_matrix(a)
+  m, n = a.shape[-2:]
+  w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
+  max_error = _check_max_error(max_error)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  key = _start.as_key(key)
+  batch = tuple(a.shape[:-2])
+  if key.shape not in ((), batch):
+    raise ValueError(
+        f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
+        f"got key shape {key.shape}")
+  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "max_error", "backend"))
+def _decompose(a, key, *, width, max_error, backend):
+  batch = a.shape[:-2]
+  m, n = a.shape[-2:]
+  count = math.prod(batch)
+  a = a.astype(jnp.float32).reshape(count, m, n)
+  if key.shape == ():
+    words = _start.start_words(key, width, n)
+    words_axis = None
+  else:
+    words = jax.vmap(lambda k: _start.start_words(k, width, n))(key.reshape(count))
+    words_axis = 0
+
+  if backend == "ffi":
+    from jax_signedcut import _ffi  # noqa: PLC0415  (loads the extension lazily)
+    s_bits, t_bits, c, num_cuts = _ffi.greedy(a, words, max_error=max_error)
+  else:  # "jnp", and "auto" until a faster backend exists for the platform.
+    run = functools.partial(_oracle.greedy, max_error=max_error)
+    s_bits, t_bits, c, num_cuts = jax.vmap(run, in_axes=(0, words_axis))(a, words)
+
+  # Under jit the NaN/Inf check cannot raise; make the failure visible instead.
+  finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
+  c = jnp.where(finite[:, None], c, jnp.nan)
+  num_cuts = jnp.where(finite, num_cuts, 0).astype(jnp.int32)
+  return SignedCut(
+      s_bits=s_bits.reshape(*batch, *s_bits.shape[1:]),
+      t_bits=t_bits.reshape(*batch, *t_bits.shape[1:]),
+      c=c.reshape(*batch, width),
+      num_cuts=num_cuts.reshape(batch),
+      shape=(m, n),
+  )
