@@ -86,12 +86,13 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       ``num_cuts`` 0 instead), a bad budget, or an unknown backend.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax
+    >>> import jax_signedcut as sc
     >>> a = jax.random.normal(jax.random.key(1), (64, 48))
-    >>> f = decompose(a, key=jax.random.key(0), width=96)
+    >>> f = sc.decompose(a, key=jax.random.key(0), width=96)
     >>> f.s_bits.shape, f.t_bits.shape, f.c.shape
     ((96, 2), (96, 2), (96,))
-    >>> bool(relative_error(a, f) < 0.5)
+    >>> bool(sc.relative_error(a, f) < 0.5)
     True
   """
   a = _check_matrix(a)

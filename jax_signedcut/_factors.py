@@ -56,9 +56,10 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> import jax_signedcut as sc
     >>> a = jnp.arange(12.0).reshape(3, 4)
-    >>> f = decompose(a, key=jax.random.key(0), width=8)
-    >>> reconstruct(f).shape
+    >>> f = sc.decompose(a, key=jax.random.key(0), width=8)
+    >>> sc.reconstruct(f).shape
     (3, 4)
   """
   _check_factor(f)

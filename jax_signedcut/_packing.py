@@ -37,14 +37,14 @@ def pack_signs(x: jax.Array) -> jax.Array:
   neg = (x < 0).astype(jnp.uint32)
   neg = jnp.pad(neg, [(0, 0)] * (x.ndim - 1) + [(0, nw * WORD_BITS - d)])
   neg = neg.reshape(*x.shape[:-1], nw, WORD_BITS)
-  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape((1,) * (neg.ndim - 1) + (WORD_BITS,))
   # Bits are disjoint, so a sum is an OR.
   return jnp.sum(neg << shifts, axis=-1, dtype=jnp.uint32)
 
 
 def unpack_signs(words: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
   """Unpacks uint32 words (..., ceil(d/32)) into ±1 values (..., d) of ``dtype``."""
-  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+  shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape((1,) * words.ndim + (WORD_BITS,))
   bits = (words[..., :, None] >> shifts) & jnp.uint32(1)
   bits = bits.reshape(*words.shape[:-1], words.shape[-1] * WORD_BITS)[..., :d]
   return (1 - 2 * bits.astype(jnp.int32)).astype(dtype)
