@@ -95,7 +95,7 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
   # The kernel relies on clear tail bits (the _packing layout).
   mask = np.full((nw,), 0xFFFFFFFF, np.uint32)
   mask[-1] = _packing.tail_mask(n)
-  words = words & jnp.asarray(mask)
+  words = words & jnp.asarray(mask)[None, None, :]
 
   out = (
       jax.ShapeDtypeStruct((count, w, _packing.num_words(m)), jnp.uint32),

@@ -31,5 +31,8 @@ NB_MODULE(_signedcut_ffi, m) {
       "Name of the kernel implementation `impl` (0 auto, 1 scalar, 2 avx512) resolves to.");
   m.def("avx512_supported", &signedcut::Avx512Supported,
         "Whether this CPU runs the AVX-512 kernel.");
+#ifdef SIGNEDCUT_JAXLIB_VERSION
+  m.attr("built_with_jaxlib") = SIGNEDCUT_JAXLIB_VERSION;
+#endif
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }
