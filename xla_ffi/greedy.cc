@@ -97,6 +97,8 @@ struct Workspace {
   FloatBuf r, rt;    // R (m × ldr) and Rᵀ (n × ldt)
   FloatBuf ur, vr;   // images against the flushed R: R t_img, Rᵀ s_img
   FloatBuf sf, tf;   // pending signs expanded to ±1 floats (kBlock × ldt / ldr)
+  FloatBuf t0f, u0;  // start signs of the next kBlock cuts (±1, kBlock × ldr) and
+                     // their images against the flushed R (kBlock × m)
   std::vector<uint32_t> s_a, s_b, s_img, s_zero, t_a, t_b, t_img;
   std::vector<uint32_t> ps, pt;  // pending sign words, kBlock × mw / nw
   std::vector<float> pc;         // pending scales
@@ -106,6 +108,7 @@ struct Workspace {
       : m(m_), n(n_), ldr(RoundUp(n_, 16)), ldt(RoundUp(m_, 16)), mw(Words(m_)),
         nw(Words(n_)), cm((m_ + kChunk - 1) / kChunk), cn((n_ + kChunk - 1) / kChunk),
         r(m_ * ldr), rt(n_ * ldt), ur(m_), vr(n_), sf(kBlock * ldt), tf(kBlock * ldr),
+        t0f(kBlock * ldr), u0(kBlock * m_),
         s_a(mw), s_b(mw), s_img(mw), s_zero(mw), t_a(nw), t_b(nw), t_img(nw),
         ps(kBlock * mw), pt(kBlock * nw), pc(kBlock), norms_u(cm), norms_v(cn),
         row_sumsq(m_) {}
@@ -152,6 +155,13 @@ class TeamMember {
       if (early && !(r2 > target)) break;
       const uint32_t* t = pb_.words + j * ws_.nw;
       const uint32_t* s = ws_.s_zero.data();  // the oracle's initial s = +1
+      if (j >= start_j0_ && j < start_j0_ + start_q_) {
+        // The start image was computed at the last flush: no flips to apply.
+        const float* u0 = ws_.u0.get() + (j - start_j0_) * ws_.m;
+        std::copy(u0 + mlo_, u0 + mhi_, ws_.ur.get() + mlo_);
+        ur_valid_ = true;
+        start_exact_ = true;
+      }
       double gamma = -std::numeric_limits<double>::infinity();
       double nu = USide(t, Other(ws_.s_a, ws_.s_b, s));
       for (int64_t rounds = 0; rounds < kMaxRounds;) {
@@ -170,7 +180,7 @@ class TeamMember {
       r2 -= gamma * gamma / mn;
       bar_.Wait();  // the pending entry is complete; side buffers are free
       ++p_;
-      if (p_ == kBlock && j + 1 < w) r2 = Flush(pb_.words + (j + 1) * ws_.nw);
+      if (p_ == kBlock && j + 1 < w) r2 = Flush(j + 1);
     }
     if (tid_ == 0) *pb_.num_cuts = static_cast<int32_t>(j);
   }
@@ -210,11 +220,32 @@ class TeamMember {
     }
     std::fill(ws_.s_img.begin() + mw_lo_, ws_.s_img.begin() + mw_hi_, 0u);
     std::fill(ws_.s_zero.begin() + mw_lo_, ws_.s_zero.begin() + mw_hi_, 0u);
+    p_ = 0;
+    ur_valid_ = vr_valid_ = false;
+    ExpandStarts(0);
     bar_.Wait();
     a2_ = 0.0;
     for (int64_t i = 0; i < m; ++i) a2_ += ws_.row_sumsq[i];
-    p_ = 0;
-    ur_valid_ = vr_valid_ = false;
+    ImageStarts();
+  }
+
+  // Expands the start signs of cuts j0 .. j0+kBlock-1 (own columns) into t0f.
+  void ExpandStarts(int64_t j0) {
+    start_j0_ = j0;
+    start_q_ = std::max<int64_t>(0, std::min(kBlock, cfg_.w - j0));
+    for (int64_t k = 0; k < start_q_; ++k) {
+      const uint32_t* tb = pb_.words + (j0 + k) * ws_.nw;
+      float* tf = ws_.t0f.get() + k * ws_.ldr;
+      for (int64_t jj = nlo_; jj < nhi_; ++jj) tf[jj] = ((tb[jj >> 5] >> (jj & 31)) & 1u) ? -1.0f : 1.0f;
+    }
+  }
+
+  // u0[k] = R t0_k for own rows (after a barrier that completed t0f and R).
+  void ImageStarts() {
+    if (mhi_ > mlo_ && start_q_ > 0) {
+      k_.multi_rowdots(ws_.u0.get() + mlo_, ws_.m, ws_.r.get() + mlo_ * ws_.ldr, ws_.ldr,
+                       mhi_ - mlo_, ws_.t0f.get(), ws_.ldr, start_q_, ws_.n);
+    }
   }
 
   // Flip list of `cur` against `img` (nwords words, d signs): row pointers of
@@ -253,7 +284,7 @@ class TeamMember {
       if (!ur_valid_) {
         k_.signed_rowdots(ws_.ur.get() + mlo_, ws_.r.get() + mlo_ * ws_.ldr, ws_.ldr, len, t,
                           ws_.n);
-      } else {
+      } else if (!start_exact_) {
         bool negate = false;
         const int64_t count =
             Flips(t, ws_.t_img.data(), ws_.n, ws_.rt.get(), ws_.ldt, mlo_, &negate);
@@ -268,6 +299,7 @@ class TeamMember {
     for (int64_t c = 0; c < ws_.cm; ++c) norm += ws_.norms_u[c];
     std::copy(t + nw_lo_, t + nw_hi_, ws_.t_img.begin() + nw_lo_);
     ur_valid_ = true;
+    start_exact_ = false;
     return norm;
   }
 
@@ -326,7 +358,8 @@ class TeamMember {
 
   // Applies the pending block to R and Rᵀ, recomputes ur for the next cut's
   // start signs t_next and vr for s_img, and returns ‖R‖².
-  double Flush(const uint32_t* t_next) {
+  double Flush(int64_t j_next) {
+    const uint32_t* t_next = pb_.words + j_next * ws_.nw;
     const int64_t m = ws_.m, n = ws_.n, p = p_;
     for (int64_t k = 0; k < p; ++k) {
       float* tf = ws_.tf.get() + k * ws_.ldr;
@@ -336,6 +369,7 @@ class TeamMember {
       const uint32_t* sb = ws_.ps.data() + k * ws_.mw;
       for (int64_t i = mlo_; i < mhi_; ++i) sf[i] = ((sb[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f;
     }
+    ExpandStarts(j_next);
     bar_.Wait();
     if (mhi_ > mlo_) {
       for (int64_t i = mlo_; i < mhi_; ++i) {
@@ -348,6 +382,7 @@ class TeamMember {
                     ws_.tf.get(), ws_.ldr, t_next, ws_.ur.get() + mlo_,
                     ws_.row_sumsq.data() + mlo_);
     }
+    ImageStarts();  // own rows of R are final now
     if (nhi_ > nlo_) {
       for (int64_t jj = nlo_; jj < nhi_; ++jj) {
         for (int64_t k = 0; k < p; ++k) {
@@ -378,6 +413,8 @@ class TeamMember {
   double a2_ = 0.0;
   int64_t p_ = 0;
   bool ur_valid_ = false, vr_valid_ = false;
+  bool start_exact_ = false;            // ur already holds R t for this cut's start
+  int64_t start_j0_ = 0, start_q_ = 0;  // cuts whose start images are in u0
 };
 
 void SolveOne(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem& pb, Workspace& ws,

@@ -67,6 +67,12 @@ struct Kernels {
   void (*flush_rows)(float* m, int64_t ld, int64_t rows, int64_t len,
                      const float* left, int64_t p, const float* right, int64_t ldr,
                      const uint32_t* dot_bits, float* dots, double* sumsq);
+
+  // out[k*ldo + r] = Σ_j M[r*ld + j] * x[k*ldx + j] for r < rows, k < q,
+  // j < len, where x holds ±1 values (canonical 16-lane order per (r, k), so
+  // each equals the signed_rowdots of the same signs).
+  void (*multi_rowdots)(float* out, int64_t ldo, const float* m, int64_t ld, int64_t rows,
+                        const float* x, int64_t ldx, int64_t q, int64_t len);
 };
 
 const Kernels& ScalarKernels();

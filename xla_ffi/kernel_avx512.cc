@@ -6,6 +6,7 @@
 // is the canonical 16-lane one of kernel_scalar.cc, so both are bit-identical.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernel.h"
@@ -55,11 +56,20 @@ SIGNEDCUT_AVX512 void AddRows(float* y, const float* const* rows, const float* c
     const float *r0 = rows[r], *r1 = rows[r + 1], *r2 = rows[r + 2], *r3 = rows[r + 3];
     const __m512 c0 = _mm512_set1_ps(coef[r]), c1 = _mm512_set1_ps(coef[r + 1]);
     const __m512 c2 = _mm512_set1_ps(coef[r + 2]), c3 = _mm512_set1_ps(coef[r + 3]);
-    if (r + 8 <= count) {  // the next group's rows start streaming in
-      for (int q = 4; q < 8; ++q) _mm_prefetch(reinterpret_cast<const char*>(rows[r + q]), _MM_HINT_T0);
-    }
+    // Flipped rows are scattered: fetch the next group's rows one group
+    // ahead, line by line, instead of waiting for the hardware prefetcher to
+    // notice each new stream.
+    const bool ahead = r + 8 <= count;
+    const char* n0 = reinterpret_cast<const char*>(ahead ? rows[r + 4] : r0);
+    const char* n1 = reinterpret_cast<const char*>(ahead ? rows[r + 5] : r1);
+    const char* n2 = reinterpret_cast<const char*>(ahead ? rows[r + 6] : r2);
+    const char* n3 = reinterpret_cast<const char*>(ahead ? rows[r + 7] : r3);
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
+      _mm_prefetch(n0 + 4 * i, _MM_HINT_T0);
+      _mm_prefetch(n1 + 4 * i, _MM_HINT_T0);
+      _mm_prefetch(n2 + 4 * i, _MM_HINT_T0);
+      _mm_prefetch(n3 + 4 * i, _MM_HINT_T0);
       __m512 v = _mm512_loadu_ps(y + i);
       v = _mm512_add_ps(v, _mm512_mul_ps(c0, _mm512_loadu_ps(r0 + i)));
       v = _mm512_add_ps(v, _mm512_mul_ps(c1, _mm512_loadu_ps(r1 + i)));
@@ -249,11 +259,40 @@ SIGNEDCUT_AVX512 void FlushRows(float* m, int64_t ld, int64_t rows, int64_t len,
   }
 }
 
+SIGNEDCUT_AVX512 void MultiRowdots(float* out, int64_t ldo, const float* m, int64_t ld,
+                                   int64_t rows, const float* x, int64_t ldx, int64_t q,
+                                   int64_t len) {
+  // 4 rows × 4 vectors per pass: 16 independent accumulator chains.
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, rows - r0));
+    for (int64_t k0 = 0; k0 < q; k0 += 4) {
+      const int nk = static_cast<int>(std::min<int64_t>(4, q - k0));
+      __m512 acc[4][4];
+      for (auto& row : acc)
+        for (auto& a : row) a = _mm512_setzero_ps();
+      for (int64_t j = 0; j < len; j += 16) {
+        const __mmask16 k = TailMask(len - j);
+        __m512 xs[4];
+        for (int b = 0; b < 4; ++b) {
+          xs[b] = b < nk ? _mm512_maskz_loadu_ps(k, x + (k0 + b) * ldx + j) : _mm512_setzero_ps();
+        }
+        for (int a = 0; a < 4; ++a) {
+          if (a >= nr) break;
+          const __m512 v = _mm512_maskz_loadu_ps(k, m + (r0 + a) * ld + j);
+          for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_fmadd_ps(v, xs[b], acc[a][b]);
+        }
+      }
+      for (int a = 0; a < nr; ++a)
+        for (int b = 0; b < nk; ++b) out[(k0 + b) * ldo + r0 + a] = SumLanes(acc[a][b]);
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& Avx512Kernels() {
-  static const Kernels k = {"avx512", AddRows, SignedRowdots, FinishImage, XorPopcounts,
-                            FlushRows};
+  static const Kernels k = {"avx512",     AddRows,   SignedRowdots, FinishImage,
+                            XorPopcounts, FlushRows, MultiRowdots};
   return k;
 }
 

@@ -123,11 +123,30 @@ void FlushRows(float* m, int64_t ld, int64_t rows, int64_t len, const float* lef
   }
 }
 
+void MultiRowdots(float* out, int64_t ldo, const float* m, int64_t ld, int64_t rows,
+                  const float* x, int64_t ldx, int64_t q, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = m + r * ld;
+    for (int64_t k = 0; k < q; ++k) {
+      const float* xk = x + k * ldx;
+      float acc[kLanes] = {};
+      for (int64_t j0 = 0; j0 < len; j0 += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const int64_t j = j0 + l;
+          // ±x is exact; past the end add +0 like the vector code.
+          acc[l] = j < len ? (xk[j] < 0.0f ? acc[l] - row[j] : acc[l] + row[j]) : acc[l] + 0.0f;
+        }
+      }
+      out[k * ldo + r] = SumLanes(acc);
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& ScalarKernels() {
   static const Kernels k = {"scalar", AddRows, SignedRowdots, FinishImage,
-                            XorPopcounts, FlushRows};
+                            XorPopcounts, FlushRows,     MultiRowdots};
   return k;
 }
 
