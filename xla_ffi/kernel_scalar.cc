@@ -3,6 +3,7 @@
 // Written lane by lane so that it reproduces the AVX-512 table's summation
 // order exactly: results are bit-identical, and this file is the readable
 // statement of what kernel_avx512.cc computes.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -14,6 +15,16 @@ namespace {
 inline uint32_t Bit(const uint32_t* bits, int64_t i) {
   return (bits[i >> 5] >> (i & 31)) & 1u;
 }
+
+// v[byte][i] = +1 where bit i of byte is set, else −1.
+struct SignTable {
+  float v[256][8];
+  constexpr SignTable() : v() {
+    for (int x = 0; x < 256; ++x)
+      for (int i = 0; i < 8; ++i) v[x][i] = ((x >> i) & 1) ? 1.0f : -1.0f;
+  }
+};
+constexpr SignTable kPlusWhereSet;
 
 inline float SumLanes(const float* acc) {
   float s = acc[0];
@@ -60,17 +71,21 @@ void FinishImage(const float* base, int64_t len, const uint32_t* pend_bits, int6
   double lanes[kLanes] = {};
   const int64_t nwords = (len + 31) / 32;
   for (int64_t wi = 0; wi < nwords; ++wi) {
+    const int nb = static_cast<int>(std::min<int64_t>(32, len - wi * 32));
+    float y[32];
+    for (int b = 0; b < nb; ++b) y[b] = base[wi * 32 + b];
+    // Each element sees the pending cuts k in order, as in the vector code.
+    for (int64_t k = 0; k < npend; ++k) {
+      const uint32_t bits = pend_bits[k * stride + word0 + wi];
+      const float c = coef[k];
+      // sign −1 (bit 1): y − c·(−1) = y + c. c·(±1) is exact, so y + c·(±1)
+      // is y ± c; the byte table keeps the loop branch-free.
+      for (int b = 0; b < nb; ++b) y[b] += c * kPlusWhereSet.v[(bits >> (b & ~7)) & 0xFF][b & 7];
+    }
     uint32_t word = 0;
-    for (int b = 0; b < 32; ++b) {
-      const int64_t i = wi * 32 + b;
-      if (i >= len) break;
-      float y = base[i];
-      for (int64_t k = 0; k < npend; ++k) {
-        // sign −1 (bit 1): y − c·(−1) = y + c.
-        y = ((pend_bits[k * stride + word0 + wi] >> b) & 1u) ? y + coef[k] : y - coef[k];
-      }
-      if (y < 0.0f) word |= 1u << b;
-      lanes[i % kLanes] += static_cast<double>(std::fabs(y));
+    for (int b = 0; b < nb; ++b) {
+      if (y[b] < 0.0f) word |= 1u << b;
+      lanes[b % kLanes] += static_cast<double>(std::fabs(y[b]));
     }
     out_bits[wi] = word;
     const int64_t end = (wi + 1) * 32;
@@ -86,11 +101,7 @@ void XorPopcounts(int64_t* out, const uint32_t* a, int64_t stride, int64_t count
   for (int64_t k = 0; k < count; ++k) {
     int64_t s = 0;
     for (int64_t w = 0; w < nwords; ++w) {
-      uint32_t x = a[k * stride + w] ^ b[w];
-      while (x) {  // portable popcount; this table is not the fast path
-        x &= x - 1;
-        ++s;
-      }
+      s += __builtin_popcount(a[k * stride + w] ^ b[w]);
     }
     out[k] = s;
   }
@@ -102,10 +113,11 @@ void FlushRows(float* m, int64_t ld, int64_t rows, int64_t len, const float* lef
   for (int64_t r = 0; r < rows; ++r) {
     float* row = m + r * ld;
     const float* a = left + r * p;
-    for (int64_t j = 0; j < len; ++j) {
-      float x = row[j];
-      for (int64_t k = 0; k < p; ++k) x -= a[k] * right[k * ldr + j];
-      row[j] = x;
+    // k outer, j inner: every element still sees the cuts in order k = 0..p-1.
+    for (int64_t k = 0; k < p; ++k) {
+      const float ak = a[k];
+      const float* rk = right + k * ldr;
+      for (int64_t j = 0; j < len; ++j) row[j] -= ak * rk[j];
     }
     float acc[kLanes] = {};
     double sq[kLanes] = {};
@@ -125,16 +137,21 @@ void FlushRows(float* m, int64_t ld, int64_t rows, int64_t len, const float* lef
 
 void MultiRowdots(float* out, int64_t ldo, const float* m, int64_t ld, int64_t rows,
                   const float* x, int64_t ldx, int64_t q, int64_t len) {
+  const int64_t full = len / kLanes * kLanes;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = m + r * ld;
     for (int64_t k = 0; k < q; ++k) {
       const float* xk = x + k * ldx;
       float acc[kLanes] = {};
-      for (int64_t j0 = 0; j0 < len; j0 += kLanes) {
+      // row·(±1) is exact, so acc + row·x is acc ± row; branch-free so that
+      // the compiler vectorizes it.
+      for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
+        for (int l = 0; l < kLanes; ++l) acc[l] += row[j0 + l] * xk[j0 + l];
+      }
+      if (full < len) {  // past the end add +0 like the vector code
         for (int l = 0; l < kLanes; ++l) {
-          const int64_t j = j0 + l;
-          // ±x is exact; past the end add +0 like the vector code.
-          acc[l] = j < len ? (xk[j] < 0.0f ? acc[l] - row[j] : acc[l] + row[j]) : acc[l] + 0.0f;
+          const int64_t j = full + l;
+          acc[l] += j < len ? row[j] * xk[j] : 0.0f;
         }
       }
       out[k * ldo + r] = SumLanes(acc);
