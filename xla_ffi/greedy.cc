@@ -15,10 +15,13 @@
 //    block is flushed into R and Rᵀ in one pass, which also recomputes the
 //    images from scratch (against f32 drift: the next cut's start image and
 //    the current s image) and ‖R‖² for the max_error test.
-//  - Several threads can share one matrix: each owns a slice of whole kChunk
-//    blocks of rows of R and of Rᵀ (and of the images), every thread runs the
-//    same control flow, and the norms that drive decisions are summed chunk by
-//    chunk in a fixed order, so results do not depend on the thread count.
+//  - Several threads can share one matrix: one thread runs the control flow
+//    and hands out each pass (image update, flush, ...) as chunks of whole
+//    kChunk blocks of rows that any thread may claim; a helper that the OS
+//    has descheduled claims nothing and delays nobody, so sharing never costs
+//    much on a loaded machine. The norms that drive decisions are summed
+//    chunk by chunk in a fixed order, so results do not depend on the number
+//    of threads or on who ran which chunk.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -66,34 +69,84 @@ class FloatBuf {
   float* p_ = nullptr;
 };
 
-// Spin-then-yield barrier: the team syncs a few times per half-step, too
-// often for a condition variable; yielding keeps an oversubscribed machine
-// usable.
-class Barrier {
+// Fork-join over chunks for one team: the leader publishes a task and claims
+// chunks like everyone else; helpers claim chunks while the task lasts.
+// Claims carry the task's number, so a helper that wakes up late cannot run a
+// chunk of a task that is already over.
+class Pool {
  public:
-  explicit Barrier(int n) : n_(n) {}
-  void Wait() {
-    if (n_ <= 1) return;
-    const int gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
+  using Fn = void (*)(void* ctx, int64_t chunk, int tid);
+
+  explicit Pool(int nt) : nt_(nt) {}
+  int size() const { return nt_; }
+
+  // Runs fn(ctx, c, tid) for c in [0, n) on the team; returns when all ran.
+  void ParallelFor(int64_t n, Fn fn, void* ctx) {
+    if (nt_ <= 1 || n <= 1) {
+      for (int64_t c = 0; c < n; ++c) fn(ctx, c, 0);
       return;
     }
-    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins > 256) std::this_thread::yield();
+    const uint64_t task = ++task_;
+    // First make the old task unclaimable, then write the new one, then open
+    // it: a helper that sees any field of the new task (acquire) also sees the
+    // closed claim word, so it cannot run a new chunk under an old task number.
+    claim_.store((task << 32) | kClosed, std::memory_order_relaxed);
+    fn_.store(fn, std::memory_order_release);
+    ctx_.store(ctx, std::memory_order_release);
+    n_.store(n, std::memory_order_release);
+    done_.store(0, std::memory_order_relaxed);
+    claim_.store(task << 32, std::memory_order_release);
+    Work(task, fn, ctx, n, 0);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins > 64) std::this_thread::yield();
     }
   }
 
+  void HelperLoop(int tid) {
+    uint64_t seen = 0;
+    for (int spins = 0;;) {
+      if (stop_.load(std::memory_order_acquire)) return;
+      const uint64_t c = claim_.load(std::memory_order_acquire);
+      const uint64_t task = c >> 32;
+      if (task != seen && (c & 0xFFFFFFFFu) != kClosed) {
+        seen = task;
+        Work(task, fn_.load(std::memory_order_acquire), ctx_.load(std::memory_order_acquire),
+             n_.load(std::memory_order_acquire), tid);
+        spins = 0;
+      } else if (++spins > 64) {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  void Stop() { stop_.store(true, std::memory_order_release); }
+
  private:
-  const int n_;
-  std::atomic<int> count_{0};
-  std::atomic<int> gen_{0};
+  void Work(uint64_t task, Fn fn, void* ctx, int64_t n, int tid) {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    while ((c >> 32) == task && static_cast<int64_t>(c & 0xFFFFFFFFu) < n) {
+      if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) {
+        fn(ctx, static_cast<int64_t>(c & 0xFFFFFFFFu), tid);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        c = claim_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  static constexpr uint64_t kClosed = 0xFFFFFFFFu;
+  const int nt_;
+  uint64_t task_ = 0;  // leader only
+  std::atomic<uint64_t> claim_{0};  // (task << 32) | next chunk
+  std::atomic<int64_t> done_{0};
+  std::atomic<Fn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> n_{0};
+  std::atomic<bool> stop_{false};
 };
 
 // Everything one matrix needs, shared by the threads working on it.
 struct Workspace {
-  int64_t m, n, ldr, ldt, mw, nw, cm, cn;
+  int64_t m, n, ldr, ldt, mw, nw;
   FloatBuf r, rt;    // R (m × ldr) and Rᵀ (n × ldt)
   FloatBuf ur, vr;   // images against the flushed R: R t_img, Rᵀ s_img
   FloatBuf sf, tf;   // pending signs expanded to ±1 floats (kBlock × ldt / ldr)
@@ -102,45 +155,49 @@ struct Workspace {
   std::vector<uint32_t> s_a, s_b, s_img, s_zero, t_a, t_b, t_img;
   std::vector<uint32_t> ps, pt;  // pending sign words, kBlock × mw / nw
   std::vector<float> pc;         // pending scales
+  std::vector<float> pcoef;      // c_k · (x_kᵀ x) for the current half-step
+  std::vector<int64_t> pops;
+  std::vector<int64_t> flip_idx;  // rows to add in the current half-step
+  std::vector<float> flip_coef;
   std::vector<double> norms_u, norms_v, row_sumsq;
 
   Workspace(int64_t m_, int64_t n_)
       : m(m_), n(n_), ldr(RoundUp(n_, 16)), ldt(RoundUp(m_, 16)), mw(Words(m_)),
-        nw(Words(n_)), cm((m_ + kChunk - 1) / kChunk), cn((n_ + kChunk - 1) / kChunk),
-        r(m_ * ldr), rt(n_ * ldt), ur(m_), vr(n_), sf(kBlock * ldt), tf(kBlock * ldr),
-        t0f(kBlock * ldr), u0(kBlock * m_),
-        s_a(mw), s_b(mw), s_img(mw), s_zero(mw), t_a(nw), t_b(nw), t_img(nw),
-        ps(kBlock * mw), pt(kBlock * nw), pc(kBlock), norms_u(cm), norms_v(cn),
-        row_sumsq(m_) {}
+        nw(Words(n_)), r(m_ * ldr), rt(n_ * ldt), ur(m_), vr(n_), sf(kBlock * ldt),
+        tf(kBlock * ldr), t0f(kBlock * ldr), u0(kBlock * m_), s_a(mw), s_b(mw), s_img(mw),
+        s_zero(mw), t_a(nw), t_b(nw), t_img(nw), ps(kBlock * mw), pt(kBlock * nw), pc(kBlock),
+        pcoef(kBlock), pops(kBlock), flip_idx(std::max(m_, n_)), flip_coef(std::max(m_, n_)),
+        norms_u((m_ + kChunk - 1) / kChunk), norms_v((n_ + kChunk - 1) / kChunk), row_sumsq(m_) {}
 };
 
 // Per-thread scratch, allocated before the threads start.
 struct Scratch {
   std::vector<const float*> rows;
-  std::vector<float> coef, left;
-  std::vector<int64_t> pops;
-  std::vector<float> pcoef;
-  Scratch(int64_t m, int64_t n)
-      : rows(std::max(m, n)), coef(std::max(m, n)), left(std::max(m, n) * kBlock),
-        pops(kBlock), pcoef(kBlock) {}
+  std::vector<float> left;
+  Scratch(int64_t m, int64_t n) : rows(std::max(m, n)), left(std::max(m, n) * kBlock) {}
 };
 
-// One thread's part of decomposing one matrix with a team of `nt` threads.
-class TeamMember {
- public:
-  TeamMember(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem& pb, Workspace& ws,
-             Scratch& sc, Barrier& bar, int tid, int nt)
-      : k_(k), cfg_(cfg), pb_(pb), ws_(ws), sc_(sc), bar_(bar), tid_(tid) {
-    mlo_ = std::min(ws.m, ws.cm * tid / nt * kChunk);
-    mhi_ = std::min(ws.m, ws.cm * (tid + 1) / nt * kChunk);
-    nlo_ = std::min(ws.n, ws.cn * tid / nt * kChunk);
-    nhi_ = std::min(ws.n, ws.cn * (tid + 1) / nt * kChunk);
-    // Word slices of this thread (kChunk is a multiple of 32).
-    mw_lo_ = mlo_ / 32;
-    mw_hi_ = Words(mhi_);
-    nw_lo_ = nlo_ / 32;
-    nw_hi_ = Words(nhi_);
+// Splits d elements into chunks of whole kChunk blocks, about 4 per thread.
+struct Chunks {
+  int64_t d = 0, size = 0, count = 0;
+  Chunks() = default;
+  Chunks(int64_t d_, int nt) : d(d_) {
+    const int64_t blocks = (d + kChunk - 1) / kChunk;
+    const int64_t per = nt <= 1 ? blocks : std::max<int64_t>(1, blocks / (4 * nt));
+    size = per * kChunk;
+    count = (d + size - 1) / size;
   }
+  int64_t lo(int64_t c) const { return c * size; }
+  int64_t hi(int64_t c) const { return std::min(d, (c + 1) * size); }
+};
+
+// The greedy on one matrix; the calling thread leads `pool`'s team.
+class Greedy {
+ public:
+  Greedy(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem& pb, Workspace& ws,
+         std::vector<Scratch>& sc, Pool& pool)
+      : k_(k), cfg_(cfg), pb_(pb), ws_(ws), sc_(sc), pool_(pool),
+        cm_(ws.m, pool.size()), cn_(ws.n, pool.size()) {}
 
   void Run() {
     Init();
@@ -157,8 +214,8 @@ class TeamMember {
       const uint32_t* s = ws_.s_zero.data();  // the oracle's initial s = +1
       if (j >= start_j0_ && j < start_j0_ + start_q_) {
         // The start image was computed at the last flush: no flips to apply.
-        const float* u0 = ws_.u0.get() + (j - start_j0_) * ws_.m;
-        std::copy(u0 + mlo_, u0 + mhi_, ws_.ur.get() + mlo_);
+        const float* u0 = ws_.u0.get() + (j - start_j0_) * m;
+        std::copy(u0, u0 + m, ws_.ur.get());
         ur_valid_ = true;
         start_exact_ = true;
       }
@@ -175,129 +232,171 @@ class TeamMember {
         t = Other(ws_.t_a, ws_.t_b, t);
         if (rounds < kMaxRounds) nu = USide(t, Other(ws_.s_a, ws_.s_b, s));
       }
-      const float c = static_cast<float>(gamma) / mnf;
-      Record(j, s, t, c);
+      Record(j, s, t, static_cast<float>(gamma) / mnf);
       r2 -= gamma * gamma / mn;
-      bar_.Wait();  // the pending entry is complete; side buffers are free
       ++p_;
       if (p_ == kBlock && j + 1 < w) r2 = Flush(j + 1);
     }
-    if (tid_ == 0) *pb_.num_cuts = static_cast<int32_t>(j);
+    *pb_.num_cuts = static_cast<int32_t>(j);
   }
 
  private:
+  template <void (Greedy::*Task)(int64_t, int)>
+  void Parallel(int64_t n) {
+    pool_.ParallelFor(
+        n, [](void* self, int64_t c, int tid) { (static_cast<Greedy*>(self)->*Task)(c, tid); },
+        this);
+  }
+
   // The rotation buffer of a side that is not `cur` (cur may be an input).
   static uint32_t* Other(std::vector<uint32_t>& a, std::vector<uint32_t>& b, const uint32_t* cur) {
     return cur == a.data() ? b.data() : a.data();
   }
 
   void Init() {
+    std::memset(pb_.s_bits, 0, sizeof(uint32_t) * cfg_.w * ws_.mw);
+    std::memset(pb_.t_bits, 0, sizeof(uint32_t) * cfg_.w * ws_.nw);
+    std::memset(pb_.c, 0, sizeof(float) * cfg_.w);
+    std::fill(ws_.s_img.begin(), ws_.s_img.end(), 0u);
+    std::fill(ws_.s_zero.begin(), ws_.s_zero.end(), 0u);
+    p_ = 0;
+    ur_valid_ = vr_valid_ = start_exact_ = false;
+    start_j0_ = 0;
+    start_q_ = std::min(kBlock, cfg_.w);
+    Parallel<&Greedy::InitTask>(cm_.count + cn_.count);
+    Parallel<&Greedy::ImageStartsTask>(cm_.count);
+    a2_ = 0.0;
+    for (int64_t i = 0; i < ws_.m; ++i) a2_ += ws_.row_sumsq[i];
+  }
+
+  // Rows [lo, hi) of R (copy, ‖row‖²) or of Rᵀ (transpose, start signs).
+  void InitTask(int64_t c, int) {
     const int64_t m = ws_.m, n = ws_.n;
     const float* a = pb_.a;
-    // Zero the outputs: slots past num_cuts stay 0.
-    if (tid_ == 0) {
-      std::memset(pb_.s_bits, 0, sizeof(uint32_t) * cfg_.w * ws_.mw);
-      std::memset(pb_.t_bits, 0, sizeof(uint32_t) * cfg_.w * ws_.nw);
-      std::memset(pb_.c, 0, sizeof(float) * cfg_.w);
+    if (c < cm_.count) {
+      for (int64_t i = cm_.lo(c); i < cm_.hi(c); ++i) {
+        std::memcpy(ws_.r.get() + i * ws_.ldr, a + i * n, sizeof(float) * n);
+        double s = 0.0;
+        for (int64_t jj = 0; jj < n; ++jj) s += static_cast<double>(a[i * n + jj]) * a[i * n + jj];
+        ws_.row_sumsq[i] = s;
+      }
+      return;
     }
-    for (int64_t i = mlo_; i < mhi_; ++i) {
-      std::memcpy(ws_.r.get() + i * ws_.ldr, a + i * n, sizeof(float) * n);
-      double s = 0.0;
-      for (int64_t jj = 0; jj < n; ++jj) s += static_cast<double>(a[i * n + jj]) * a[i * n + jj];
-      ws_.row_sumsq[i] = s;
-    }
-    // Rᵀ rows nlo..nhi, in blocks that keep both sides in cache.
-    constexpr int64_t kT = 32;
+    c -= cm_.count;
+    const int64_t lo = cn_.lo(c), hi = cn_.hi(c);
+    constexpr int64_t kT = 32;  // blocks that keep both sides in cache
     for (int64_t i0 = 0; i0 < m; i0 += kT) {
       const int64_t i1 = std::min(m, i0 + kT);
-      for (int64_t j0 = nlo_; j0 < nhi_; j0 += kT) {
-        const int64_t j1 = std::min(nhi_, j0 + kT);
+      for (int64_t j0 = lo; j0 < hi; j0 += kT) {
+        const int64_t j1 = std::min(hi, j0 + kT);
         for (int64_t jj = j0; jj < j1; ++jj) {
           float* dst = ws_.rt.get() + jj * ws_.ldt;
           for (int64_t i = i0; i < i1; ++i) dst[i] = a[i * n + jj];
         }
       }
     }
-    std::fill(ws_.s_img.begin() + mw_lo_, ws_.s_img.begin() + mw_hi_, 0u);
-    std::fill(ws_.s_zero.begin() + mw_lo_, ws_.s_zero.begin() + mw_hi_, 0u);
-    p_ = 0;
-    ur_valid_ = vr_valid_ = false;
-    ExpandStarts(0);
-    bar_.Wait();
-    a2_ = 0.0;
-    for (int64_t i = 0; i < m; ++i) a2_ += ws_.row_sumsq[i];
-    ImageStarts();
+    ExpandStarts(lo, hi);
   }
 
-  // Expands the start signs of cuts j0 .. j0+kBlock-1 (own columns) into t0f.
-  void ExpandStarts(int64_t j0) {
-    start_j0_ = j0;
-    start_q_ = std::max<int64_t>(0, std::min(kBlock, cfg_.w - j0));
+  static void Expand(float* dst, const uint32_t* bits, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) dst[i] = ((bits[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f;
+  }
+
+  // Start signs of cuts start_j0_ .. +start_q_ as ±1 floats, columns [lo, hi).
+  void ExpandStarts(int64_t lo, int64_t hi) {
     for (int64_t k = 0; k < start_q_; ++k) {
-      const uint32_t* tb = pb_.words + (j0 + k) * ws_.nw;
-      float* tf = ws_.t0f.get() + k * ws_.ldr;
-      for (int64_t jj = nlo_; jj < nhi_; ++jj) tf[jj] = ((tb[jj >> 5] >> (jj & 31)) & 1u) ? -1.0f : 1.0f;
+      Expand(ws_.t0f.get() + k * ws_.ldr, pb_.words + (start_j0_ + k) * ws_.nw, lo, hi);
     }
   }
 
-  // u0[k] = R t0_k for own rows (after a barrier that completed t0f and R).
-  void ImageStarts() {
-    if (mhi_ > mlo_ && start_q_ > 0) {
-      k_.multi_rowdots(ws_.u0.get() + mlo_, ws_.m, ws_.r.get() + mlo_ * ws_.ldr, ws_.ldr,
-                       mhi_ - mlo_, ws_.t0f.get(), ws_.ldr, start_q_, ws_.n);
+  // u0[k] = R t0_k for rows of chunk c.
+  void ImageStartsTask(int64_t c, int) { ImageStarts(cm_.lo(c), cm_.hi(c)); }
+  void ImageStarts(int64_t lo, int64_t hi) {
+    if (hi > lo && start_q_ > 0) {
+      k_.multi_rowdots(ws_.u0.get() + lo, ws_.m, ws_.r.get() + lo * ws_.ldr, ws_.ldr, hi - lo,
+                       ws_.t0f.get(), ws_.ldr, start_q_, ws_.n);
     }
   }
 
-  // Flip list of `cur` against `img` (nwords words, d signs): row pointers of
-  // `mat` (row stride ld, column offset off) and ±2 coefficients. Returns the
-  // count and sets *negate when the complement was listed instead.
-  int64_t Flips(const uint32_t* cur, const uint32_t* img, int64_t d, const float* mat, int64_t ld,
-                int64_t off, bool* negate) {
+  // Lists the rows to add to bring the image of `img` to that of `cur`
+  // (d signs) into ws_.flip_*; returns whether the complement was listed.
+  bool Flips(const uint32_t* cur, const uint32_t* img, int64_t d) {
     const int64_t nwords = Words(d);
     int64_t flips = 0;
     for (int64_t q = 0; q < nwords; ++q) flips += __builtin_popcount(cur[q] ^ img[q]);
-    *negate = 2 * flips > d;
+    const bool negate = 2 * flips > d;
     int64_t count = 0;
     for (int64_t q = 0; q < nwords; ++q) {
       const uint32_t diff = cur[q] ^ img[q];
-      uint32_t sel = *negate ? ~diff & (q == nwords - 1 ? TailMask(d) : 0xFFFFFFFFu) : diff;
+      uint32_t sel = negate ? ~diff & (q == nwords - 1 ? TailMask(d) : 0xFFFFFFFFu) : diff;
       while (sel) {
         const int b = __builtin_ctz(sel);
         sel &= sel - 1;
-        const int64_t i = q * 32 + b;
         const bool neg_new = (cur[q] >> b) & 1u;
         // Direct: x_new − x_old = 2·x_new on flips. Complement: (−x_new) − x_old
         // = −2·x_old on the unflipped, which equal x_new there.
-        sc_.rows[count] = mat + i * ld + off;
-        sc_.coef[count] = *negate ? (neg_new ? 2.0f : -2.0f) : (neg_new ? -2.0f : 2.0f);
+        ws_.flip_idx[count] = q * 32 + b;
+        ws_.flip_coef[count] = negate ? (neg_new ? 2.0f : -2.0f) : (neg_new ? -2.0f : 2.0f);
         ++count;
       }
     }
-    return count;
+    flip_count_ = count;
+    return negate;
   }
 
-  // u-side half-step for column signs t: brings ur to R t, then writes the
-  // signs of u = R_cur t into s_out and returns ‖u‖₁.
-  double USide(const uint32_t* t, uint32_t* s_out) {
-    const int64_t len = mhi_ - mlo_;
-    if (len > 0) {
-      if (!ur_valid_) {
-        k_.signed_rowdots(ws_.ur.get() + mlo_, ws_.r.get() + mlo_ * ws_.ldr, ws_.ldr, len, t,
-                          ws_.n);
-      } else if (!start_exact_) {
-        bool negate = false;
-        const int64_t count =
-            Flips(t, ws_.t_img.data(), ws_.n, ws_.rt.get(), ws_.ldt, mlo_, &negate);
-        UpdateImage(ws_.ur.get() + mlo_, count, len, negate);
-      }
-      PendingCoef(ws_.pt.data(), ws_.nw, t, ws_.n);
-      k_.finish_image(ws_.ur.get() + mlo_, len, ws_.ps.data(), ws_.mw, mw_lo_, sc_.pcoef.data(),
-                      p_, s_out + mw_lo_, ws_.norms_u.data() + mlo_ / kChunk);
+  // pcoef[k] = c_k · (x_kᵀ x) for the pending cuts' sign words x_k.
+  void PendingCoef(const uint32_t* pend, int64_t stride, const uint32_t* x, int64_t d) {
+    if (p_ == 0) return;
+    k_.xor_popcounts(ws_.pops.data(), pend, stride, p_, x, Words(d));
+    for (int64_t k = 0; k < p_; ++k) {
+      ws_.pcoef[k] = ws_.pc[k] * static_cast<float>(d - 2 * ws_.pops[k]);
     }
-    bar_.Wait();
+  }
+
+  enum class Mode { kScratch, kFlips, kNone };
+
+  // One chunk of a half-step: bring y[lo, hi) to the image of x, then write
+  // the signs and chunk norms of y minus the pending correction.
+  void HalfStep(int64_t lo, int64_t hi, int tid, float* y, const float* rows_of, int64_t ld,
+                const float* mat, int64_t ldm, const uint32_t* x, int64_t dx,
+                const uint32_t* pend_out, int64_t stride_out, uint32_t* out, double* norms) {
+    const int64_t len = hi - lo;
+    if (mode_ == Mode::kScratch) {
+      k_.signed_rowdots(y + lo, mat + lo * ldm, ldm, len, x, dx);
+    } else if (mode_ == Mode::kFlips) {
+      const float** rows = sc_[tid].rows.data();
+      for (int64_t q = 0; q < flip_count_; ++q) rows[q] = rows_of + ws_.flip_idx[q] * ld + lo;
+      k_.add_rows(y + lo, rows, ws_.flip_coef.data(), flip_count_, len);
+      // With the complement listed, y + Σ coef·row is the image of −x.
+      if (negate_) {
+        for (int64_t i = lo; i < hi; ++i) y[i] = -y[i];
+      }
+    }
+    k_.finish_image(y + lo, len, pend_out, stride_out, lo / 32, ws_.pcoef.data(), p_,
+                    out + lo / 32, norms + lo / kChunk);
+  }
+
+  void UTask(int64_t c, int tid) {
+    HalfStep(cm_.lo(c), cm_.hi(c), tid, ws_.ur.get(), ws_.rt.get(), ws_.ldt, ws_.r.get(),
+             ws_.ldr, cur_, ws_.n, ws_.ps.data(), ws_.mw, out_, ws_.norms_u.data());
+  }
+  void VTask(int64_t c, int tid) {
+    HalfStep(cn_.lo(c), cn_.hi(c), tid, ws_.vr.get(), ws_.r.get(), ws_.ldr, ws_.rt.get(),
+             ws_.ldt, cur_, ws_.m, ws_.pt.data(), ws_.nw, out_, ws_.norms_v.data());
+  }
+
+  // u-side half-step for column signs t: brings ur to R t, writes the signs
+  // of u = R_cur t into s_out and returns ‖u‖₁.
+  double USide(const uint32_t* t, uint32_t* s_out) {
+    mode_ = !ur_valid_ ? Mode::kScratch : start_exact_ ? Mode::kNone : Mode::kFlips;
+    if (mode_ == Mode::kFlips) negate_ = Flips(t, ws_.t_img.data(), ws_.n);
+    PendingCoef(ws_.pt.data(), ws_.nw, t, ws_.n);
+    cur_ = t;
+    out_ = s_out;
+    Parallel<&Greedy::UTask>(cm_.count);
     double norm = 0.0;
-    for (int64_t c = 0; c < ws_.cm; ++c) norm += ws_.norms_u[c];
-    std::copy(t + nw_lo_, t + nw_hi_, ws_.t_img.begin() + nw_lo_);
+    for (const double x : ws_.norms_u) norm += x;
+    std::copy(t, t + ws_.nw, ws_.t_img.begin());
     ur_valid_ = true;
     start_exact_ = false;
     return norm;
@@ -305,100 +404,87 @@ class TeamMember {
 
   // v-side half-step for row signs s (mirror of USide).
   double VSide(const uint32_t* s, uint32_t* t_out) {
-    const int64_t len = nhi_ - nlo_;
-    if (len > 0) {
-      if (!vr_valid_) {
-        k_.signed_rowdots(ws_.vr.get() + nlo_, ws_.rt.get() + nlo_ * ws_.ldt, ws_.ldt, len, s,
-                          ws_.m);
-      } else {
-        bool negate = false;
-        const int64_t count =
-            Flips(s, ws_.s_img.data(), ws_.m, ws_.r.get(), ws_.ldr, nlo_, &negate);
-        UpdateImage(ws_.vr.get() + nlo_, count, len, negate);
-      }
-      PendingCoef(ws_.ps.data(), ws_.mw, s, ws_.m);
-      k_.finish_image(ws_.vr.get() + nlo_, len, ws_.pt.data(), ws_.nw, nw_lo_, sc_.pcoef.data(),
-                      p_, t_out + nw_lo_, ws_.norms_v.data() + nlo_ / kChunk);
-    }
-    bar_.Wait();
+    mode_ = !vr_valid_ ? Mode::kScratch : Mode::kFlips;
+    if (mode_ == Mode::kFlips) negate_ = Flips(s, ws_.s_img.data(), ws_.m);
+    PendingCoef(ws_.ps.data(), ws_.mw, s, ws_.m);
+    cur_ = s;
+    out_ = t_out;
+    Parallel<&Greedy::VTask>(cn_.count);
     double norm = 0.0;
-    for (int64_t c = 0; c < ws_.cn; ++c) norm += ws_.norms_v[c];
-    std::copy(s + mw_lo_, s + mw_hi_, ws_.s_img.begin() + mw_lo_);
+    for (const double x : ws_.norms_v) norm += x;
+    std::copy(s, s + ws_.mw, ws_.s_img.begin());
     vr_valid_ = true;
     return norm;
   }
 
-  void UpdateImage(float* y, int64_t count, int64_t len, bool negate) {
-    // With the complement listed, y + Σ coef·row is the image of −x.
-    k_.add_rows(y, sc_.rows.data(), sc_.coef.data(), count, len);
-    if (negate) {
-      for (int64_t i = 0; i < len; ++i) y[i] = -y[i];
-    }
-  }
-
-  // pcoef[k] = c_k · (x_kᵀ x) for the pending cuts' sign words x_k.
-  void PendingCoef(const uint32_t* pend, int64_t stride, const uint32_t* x, int64_t d) {
-    if (p_ == 0) return;
-    k_.xor_popcounts(sc_.pops.data(), pend, stride, p_, x, Words(d));
-    for (int64_t k = 0; k < p_; ++k) {
-      sc_.pcoef[k] = ws_.pc[k] * static_cast<float>(d - 2 * sc_.pops[k]);
-    }
-  }
-
   void Record(int64_t j, const uint32_t* s, const uint32_t* t, float c) {
-    std::copy(s + mw_lo_, s + mw_hi_, pb_.s_bits + j * ws_.mw + mw_lo_);
-    std::copy(t + nw_lo_, t + nw_hi_, pb_.t_bits + j * ws_.nw + nw_lo_);
-    std::copy(s + mw_lo_, s + mw_hi_, ws_.ps.begin() + p_ * ws_.mw + mw_lo_);
-    std::copy(t + nw_lo_, t + nw_hi_, ws_.pt.begin() + p_ * ws_.nw + nw_lo_);
-    if (tid_ == 0) {
-      pb_.c[j] = c;
-      ws_.pc[p_] = c;
+    std::copy(s, s + ws_.mw, pb_.s_bits + j * ws_.mw);
+    std::copy(t, t + ws_.nw, pb_.t_bits + j * ws_.nw);
+    std::copy(s, s + ws_.mw, ws_.ps.begin() + p_ * ws_.mw);
+    std::copy(t, t + ws_.nw, ws_.pt.begin() + p_ * ws_.nw);
+    pb_.c[j] = c;
+    ws_.pc[p_] = c;
+  }
+
+  // Pending signs as ±1 floats: Tf and the next starts for columns, Sf for rows.
+  void ExpandTask(int64_t c, int) {
+    if (c < cn_.count) {
+      const int64_t lo = cn_.lo(c), hi = cn_.hi(c);
+      for (int64_t k = 0; k < p_; ++k) {
+        Expand(ws_.tf.get() + k * ws_.ldr, ws_.pt.data() + k * ws_.nw, lo, hi);
+      }
+      ExpandStarts(lo, hi);
+      return;
+    }
+    c -= cn_.count;
+    for (int64_t k = 0; k < p_; ++k) {
+      Expand(ws_.sf.get() + k * ws_.ldt, ws_.ps.data() + k * ws_.mw, cm_.lo(c), cm_.hi(c));
     }
   }
 
-  // Applies the pending block to R and Rᵀ, recomputes ur for the next cut's
-  // start signs t_next and vr for s_img, and returns ‖R‖².
-  double Flush(int64_t j_next) {
-    const uint32_t* t_next = pb_.words + j_next * ws_.nw;
-    const int64_t m = ws_.m, n = ws_.n, p = p_;
-    for (int64_t k = 0; k < p; ++k) {
-      float* tf = ws_.tf.get() + k * ws_.ldr;
-      const uint32_t* tb = ws_.pt.data() + k * ws_.nw;
-      for (int64_t jj = nlo_; jj < nhi_; ++jj) tf[jj] = ((tb[jj >> 5] >> (jj & 31)) & 1u) ? -1.0f : 1.0f;
-      float* sf = ws_.sf.get() + k * ws_.ldt;
-      const uint32_t* sb = ws_.ps.data() + k * ws_.mw;
-      for (int64_t i = mlo_; i < mhi_; ++i) sf[i] = ((sb[i >> 5] >> (i & 31)) & 1u) ? -1.0f : 1.0f;
-    }
-    ExpandStarts(j_next);
-    bar_.Wait();
-    if (mhi_ > mlo_) {
-      for (int64_t i = mlo_; i < mhi_; ++i) {
+  // Rows of R (then their start images) or of Rᵀ: subtract the pending block.
+  void FlushTask(int64_t c, int tid) {
+    const int64_t p = p_;
+    float* left = sc_[tid].left.data();
+    if (c < cm_.count) {
+      const int64_t lo = cm_.lo(c), hi = cm_.hi(c);
+      for (int64_t i = lo; i < hi; ++i) {
         for (int64_t k = 0; k < p; ++k) {
           const bool neg = (ws_.ps[k * ws_.mw + (i >> 5)] >> (i & 31)) & 1u;
-          sc_.left[(i - mlo_) * p + k] = neg ? -ws_.pc[k] : ws_.pc[k];
+          left[(i - lo) * p + k] = neg ? -ws_.pc[k] : ws_.pc[k];
         }
       }
-      k_.flush_rows(ws_.r.get() + mlo_ * ws_.ldr, ws_.ldr, mhi_ - mlo_, n, sc_.left.data(), p,
-                    ws_.tf.get(), ws_.ldr, t_next, ws_.ur.get() + mlo_,
-                    ws_.row_sumsq.data() + mlo_);
+      k_.flush_rows(ws_.r.get() + lo * ws_.ldr, ws_.ldr, hi - lo, ws_.n, left, p, ws_.tf.get(),
+                    ws_.ldr, t_next_, ws_.ur.get() + lo, ws_.row_sumsq.data() + lo);
+      ImageStarts(lo, hi);
+      return;
     }
-    ImageStarts();  // own rows of R are final now
-    if (nhi_ > nlo_) {
-      for (int64_t jj = nlo_; jj < nhi_; ++jj) {
-        for (int64_t k = 0; k < p; ++k) {
-          const bool neg = (ws_.pt[k * ws_.nw + (jj >> 5)] >> (jj & 31)) & 1u;
-          sc_.left[(jj - nlo_) * p + k] = neg ? -ws_.pc[k] : ws_.pc[k];
-        }
+    c -= cm_.count;
+    const int64_t lo = cn_.lo(c), hi = cn_.hi(c);
+    for (int64_t jj = lo; jj < hi; ++jj) {
+      for (int64_t k = 0; k < p; ++k) {
+        const bool neg = (ws_.pt[k * ws_.nw + (jj >> 5)] >> (jj & 31)) & 1u;
+        left[(jj - lo) * p + k] = neg ? -ws_.pc[k] : ws_.pc[k];
       }
-      k_.flush_rows(ws_.rt.get() + nlo_ * ws_.ldt, ws_.ldt, nhi_ - nlo_, m, sc_.left.data(), p,
-                    ws_.sf.get(), ws_.ldt, ws_.s_img.data(), ws_.vr.get() + nlo_, nullptr);
     }
-    std::copy(t_next + nw_lo_, t_next + nw_hi_, ws_.t_img.begin() + nw_lo_);
-    bar_.Wait();
+    k_.flush_rows(ws_.rt.get() + lo * ws_.ldt, ws_.ldt, hi - lo, ws_.m, left, p, ws_.sf.get(),
+                  ws_.ldt, ws_.s_img.data(), ws_.vr.get() + lo, nullptr);
+  }
+
+  // Applies the pending block to R and Rᵀ, recomputes the images (ur for the
+  // next cut's start, vr for s_img) and the next block's start images, and
+  // returns ‖R‖².
+  double Flush(int64_t j_next) {
+    start_j0_ = j_next;
+    start_q_ = std::min(kBlock, cfg_.w - j_next);
+    t_next_ = pb_.words + j_next * ws_.nw;
+    Parallel<&Greedy::ExpandTask>(cn_.count + cm_.count);
+    Parallel<&Greedy::FlushTask>(cm_.count + cn_.count);
+    std::copy(t_next_, t_next_ + ws_.nw, ws_.t_img.begin());
     p_ = 0;
     ur_valid_ = vr_valid_ = true;  // s_img starts as zeros, so vr matches it
     double r2 = 0.0;
-    for (int64_t i = 0; i < m; ++i) r2 += ws_.row_sumsq[i];
+    for (int64_t i = 0; i < ws_.m; ++i) r2 += ws_.row_sumsq[i];
     return r2;
   }
 
@@ -406,22 +492,22 @@ class TeamMember {
   const GreedyConfig& cfg_;
   const GreedyProblem& pb_;
   Workspace& ws_;
-  Scratch& sc_;
-  Barrier& bar_;
-  const int tid_;
-  int64_t mlo_, mhi_, nlo_, nhi_, mw_lo_, mw_hi_, nw_lo_, nw_hi_;
+  std::vector<Scratch>& sc_;
+  Pool& pool_;
+  const Chunks cm_, cn_;
   double a2_ = 0.0;
   int64_t p_ = 0;
   bool ur_valid_ = false, vr_valid_ = false;
   bool start_exact_ = false;            // ur already holds R t for this cut's start
   int64_t start_j0_ = 0, start_q_ = 0;  // cuts whose start images are in u0
+  // The current parallel pass (written by the leader before it starts).
+  Mode mode_ = Mode::kScratch;
+  bool negate_ = false;
+  int64_t flip_count_ = 0;
+  const uint32_t* cur_ = nullptr;
+  uint32_t* out_ = nullptr;
+  const uint32_t* t_next_ = nullptr;
 };
-
-void SolveOne(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem& pb, Workspace& ws,
-              Scratch& sc) {
-  Barrier bar(1);
-  TeamMember(k, cfg, pb, ws, sc, bar, 0, 1).Run();
-}
 
 }  // namespace
 
@@ -434,55 +520,52 @@ std::string GreedyBatch(const Kernels& k, const GreedyConfig& cfg, const GreedyP
   int64_t nt = cfg.num_threads > 0 ? cfg.num_threads
                                    : static_cast<int64_t>(std::thread::hardware_concurrency());
   nt = std::clamp<int64_t>(nt, 1, 256);
+  // Fewer matrices than threads: the threads share each matrix. Otherwise
+  // each thread takes whole matrices.
   const bool team = count < nt && cfg.m * cfg.n >= kTeamMinEntries;
   const int64_t workers = team ? nt : std::min(nt, count);
 
   std::vector<Workspace> ws;
-  std::vector<Scratch> sc;
+  std::vector<std::vector<Scratch>> sc;
   try {
-    ws.reserve(team ? 1 : workers);
-    for (int64_t i = 0; i < (team ? 1 : workers); ++i) ws.emplace_back(cfg.m, cfg.n);
-    sc.reserve(workers);
-    for (int64_t i = 0; i < workers; ++i) sc.emplace_back(cfg.m, cfg.n);
+    const int64_t nws = team ? 1 : workers;
+    ws.reserve(nws);
+    sc.resize(nws);
+    for (int64_t i = 0; i < nws; ++i) {
+      ws.emplace_back(cfg.m, cfg.n);
+      for (int64_t t = 0; t < (team ? workers : 1); ++t) sc[i].emplace_back(cfg.m, cfg.n);
+    }
   } catch (const std::bad_alloc&) {
     return "out of memory allocating the workspace for " + std::to_string(team ? 1 : workers) +
            " matrices of shape (" + std::to_string(cfg.m) + ", " + std::to_string(cfg.n) + ")";
   }
 
-  // Threads wait at a gate until all of them exist; if one cannot be started,
-  // the others leave and the caller's thread does all the work alone.
-  std::atomic<int> gate{0};  // 0 wait, 1 go, -1 abandon
   std::atomic<int64_t> next{0};
-  Barrier bar(static_cast<int>(workers));
-  auto work = [&](int tid) {
-    if (team) {
-      for (int64_t b = 0; b < count; ++b) {
-        TeamMember(k, cfg, problems[b], ws[0], sc[tid], bar, tid, static_cast<int>(workers)).Run();
-      }
-    } else {
-      for (int64_t b; (b = next.fetch_add(1)) < count;) SolveOne(k, cfg, problems[b], ws[tid], sc[tid]);
+  Pool team_pool(static_cast<int>(team ? workers : 1));
+  auto independent = [&](int64_t tid) {
+    Pool alone(1);
+    for (int64_t b; (b = next.fetch_add(1)) < count;) {
+      Greedy(k, cfg, problems[b], ws[tid], sc[tid], alone).Run();
     }
   };
   std::vector<std::thread> threads;
-  bool spawned = true;
   try {
     for (int64_t t = 1; t < workers; ++t) {
-      threads.emplace_back([&, t] {
-        int g;
-        while ((g = gate.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
-        if (g > 0) work(static_cast<int>(t));
-      });
+      if (team) {
+        threads.emplace_back([&team_pool, t] { team_pool.HelperLoop(static_cast<int>(t)); });
+      } else {
+        threads.emplace_back(independent, t);
+      }
     }
   } catch (const std::system_error&) {
-    spawned = false;
+    // Fewer threads than asked: the ones that started (and this one) share
+    // the work; a team's leader simply claims the helpers' chunks too.
   }
-  gate.store(spawned ? 1 : -1, std::memory_order_release);
-  if (spawned) {
-    work(0);
+  if (team) {
+    for (int64_t b = 0; b < count; ++b) Greedy(k, cfg, problems[b], ws[0], sc[0], team_pool).Run();
+    team_pool.Stop();
   } else {
-    for (auto& th : threads) th.join();
-    threads.clear();
-    for (int64_t b = 0; b < count; ++b) SolveOne(k, cfg, problems[b], ws[0], sc[0]);
+    independent(0);
   }
   for (auto& th : threads) th.join();
   return "";
