@@ -12,6 +12,13 @@ from jax_signedcut._factors import truncate as truncate
 from jax_signedcut._packing import pack_signs as pack_signs
 from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._start import start_words as start_words
+from jax_signedcut._quantize import QuantizedMatrix as QuantizedMatrix
+from jax_signedcut._quantize import dequantize as dequantize
+from jax_signedcut._quantize import dequantize_matrix as dequantize_matrix
+from jax_signedcut._quantize import num_levels as num_levels
+from jax_signedcut._quantize import quantize as quantize
+from jax_signedcut._quantize import rtn as rtn
+from jax_signedcut._quantize import rtn_bits_per_weight as rtn_bits_per_weight
 
 __version__ = "0.1.0"
 
@@ -28,4 +35,12 @@ __all__ = [
     "unpack_signs",
     "width_for_bits",
     "width_for_rate",
+    # Other methods in scope (issue 9).
+    "QuantizedMatrix",
+    "dequantize",
+    "dequantize_matrix",
+    "num_levels",
+    "quantize",
+    "rtn",
+    "rtn_bits_per_weight",
 ]
