@@ -12,6 +12,12 @@ from jax_signedcut._factors import truncate as truncate
 from jax_signedcut._packing import pack_signs as pack_signs
 from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._start import start_words as start_words
+from jax_signedcut._lplr import LowRank as LowRank
+from jax_signedcut._lplr import dsvd as dsvd
+from jax_signedcut._lplr import lowrank_nbytes as lowrank_nbytes
+from jax_signedcut._lplr import lplr as lplr
+from jax_signedcut._lplr import rank_for_bits as rank_for_bits
+from jax_signedcut._lplr import reconstruct_lowrank as reconstruct_lowrank
 from jax_signedcut._quantize import QuantizedMatrix as QuantizedMatrix
 from jax_signedcut._quantize import dequantize as dequantize
 from jax_signedcut._quantize import dequantize_matrix as dequantize_matrix
@@ -36,6 +42,12 @@ __all__ = [
     "width_for_bits",
     "width_for_rate",
     # Other methods in scope (issue 9).
+    "LowRank",
+    "dsvd",
+    "lowrank_nbytes",
+    "lplr",
+    "rank_for_bits",
+    "reconstruct_lowrank",
     "QuantizedMatrix",
     "dequantize",
     "dequantize_matrix",
