@@ -25,6 +25,10 @@ from jax_signedcut._quantize import num_levels as num_levels
 from jax_signedcut._quantize import quantize as quantize
 from jax_signedcut._quantize import rtn as rtn
 from jax_signedcut._quantize import rtn_bits_per_weight as rtn_bits_per_weight
+from jax_signedcut._tensor import SignedTensorCut as SignedTensorCut
+from jax_signedcut._tensor import decompose_tensor as decompose_tensor
+from jax_signedcut._tensor import reconstruct_tensor as reconstruct_tensor
+from jax_signedcut._tensor import tensor_bytes_per_cut as tensor_bytes_per_cut
 
 __version__ = "0.1.0"
 
@@ -55,4 +59,8 @@ __all__ = [
     "quantize",
     "rtn",
     "rtn_bits_per_weight",
+    "SignedTensorCut",
+    "decompose_tensor",
+    "reconstruct_tensor",
+    "tensor_bytes_per_cut",
 ]
