@@ -12,6 +12,8 @@ from jax_signedcut._factors import truncate as truncate
 from jax_signedcut._packing import pack_signs as pack_signs
 from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._start import start_words as start_words
+from jax_signedcut._lp_lowrank import lp_cost as lp_cost
+from jax_signedcut._lp_lowrank import lp_lowrank as lp_lowrank
 from jax_signedcut._lplr import LowRank as LowRank
 from jax_signedcut._lplr import dsvd as dsvd
 from jax_signedcut._lplr import lowrank_nbytes as lowrank_nbytes
@@ -48,6 +50,8 @@ __all__ = [
     # Other methods in scope (issue 9).
     "LowRank",
     "dsvd",
+    "lp_cost",
+    "lp_lowrank",
     "lowrank_nbytes",
     "lplr",
     "rank_for_bits",
