@@ -1,5 +1,11 @@
 """jax_signedcut: 1-bit signed cut decompositions of weight matrices in JAX."""
 
+from jax_signedcut._attention import AttentionFit as AttentionFit
+from jax_signedcut._attention import attention_grad as attention_grad
+from jax_signedcut._attention import attention_loss as attention_loss
+from jax_signedcut._attention import attention_loss_kron as attention_loss_kron
+from jax_signedcut._attention import attention_probs as attention_probs
+from jax_signedcut._attention import fit_attention as fit_attention
 from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._budget import width_for_bits as width_for_bits
 from jax_signedcut._budget import width_for_rate as width_for_rate
@@ -48,6 +54,12 @@ __all__ = [
     "width_for_bits",
     "width_for_rate",
     # Other methods in scope (issue 9).
+    "AttentionFit",
+    "attention_grad",
+    "attention_loss",
+    "attention_loss_kron",
+    "attention_probs",
+    "fit_attention",
     "LowRank",
     "dsvd",
     "lp_cost",
