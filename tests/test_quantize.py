@@ -17,7 +17,7 @@ from jax_signedcut import _quantize
 SHAPES = [(1, 1), (9, 1), (33, 97), (100, 7)]
 
 
-@settings(derandomize=True, deadline=None, max_examples=25)
+@settings(derandomize=True, deadline=None, max_examples=15)
 @given(bits=st.integers(1, 16), rows=st.integers(1, 3), count=st.integers(1, 130),
        seed=st.integers(0, 2**31 - 1))
 def test_pack_codes_roundtrip_and_layout(bits, rows, count, seed):

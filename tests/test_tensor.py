@@ -40,11 +40,11 @@ def _outer(signs):
 
 
 def test_gaussian_error_decreases_with_width():
-  a = jax.random.normal(jax.random.key(0), (12, 10, 9))
-  f = jsc.decompose_tensor(a, key=jax.random.key(1), width=400)
-  errs = [_rel(a, _truncate(f, w)) for w in (25, 50, 100, 200, 400)]
+  a = jax.random.normal(jax.random.key(0), (10, 8, 7))
+  f = jsc.decompose_tensor(a, key=jax.random.key(1), width=200)
+  errs = [_rel(a, _truncate(f, w)) for w in (25, 50, 100, 200)]
   assert all(e1 > e0 for e0, e1 in zip(errs[1:], errs[:-1])), errs
-  assert errs[-1] < 0.2, errs
+  assert errs[-1] < 0.1, errs   # 0.048 measured
   # Prefix consistency: a shorter run is the truncation of a longer one.
   g = jsc.decompose_tensor(a, key=jax.random.key(1), width=25)
   np.testing.assert_array_equal(g.c, f.c[:25])
