@@ -55,9 +55,9 @@ def _check_shapes(a1, a2, a3, b, x=None, y=None, names=("x", "y")):
       raise TypeError(f"{name} must be a float array, got dtype {v.dtype}")
     if v.ndim != 2:
       raise ValueError(f"{name} must be a matrix (ndim 2), got shape {v.shape}")
-  (n, d1), (l, d2), (l3, d3), (nb, e) = a1.shape, a2.shape, a3.shape, b.shape
-  if l3 != l:
-    raise ValueError(f"a3 must have as many rows as a2 ({l}), got a2 shape {a2.shape} and a3 "
+  (n, d1), (nk, d2), (nk3, d3), (nb, e) = a1.shape, a2.shape, a3.shape, b.shape
+  if nk3 != nk:
+    raise ValueError(f"a3 must have as many rows as a2 ({nk}), got a2 shape {a2.shape} and a3 "
                      f"shape {a3.shape}")
   if nb != n:
     raise ValueError(f"b must have as many rows as a1 ({n}), got a1 shape {a1.shape} and b "
@@ -68,7 +68,7 @@ def _check_shapes(a1, a2, a3, b, x=None, y=None, names=("x", "y")):
   if y is not None and y.shape != (d3, e):
     raise ValueError(f"{names[1]} must have shape (a3.shape[1], b.shape[1]) = {(d3, e)}, "
                      f"got {y.shape}")
-  return n, l, d1, d2, d3, e
+  return n, nk, d1, d2, d3, e
 
 
 def _check_finite(**arrs):
@@ -118,9 +118,9 @@ def attention_loss_kron(a1, a2, a3, b, x, y) -> jax.Array:
   for each output column i₀, h(y)_{i₀} = A₃ Y_{:, i₀}; then
   L = Σ_{j₀, i₀} (⟨f(x)_{j₀}, h(y)_{i₀}⟩ − B_{j₀ i₀})².
   """
-  n, l, _, _, _, _ = _check_shapes(a1, a2, a3, b, x, y)
+  n, nk, _, _, _, _ = _check_shapes(a1, a2, a3, b, x, y)
   big_a = jnp.kron(a1, a2)                                   # (n l, d1 d2)
-  u = jnp.exp(_mm(big_a, x.reshape(-1))).reshape(n, l)       # rows u(x)_{j0}
+  u = jnp.exp(_mm(big_a, x.reshape(-1))).reshape(n, nk)       # rows u(x)_{j0}
   f = u / jnp.sum(u, axis=1, keepdims=True)
   h = _mm(a3, y)                                             # columns h(y)_{i0}
   c = _mm(f, h) - b

@@ -102,7 +102,8 @@ def quantize(x: jax.Array, scale: jax.Array, *, bits: int, grid: str = "uniform"
   x = jnp.asarray(x)
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   x = x.astype(dtype)
-  scale = jnp.asarray(scale, dtype)
+  # Explicit broadcasting keeps this usable under jax_numpy_rank_promotion="raise".
+  x, scale = jnp.broadcast_arrays(x, jnp.asarray(scale, dtype))
   step = _step(scale, levels)
   safe = jnp.where(step > 0, step, 1)
   # Centred code space, so that 0 is exact on the int grid; a zero scale maps
@@ -120,8 +121,13 @@ def dequantize(codes: jax.Array, scale: jax.Array, *, bits: int, grid: str = "un
   """Values ``-scale + codes·step`` of codes from :func:`quantize`."""
   bits = check_bits(bits, grid=check_grid(grid))
   levels = num_levels(bits, grid)
-  scale = jnp.asarray(scale, dtype)
+  codes, scale = jnp.broadcast_arrays(codes, jnp.asarray(scale, dtype))
   return ((codes.astype(dtype) - (levels - 1) / 2) * _step(scale, levels)).astype(dtype)
+
+
+def _lanes(n, ndim, scale=1):
+  """uint32 [0, n)·scale shaped (1, …, 1, n) for ``ndim`` dims (no implicit rank promotion)."""
+  return (jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(scale)).reshape((1,) * (ndim - 1) + (n,))
 
 
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
@@ -133,14 +139,14 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
   if 32 % bits == 0:
     per = 32 // bits
     codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, nw * per - c)])
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
+    shifts = _lanes(per, len(lead) + 2, bits)
     return jnp.sum(codes.reshape(*lead, nw, per) << shifts, axis=-1, dtype=jnp.uint32)
   # General widths: spell out the bit stream (codes may straddle words).
-  stream = (codes[..., None] >> jnp.arange(bits, dtype=jnp.uint32)) & jnp.uint32(1)
+  stream = (codes[..., None] >> _lanes(bits, codes.ndim + 1)) & jnp.uint32(1)
   stream = stream.astype(jnp.uint8).reshape(*lead, c * bits)
   stream = jnp.pad(stream, [(0, 0)] * len(lead) + [(0, nw * 32 - c * bits)])
   stream = stream.reshape(*lead, nw, 32).astype(jnp.uint32)
-  return jnp.sum(stream << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  return jnp.sum(stream << _lanes(32, len(lead) + 2), axis=-1, dtype=jnp.uint32)
 
 
 def unpack_codes(words: jax.Array, count: int, bits: int) -> jax.Array:
@@ -149,13 +155,12 @@ def unpack_codes(words: jax.Array, count: int, bits: int) -> jax.Array:
   mask = jnp.uint32((1 << bits) - 1)
   if 32 % bits == 0:
     per = 32 // bits
-    shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-    codes = (words[..., :, None] >> shifts) & mask
+    codes = (words[..., :, None] >> _lanes(per, words.ndim + 1, bits)) & mask
     return codes.reshape(*lead, words.shape[-1] * per)[..., :count]
-  stream = (words[..., :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+  stream = (words[..., :, None] >> _lanes(32, words.ndim + 1)) & jnp.uint32(1)
   stream = stream.reshape(*lead, words.shape[-1] * 32)[..., :count * bits]
   stream = stream.reshape(*lead, count, bits)
-  return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  return jnp.sum(stream << _lanes(bits, len(lead) + 2), axis=-1, dtype=jnp.uint32)
 
 
 @jax.tree_util.register_dataclass

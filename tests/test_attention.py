@@ -10,9 +10,9 @@ import pytest
 import jax_signedcut as jsc
 
 
-def _problem(n=4, l=5, d1=2, d2=3, d3=2, e=3, seed=0, dtype=jnp.float32):
+def _problem(n=4, nk=5, d1=2, d2=3, d3=2, e=3, seed=0, dtype=jnp.float32):
   ks = jax.random.split(jax.random.key(seed), 6)
-  shapes = [(n, d1), (l, d2), (l, d3), (n, e), (d1, d2), (d3, e)]
+  shapes = [(n, d1), (nk, d2), (nk, d3), (n, e), (d1, d2), (d3, e)]
   return [jax.random.normal(k, s, dtype) for k, s in zip(ks, shapes)]
 
 
@@ -22,14 +22,14 @@ def test_kronecker_form_equals_matrix_form(seed):
   np.testing.assert_allclose(jsc.attention_loss_kron(a1, a2, a3, b, x, y),
                              jsc.attention_loss(a1, a2, a3, b, x, y), rtol=1e-5)
   # The paper's square case too: A1, A2, A3, B all n×d, X, Y d×d.
-  a1, a2, a3, b, x, y = _problem(n=6, l=6, d1=3, d2=3, d3=3, e=3, seed=seed)
+  a1, a2, a3, b, x, y = _problem(n=6, nk=6, d1=3, d2=3, d3=3, e=3, seed=seed)
   np.testing.assert_allclose(jsc.attention_loss_kron(a1, a2, a3, b, x, y),
                              jsc.attention_loss(a1, a2, a3, b, x, y), rtol=1e-5)
 
 
 def test_autodiff_gradient_equals_closed_form():
   with jax.enable_x64(True):
-    a1, a2, a3, b, x, y = _problem(n=7, l=5, d1=3, d2=4, d3=2, e=3, dtype=jnp.float64)
+    a1, a2, a3, b, x, y = _problem(n=7, nk=5, d1=3, d2=4, d3=2, e=3, dtype=jnp.float64)
     gx, gy = jax.grad(jsc.attention_loss, argnums=(4, 5))(a1, a2, a3, b, x, y)
     cx, cy = jsc.attention_grad(a1, a2, a3, b, x, y)
     np.testing.assert_allclose(gx, cx, rtol=1e-10, atol=1e-12)
@@ -40,7 +40,8 @@ def test_stable_for_large_scores():
   a1, a2, a3, b, x, y = _problem()
   big = jsc.attention_loss(a1, a2, a3, b, 1e4 * x, y)
   assert np.isfinite(float(big))
-  assert np.isfinite(np.asarray(jax.grad(jsc.attention_loss, argnums=4)(a1, a2, a3, b, 1e4 * x, y))).all()
+  grad = jax.grad(jsc.attention_loss, argnums=4)(a1, a2, a3, b, 1e4 * x, y)
+  assert np.isfinite(np.asarray(grad)).all()
 
 
 def _planted(dtype):

@@ -84,7 +84,7 @@ def test_more_bits_less_error_and_dsvd_at_high_precision_is_svd():
           for b in (1, 3, 8)]
   assert errs == sorted(errs, reverse=True)
   u, s, vt = jnp.linalg.svd(a, full_matrices=False)
-  svd16 = (u[:, :16] * s[:16]) @ vt[:16]
+  svd16 = (u[:, :16] * s[None, :16]) @ vt[:16]
   got = jsc.reconstruct_lowrank(jsc.dsvd(a, rank=16, bits=(16, 16)))
   assert _rel(svd16, got) < 1e-3
 
