@@ -35,7 +35,7 @@ def test_one_signed_cut_is_recovered_with_one_cut(shape):
 def _outer(signs):
   out = signs[0]
   for s in signs[1:]:
-    out = out[..., None] * s
+    out = out[..., None] * s.reshape((1,) * out.ndim + s.shape)
   return out
 
 
