@@ -15,9 +15,6 @@ from jax_signedcut._factors import nbytes as nbytes
 from jax_signedcut._factors import reconstruct as reconstruct
 from jax_signedcut._factors import relative_error as relative_error
 from jax_signedcut._factors import truncate as truncate
-from jax_signedcut._packing import pack_signs as pack_signs
-from jax_signedcut._packing import unpack_signs as unpack_signs
-from jax_signedcut._start import start_words as start_words
 from jax_signedcut._lp_lowrank import lp_cost as lp_cost
 from jax_signedcut._lp_lowrank import lp_lowrank as lp_lowrank
 from jax_signedcut._lplr import LowRank as LowRank
@@ -26,6 +23,8 @@ from jax_signedcut._lplr import lowrank_nbytes as lowrank_nbytes
 from jax_signedcut._lplr import lplr as lplr
 from jax_signedcut._lplr import rank_for_bits as rank_for_bits
 from jax_signedcut._lplr import reconstruct_lowrank as reconstruct_lowrank
+from jax_signedcut._packing import pack_signs as pack_signs
+from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._quantize import QuantizedMatrix as QuantizedMatrix
 from jax_signedcut._quantize import dequantize as dequantize
 from jax_signedcut._quantize import dequantize_matrix as dequantize_matrix
@@ -33,6 +32,7 @@ from jax_signedcut._quantize import num_levels as num_levels
 from jax_signedcut._quantize import quantize as quantize
 from jax_signedcut._quantize import rtn as rtn
 from jax_signedcut._quantize import rtn_bits_per_weight as rtn_bits_per_weight
+from jax_signedcut._start import start_words as start_words
 from jax_signedcut._tensor import SignedTensorCut as SignedTensorCut
 from jax_signedcut._tensor import decompose_tensor as decompose_tensor
 from jax_signedcut._tensor import reconstruct_tensor as reconstruct_tensor

@@ -35,7 +35,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut._lplr import LowRank, _batched, check_rank
+from jax_signedcut._decompose import _check_matrix
+from jax_signedcut._lplr import LowRank, _batched, check_rank, reconstruct_lowrank
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -75,7 +76,6 @@ def _lp_lowrank(a, **config):
 
 def lp_cost(a: jax.Array, f: LowRank, p: float) -> jax.Array:
   """Σ_i ‖a_i − (uᵀ v)_i‖₂^p per matrix, shape (...): the ℓp objective of a fit."""
-  from jax_signedcut._lplr import reconstruct_lowrank  # noqa: PLC0415
   d = jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(a, jnp.float32) - reconstruct_lowrank(f)), -1))
   return jnp.sum(d ** p, axis=-1)
 
@@ -108,7 +108,6 @@ def lp_lowrank(a: jax.Array, *, rank: int, p: float, iters: int = 30,
     >>> f.u.shape, f.v.shape
     ((3, 50), (3, 8))
   """
-  from jax_signedcut._decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
   a = _check_matrix(a)
   m, n = a.shape[-2:]
   rank = check_rank(rank, m, n)

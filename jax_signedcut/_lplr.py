@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_signedcut import _quantize, _start
+from jax_signedcut._decompose import _check_matrix
 from jax_signedcut._quantize import QuantizedMatrix
 
 SKETCHES = ("gaussian", "rademacher")
@@ -250,7 +251,6 @@ def _dsvd(a, key, **config):
 
 
 def _check_common(a, bits, scale, dither, power_iters=0):
-  from jax_signedcut._decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
   a = _check_matrix(a)
   bits = _check_bit_pair(bits)
   scale = _check_choice("scale", scale, SCALES)

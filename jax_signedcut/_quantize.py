@@ -37,6 +37,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from jax_signedcut._decompose import _check_matrix
+
 GRIDS = ("uniform", "int")
 MAX_BITS = 16
 
@@ -303,7 +305,6 @@ def rtn(a: jax.Array, *, bits: int, group_size: int | None = None, grid: str = "
     >>> rtn_bits_per_weight(64, 96, 4, group_size=64)
     4.666666666666667
   """
-  from jax_signedcut._decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
   a = _check_matrix(a)
   grid = check_grid(grid)
   bits = check_bits(bits, grid=grid)

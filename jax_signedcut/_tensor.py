@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut import _packing, _start
+from jax_signedcut._decompose import _check_max_error
 
 # Safety cap on sweeps per cut; γ rises strictly, so sweeps end on their own.
 MAX_SWEEPS = 1000
@@ -225,7 +226,6 @@ def decompose_tensor(a: jax.Array, *, key: jax.Array, width: int,
     >>> reconstruct_tensor(f).shape
     (3, 20, 30)
   """
-  from jax_signedcut._decompose import _check_max_error  # noqa: PLC0415  (import cycle)
   a = _check_tensor(a)
   if isinstance(width, bool) or not isinstance(width, numbers.Integral):
     raise TypeError(f"width must be an int, got {width!r} of type {type(width).__name__}")
