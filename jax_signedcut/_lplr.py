@@ -78,6 +78,11 @@ def reconstruct_lowrank(f: LowRank, dtype=jnp.float32) -> jax.Array:
   """Dense (..., m, n) matrices ``uᵀ v`` of a :class:`LowRank`."""
   if not isinstance(f, LowRank):
     raise TypeError(f"f must be a LowRank, got {type(f).__name__}")
+  return _reconstruct_lowrank(f, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reconstruct_lowrank(f, dtype):
   return jnp.einsum("...km,...kn->...mn", _dense(f.u), _dense(f.v), precision=_HI).astype(dtype)
 
 

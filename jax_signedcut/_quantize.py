@@ -259,7 +259,12 @@ def dequantize_matrix(q: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
   """
   if not isinstance(q, QuantizedMatrix):
     raise TypeError(f"q must be a QuantizedMatrix, got {type(q).__name__}")
-  r, c = q.shape
+  return _dequantize_matrix(q, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)   # one dispatch instead of one per op when eager
+def _dequantize_matrix(q, dtype):
+  _, c = q.shape
   codes = unpack_codes(q.codes, c, q.bits)
   scale = _expand_scale(q.scale, q.shape, q.group_size)
   return dequantize(codes, scale, bits=q.bits, grid=q.grid, dtype=jnp.float32).astype(dtype)

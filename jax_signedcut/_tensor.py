@@ -242,6 +242,11 @@ def reconstruct_tensor(f: SignedTensorCut, dtype=jnp.float32) -> jax.Array:
   """The dense tensor ``Σ_j c_j s_{1,j} ⊗ … ⊗ s_{k,j}`` of shape ``f.shape``."""
   if not isinstance(f, SignedTensorCut):
     raise TypeError(f"f must be a SignedTensorCut, got {type(f).__name__}")
+  return _reconstruct_tensor(f, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reconstruct_tensor(f, dtype):
   signs = [_packing.unpack_signs(b, d) for b, d in zip(f.bits, f.shape)]
   ix = _letters(len(f.shape))
   lead = "..." if f.c.ndim > 1 else ""
