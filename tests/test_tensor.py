@@ -15,10 +15,6 @@ from jax_signedcut import _packing
 SHAPES = [(1, 33, 2), (9, 1, 4, 5), (2, 3, 2, 3, 2)]
 
 
-def _rel(a, f):
-  return float(jnp.linalg.norm(jsc.reconstruct_tensor(f) - a) / jnp.linalg.norm(a))
-
-
 def _rel_np(a, f, k):
   """Error of the first k cuts, reconstructed in NumPy (no compile per k)."""
   s = [_packing.unpack_signs_np(np.asarray(b[:k]), d).astype(np.float64)
