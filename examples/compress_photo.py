@@ -151,7 +151,8 @@ def main():
       ax.set_yticks([])
   fig.tight_layout()
   fig.savefig(os.path.join(args.out, "photo_grid.png"), dpi=110)
-  print(f"wrote {args.out}/photo_grid.png and {args.out}/photo_error_vs_bytes.png")
+  print(f"wrote {os.path.join(args.out, 'photo_grid.png')} and "
+        f"{os.path.join(args.out, 'photo_error_vs_bytes.png')}")
 
 
 if __name__ == "__main__":
