@@ -294,7 +294,10 @@ def fit_attention(a1, a2, a3, b, *, x0, y0, iters: int = 20, reg: float = 0.0,
     raise TypeError(f"projected must be a bool, got {projected!r}")
   if solver == "auto":
     solver = "dense" if x0.size <= DENSE_MAX_UNKNOWNS else "cg"
-  dtype = jnp.result_type(a1, a2, a3, b, x0, y0, jnp.float32)
+  # float64 if any input is float64 (under x64), else float32; chosen
+  # explicitly because strict dtype promotion forbids mixing the two.
+  wide = any(jnp.asarray(v).dtype == jnp.float64 for v in (a1, a2, a3, b, x0, y0))
+  dtype = jnp.float64 if wide else jnp.float32
   args = [jnp.asarray(v, dtype) for v in (a1, a2, a3, b, x0, y0)]
   return _fit(*args, iters=int(iters), reg=float(reg), solver=solver, cg_iters=int(cg_iters),
               projected=projected)
