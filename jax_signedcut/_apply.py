@@ -20,7 +20,6 @@ result has ``x.dtype``.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -91,26 +90,21 @@ def _has_ffi_kernel() -> bool:
   return _APPLY_TARGET in _signedcut_ffi.registrations()
 
 
-def _scalar_flag(force_scalar) -> int:
-  if force_scalar is None:
-    force_scalar = os.environ.get("JAX_SIGNEDCUT_APPLY_IMPL", "").lower() == "scalar"
-  return int(bool(force_scalar))
-
-
-def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool | None = None) -> jax.Array:
+def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax.Array:
   """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32.
 
   Args:
     x2: f32 activations (B, m).
     f: factors of one (m, n) matrix.
     force_scalar: use the portable core even where AVX-512 is available
-      (``None``: the ``JAX_SIGNEDCUT_APPLY_IMPL=scalar`` environment variable).
+      (the environment variable ``JAX_SIGNEDCUT_APPLY_IMPL=scalar``, read once
+      by the extension, does the same for every call).
   """
   m, n = f.shape
   call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                           vmap_method="expand_dims")
   return call(x2, f.s_bits, f.t_bits, f.c.astype(jnp.float32),
-              force_scalar=np.int32(_scalar_flag(force_scalar)))
+              force_scalar=np.int32(bool(force_scalar)))
 
 
 def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, *,
