@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "apply_kernel.h"
 
@@ -16,23 +17,36 @@
 namespace signedcut {
 namespace {
 
-// x block held in L1 while all cuts of the range stream past it.
-constexpr int64_t kRowBlock = 8;
-constexpr int64_t kColBlock = 1024;  // multiple of 64
+// x block (kRowBlock rows × a column block of ≈ kBlockFloats / rows floats,
+// a multiple of 64) held in L1 while all cuts of the range stream past it.
+constexpr int64_t kRowBlock = 4;
+constexpr int64_t kBlockFloats = 4096;
+constexpr int64_t kMaxColBlock = 4096;
 // Cuts per expand step: their words for one tile (32 B each) stay in L1 across rows.
 constexpr int64_t kCutBlock = 512;
 
-// Σ of x[i] over the lanes i in [0, len) whose bit is set, len <= kColBlock.
+// The 16 sign bits of lanes 16q..16q+15 (little-endian halves of the words).
+// A 16-bit load straight into a mask register keeps the shift/kmov pair off
+// the vector ports that the masked adds need.
+// (GCC lowers _load_mask16 to movzwl + kmovw r32, so say it directly.)
+SIGNEDCUT_AVX512 inline __mmask16 Mask16(const uint32_t* bits, int64_t q) {
+  __mmask16 k;
+  const char* at = reinterpret_cast<const char*>(bits) + 2 * q;
+  asm("kmovw %1, %0" : "=k"(k) : "m"(*reinterpret_cast<const uint16_t*>(at)));
+  return k;
+}
+
+// Σ of x[i] over the lanes i in [0, len) whose bit is set.
 SIGNEDCUT_AVX512 inline float MaskedSum(const float* x, const uint32_t* bits, int64_t len) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= len; k += 64) {
-    const uint32_t w0 = bits[k / 32], w1 = bits[k / 32 + 1];
-    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(w0), a0, _mm512_loadu_ps(x + k));
-    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(w0 >> 16), a1, _mm512_loadu_ps(x + k + 16));
-    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(w1), a2, _mm512_loadu_ps(x + k + 32));
-    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(w1 >> 16), a3, _mm512_loadu_ps(x + k + 48));
+    const int64_t q = k / 16;
+    a0 = _mm512_mask_add_ps(a0, Mask16(bits, q), a0, _mm512_loadu_ps(x + k));
+    a1 = _mm512_mask_add_ps(a1, Mask16(bits, q + 1), a1, _mm512_loadu_ps(x + k + 16));
+    a2 = _mm512_mask_add_ps(a2, Mask16(bits, q + 2), a2, _mm512_loadu_ps(x + k + 32));
+    a3 = _mm512_mask_add_ps(a3, Mask16(bits, q + 3), a3, _mm512_loadu_ps(x + k + 48));
   }
   for (; k < len; k += 16) {  // tail: masked loads never touch lanes past len
     const uint32_t word = bits[k / 32] >> (k % 32);
@@ -51,11 +65,12 @@ SIGNEDCUT_AVX512 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t
   const uint32_t last = a.m % 32 == 0 ? 0xFFFFFFFFu : ((1u << (a.m % 32)) - 1u);
   for (int64_t r0 = 0; r0 < a.rows; r0 += kRowBlock) {
     const int64_t r1 = std::min(a.rows, r0 + kRowBlock);
-    for (int64_t i0 = 0; i0 < a.m; i0 += kColBlock) {
-      const int64_t len = std::min(a.m - i0, kColBlock);
+    const int64_t col_block = std::min(kMaxColBlock, (kBlockFloats / (r1 - r0)) / 64 * 64);
+    for (int64_t i0 = 0; i0 < a.m; i0 += col_block) {
+      const int64_t len = std::min(a.m - i0, col_block);
       for (int64_t j = j0; j < j1; ++j) {
         const uint32_t* bits = a.s_bits + j * mw + i0 / 32;
-        uint32_t tailword[kColBlock / 32];
+        uint32_t tailword[kMaxColBlock / 32];
         if (i0 + len == a.m && last != 0xFFFFFFFFu) {
           // Clear stray tail bits (the format says 0, but never read past m).
           const int64_t nwb = (len + 31) / 32;
@@ -97,14 +112,9 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t 
           for (int64_t j = jb; j < je; ++j) {
             const __m512 pj = _mm512_set1_ps(p[j]);
             const uint32_t* bits = a.t_bits + j * nw + word0;
-#pragma GCC unroll 8
-            for (int q = 0; q < 8; ++q) {
-              const uint32_t word = bits[q];
-              acc[2 * q] = _mm512_mask_add_ps(acc[2 * q], static_cast<__mmask16>(word),
-                                              acc[2 * q], pj);
-              acc[2 * q + 1] = _mm512_mask_add_ps(acc[2 * q + 1], static_cast<__mmask16>(word >> 16),
-                                                  acc[2 * q + 1], pj);
-            }
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; ++q)
+              acc[q] = _mm512_mask_add_ps(acc[q], Mask16(bits, q), acc[q], pj);
           }
 #pragma GCC unroll 16
           for (int q = 0; q < 16; ++q) _mm512_storeu_ps(y + 16 * q, acc[q]);
