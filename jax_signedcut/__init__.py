@@ -4,6 +4,7 @@ from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._budget import width_for_bits as width_for_bits
 from jax_signedcut._budget import width_for_rate as width_for_rate
 from jax_signedcut._decompose import decompose as decompose
+from jax_signedcut._decompose import decompose_leafwise as decompose_leafwise
 from jax_signedcut._factors import SignedCut as SignedCut
 from jax_signedcut._factors import nbytes as nbytes
 from jax_signedcut._factors import reconstruct as reconstruct
@@ -12,13 +13,16 @@ from jax_signedcut._factors import truncate as truncate
 from jax_signedcut._packing import pack_signs as pack_signs
 from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._start import start_words as start_words
+from jax_signedcut._tree import Budget as Budget
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
     "SignedCut",
     "bytes_per_cut",
     "decompose",
+    "decompose_leafwise",
     "nbytes",
     "pack_signs",
     "reconstruct",
