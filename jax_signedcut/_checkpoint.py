@@ -282,6 +282,7 @@ class Writer:
         shutil.copyfileobj(spool, out, 1 << 22)
         out.flush()
         os.fsync(out.fileno())
+      os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual mode
       os.replace(tmp, self.path)
     except BaseException:
       with contextlib.suppress(FileNotFoundError):
@@ -289,6 +290,12 @@ class Writer:
       raise
     finally:
       self._cleanup()
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def header_metadata(leaves: list[dict], crc32: dict, user: dict | None) -> dict[str, str]:
