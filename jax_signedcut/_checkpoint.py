@@ -734,9 +734,7 @@ def load_orbax(directory, *, like=None):
   try:
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(directory, target) if target is not None else ckptr.restore(directory)
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # noqa: BLE001  (orbax raises many types)
+  except Exception as e:  # noqa: BLE001  (orbax raises many types, FileNotFoundError included)
     raise CheckpointError(f"{directory}: cannot restore the orbax checkpoint: "
                           f"{_one_line(e)[:300]}") from None
   if like is not None:
