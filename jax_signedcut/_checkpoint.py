@@ -353,6 +353,69 @@ def save(path, tree, *, metadata: dict | None = None) -> None:
 # Reading
 
 
+class TensorFile:
+  """A safetensors file whose tensors are read one at a time with plain reads.
+
+  ``safetensors.safe_open`` checks the header (offsets in order, the file fully
+  covered); the data are then read with ``readinto`` rather than through its
+  memory map, because pages of a mapped file stay counted in the process's
+  resident set after use: reading a checkpoint matrix by matrix through the map
+  makes the peak grow with the file size, plain reads keep it at one matrix.
+  """
+
+  def __init__(self, path):
+    from safetensors import safe_open  # noqa: PLC0415
+
+    self.path = os.fspath(path)
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"{self.path}: no such file")
+    if os.path.isdir(self.path):
+      raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file")
+    try:
+      with safe_open(self.path, framework="numpy") as f:
+        self.metadata = dict(f.metadata() or {})
+      with open(self.path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+      raise CheckpointError(f"{self.path}: not a readable safetensors file "
+                            f"(truncated or corrupt?): {_one_line(e)}") from None
+    header.pop("__metadata__", None)
+    self._start = 8 + n
+    self._entries = header
+    self._fh = open(self.path, "rb")  # noqa: SIM115  (closed by close())
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name) -> tuple[int, ...]:
+    return tuple(self._entries[name]["shape"])
+
+  def dtype(self, name):
+    """The numpy dtype of a tensor, or None for a dtype numpy cannot hold."""
+    return _DTYPES.get(self._entries[name]["dtype"])
+
+  def get(self, name) -> np.ndarray:
+    e = self._entries[name]
+    dtype = self.dtype(name)
+    if dtype is None:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}, which "
+                            "cannot be read into numpy")
+    begin, end = e["data_offsets"]
+    a = np.empty(e["shape"], dtype)
+    if a.nbytes != end - begin:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
+                            f"{tuple(e['shape'])} of {dtype}")
+    self._fh.seek(self._start + begin)
+    if a.nbytes and self._fh.readinto(a.reshape(-1).view(np.uint8)) != a.nbytes:
+      raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (truncated file?)")
+    return a
+
+  def close(self):
+    if not self._fh.closed:
+      self._fh.close()
+
+
 class Reader:
   """A jax_signedcut safetensors file opened lazily; tensors read on demand.
 
@@ -361,23 +424,15 @@ class Reader:
   """
 
   def __init__(self, path, *, verify: bool = True):
-    from safetensors import safe_open  # noqa: PLC0415
-
     self.path = os.fspath(path)
     self.verify = verify
-    if not os.path.exists(self.path):
-      raise FileNotFoundError(f"{self.path}: no such file")
-    if os.path.isdir(self.path):
-      raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file")
+    self._f = TensorFile(self.path)
+    self._names = set(self._f.keys())
     try:
-      self._ctx = safe_open(self.path, framework="numpy")
-      self._f = self._ctx.__enter__()
-      meta = self._f.metadata() or {}
-      self._names = set(self._f.keys())
-    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
-      raise CheckpointError(f"{self.path}: not a readable safetensors file "
-                            f"(truncated or corrupt?): {_one_line(e)}") from None
-    self.info = self._parse(meta)
+      self.info = self._parse(self._f.metadata)
+    except BaseException:
+      self._f.close()
+      raise
 
   def __enter__(self):
     return self
@@ -386,9 +441,7 @@ class Reader:
     self.close()
 
   def close(self):
-    ctx, self._ctx = getattr(self, "_ctx", None), None
-    if ctx is not None:
-      ctx.__exit__(None, None, None)
+    self._f.close()
 
   def _err(self, msg) -> CheckpointError:
     return CheckpointError(f"{self.path}: {msg}")
@@ -439,10 +492,7 @@ class Reader:
 
   def tensor(self, name: str, dtype=None, shape=None, what="") -> np.ndarray:
     """Reads one tensor, checking its CRC, dtype and shape."""
-    try:
-      a = self._f.get_tensor(name)
-    except Exception as e:  # noqa: BLE001
-      raise self._err(f"cannot read tensor {name!r}: {_one_line(e)}") from None
+    a = self._f.get(name)
     if self.verify:
       want = self.info.get("crc32", {}).get(name)
       if want is not None and zlib.crc32(np.ascontiguousarray(a).tobytes()) != want:

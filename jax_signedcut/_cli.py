@@ -240,51 +240,43 @@ class _Source:
 class _SafetensorsSource(_Source):
 
   def __init__(self, files):
-    from safetensors import safe_open  # noqa: PLC0415
-
     from jax_signedcut import _checkpoint  # noqa: PLC0415
 
-    self._ctxs, self._where, self.entries = [], [], []
+    self._files, self._where, self.entries = [], [], []
+    try:
+      self._open(files)
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self, files):
+    from jax_signedcut import _checkpoint  # noqa: PLC0415
+
     seen = {}
     for file in files:
-      try:
-        ctx = safe_open(file, framework="numpy")
-        f = ctx.__enter__()
-        meta = f.metadata() or {}
-        names = list(f.keys())
-        infos = [(name, f.get_slice(name)) for name in names]
-        infos = [(name, s.get_shape(), s.get_dtype()) for name, s in infos]
-      except Exception as e:  # noqa: BLE001
-        raise _Error(f"{file}: not a readable safetensors file (truncated or corrupt?): "
-                     f"{_checkpoint._one_line(e)}") from None  # noqa: SLF001
-      self._ctxs.append(ctx)
-      if meta.get("format") == _checkpoint.FORMAT:
+      f = _checkpoint.TensorFile(file)
+      self._files.append(f)
+      if f.metadata.get("format") == _checkpoint.FORMAT:
         raise _Error(f"{file}: is already a jax_signedcut (compressed) checkpoint; use "
                      "'expand', or load it with truncate_rate= to lower its rate")
-      for name, shape, code in infos:
+      for name in f.keys():
         if name in seen:
           raise _Error(f"{file}: tensor {name!r} is also in {seen[name]}")
         seen[name] = file
-        dtype = _checkpoint._DTYPES.get(code)  # noqa: SLF001
+        dtype = f.dtype(name)
         if dtype is None:
-          raise _Error(f"{file}: tensor {name!r} has dtype {code}, which this tool cannot read")
-        self.entries.append(([["d", name]], name, tuple(shape), dtype))
-        self._where.append((f, name, file))
+          raise _Error(f"{file}: tensor {name!r} has a dtype this tool cannot read")
+        self.entries.append(([["d", name]], name, f.shape(name), dtype))
+        self._where.append((f, name))
 
   def get(self, i):
-    from jax_signedcut import _checkpoint  # noqa: PLC0415
-
-    f, name, file = self._where[i]
-    try:
-      return f.get_tensor(name)
-    except Exception as e:  # noqa: BLE001
-      raise _Error(f"{file}: cannot read tensor {name!r} (truncated or corrupt?): "
-                   f"{_checkpoint._one_line(e)}") from None  # noqa: SLF001
+    f, name = self._where[i]
+    return f.get(name)
 
   def close(self):
-    for ctx in self._ctxs:
-      ctx.__exit__(None, None, None)
-    self._ctxs = []
+    for f in self._files:
+      f.close()
+    self._files = []
 
 
 class _TreeSource(_Source):
@@ -421,6 +413,19 @@ def _rel_error_estimate(a2: float, f) -> float:
   return math.sqrt(r2 / a2) if a2 > 0 else 0.0
 
 
+def _release_memory() -> None:
+  """Hands freed heap pages back to the OS between matrices (glibc only).
+
+  Without it glibc keeps the freed buffers of one matrix around and the next
+  matrix's land next to them, so the peak creeps up over the first few.
+  """
+  try:
+    import ctypes  # noqa: PLC0415
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def _sum_squares(a: np.ndarray) -> float:
   flat = a.reshape(-1)
   step = 1 << 22     # chunks, so the float64 copy stays small
@@ -486,6 +491,7 @@ def _compress(args) -> int:
           writer.add(name, t)
         del tensors
         entries.append(entry)
+        _release_memory()
         bar.update(1)
     finally:
       bar.close()
