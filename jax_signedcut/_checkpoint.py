@@ -470,9 +470,12 @@ class Reader:
     described = set()
     for i, e in enumerate(body["leaves"]):
       if not isinstance(e, dict) or e.get("kind") not in ("array", "signed_cut") \
-          or not isinstance(e.get("key"), list):
+          or not isinstance(e.get("key"), list) or not isinstance(e.get("path"), str) \
+          or not all(isinstance(c, list) and len(c) == 2 and c[0] in ("d", "i", "a")
+                     for c in e["key"]) \
+          or (e["kind"] == "signed_cut" and not isinstance(e.get("tensors"), dict)):
         raise self._err(f"metadata of leaf {i} is malformed: {str(e)[:200]}")
-      names = [e.get("tensor")] if e["kind"] == "array" else list(e.get("tensors", {}).values())
+      names = [e.get("tensor")] if e["kind"] == "array" else list(e["tensors"].values())
       for name in names:
         if name not in self._names:
           raise self._err(f"leaf {e.get('path')!r}: tensor {name!r} is missing from the file")
@@ -512,9 +515,10 @@ class Reader:
     if e["kind"] == "array":
       try:
         dtype = np.dtype(jnp.bfloat16) if e["dtype"] == "bfloat16" else np.dtype(e["dtype"])
-      except TypeError:
-        raise self._err(f"leaf {e.get('path')!r}: unknown dtype {e['dtype']!r}") from None
-      return self.tensor(e["tensor"], dtype, e["shape"])
+        shape = tuple(int(d) for d in e["shape"])
+      except (KeyError, TypeError, ValueError) as ex:
+        raise self._err(f"leaf {e.get('path')!r}: malformed dtype/shape ({ex!r})") from None
+      return self.tensor(e["tensor"], dtype, shape)
     return self._signed_cut(e, full_width=full_width)
 
   def _signed_cut(self, e, *, full_width):

@@ -637,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--rule", action="append", type=_rule_arg, metavar="REGEX=BUDGET",
                  help="per-leaf budget, first match wins (repeatable; see below)")
   c.add_argument("--skip", action="append", metavar="REGEX",
-                 help="keep leaves whose name matches dense (repeatable)")
-  c.add_argument("--seed", type=int, default=0, help="random seed of the cuts (default 0)")
+                 help="keep dense every leaf whose name matches REGEX (repeatable)")
+  c.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the cuts (default 0)")
   c.add_argument("--outliers", type=_outliers_arg, default="auto", metavar="auto|0|FRACTION",
                  help="entries stored apart (default auto)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
@@ -707,6 +707,12 @@ def main(argv=None) -> int:
       raise
     print(f"jax-signedcut: error: {_message(e)}", file=sys.stderr)
     return 1
+  except Exception as e:  # noqa: BLE001  (anything else is a bug: still one line)
+    if getattr(args, "debug", False):
+      raise
+    print(f"jax-signedcut: internal error: {type(e).__name__}: {_message(e)} (run with "
+          "--debug for the traceback)", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":
