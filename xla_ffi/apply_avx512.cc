@@ -86,25 +86,27 @@ SIGNEDCUT_AVX512 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t
   }
 }
 
-SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t i1) {
+SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1,
+                                        float* y_out) {
   const int64_t nw = (a.n + 31) / 32;
+  const int64_t i0 = 0, i1 = a.n;
   // Cut blocks outermost: one block of t_bits rows (kCutBlock · nw words) is
   // streamed from memory once and then read tile by tile from L2; within a
   // tile a cut's 16 masks are 32 bytes of one row.
-  for (int64_t jb = 0; jb < a.w; jb += kCutBlock) {
-    const int64_t je = std::min(a.w, jb + kCutBlock);
+  for (int64_t jb = j0; jb < j1; jb += kCutBlock) {
+    const int64_t je = std::min(j1, jb + kCutBlock);
     for (int64_t t0 = i0; t0 < i1; t0 += kApplyTile) {
       const int64_t cols = std::min(kApplyTile, i1 - t0);
       const int64_t nq = (cols + 15) / 16;  // 16-lane chunks in this tile
       const int64_t word0 = t0 / 32;
       for (int64_t r = 0; r < a.rows; ++r) {
-        float* y = a.y + r * a.n + t0;
+        float* y = y_out + r * a.n + t0;
         const float* p = a.p + r * a.w;
         if (nq == 16) {
           __m512 acc[16];
 #pragma GCC unroll 16
           for (int q = 0; q < 16; ++q)
-            acc[q] = jb == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * q);
+            acc[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * q);
           for (int64_t j = jb; j < je; ++j) {
             const __m512 pj = _mm512_set1_ps(p[j]);
             const uint32_t* bits = a.t_bits + j * nw + word0;
@@ -119,7 +121,7 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t 
           for (int64_t q = 0; q < nq; ++q) {
             const int64_t left = cols - 16 * q;
             const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-            __m512 acc = jb == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, y + 16 * q);
+            __m512 acc = jb == j0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, y + 16 * q);
             for (int64_t j = jb; j < je; ++j) {
               const uint32_t word = a.t_bits[j * nw + word0 + q / 2] >> (16 * (q % 2));
               acc = _mm512_mask_add_ps(acc, static_cast<__mmask16>(word) & valid, acc,
@@ -134,11 +136,13 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t 
   // y = Σ_j p_j − 2·(Σ of p_j over cuts with t_j[i] = −1).
   const __m512 two = _mm512_set1_ps(2.0f);
   for (int64_t r = 0; r < a.rows; ++r) {
-    const __m512 ps = _mm512_set1_ps(a.p_sums[r]);
+    float p_sum = 0.0f;
+    for (int64_t j = j0; j < j1; ++j) p_sum += a.p[r * a.w + j];
+    const __m512 ps = _mm512_set1_ps(p_sum);
     for (int64_t i = i0; i < i1; i += 16) {
       const int64_t left = i1 - i;
       const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-      float* y = a.y + r * a.n + i;
+      float* y = y_out + r * a.n + i;
       _mm512_mask_storeu_ps(y, valid, _mm512_fnmadd_ps(two, _mm512_maskz_loadu_ps(valid, y), ps));
     }
   }

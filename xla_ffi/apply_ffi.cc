@@ -51,11 +51,15 @@ void RunOnThreads(int threads, F body) {
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
                     bool force_scalar, int threads) {
-  std::vector<float> p, row_sums, p_sums;
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // Below ~4M lane-adds a second thread costs more than it saves.
+  if (rows * w * (m + n) < (int64_t{1} << 22)) threads = 1;
+  threads = static_cast<int>(std::min<int64_t>(threads, w));
+  std::vector<float> p, row_sums, y_extra;
   try {
     p.resize(static_cast<size_t>(rows * w));
     row_sums.resize(static_cast<size_t>(rows));
-    p_sums.resize(static_cast<size_t>(rows));
+    y_extra.resize(static_cast<size_t>((threads - 1) * rows * n));
   } catch (const std::bad_alloc&) {
     return false;
   }
@@ -64,31 +68,25 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
     for (int64_t i = 0; i < m; ++i) s += x[r * m + i];
     row_sums[r] = s;
   }
-  ApplyArgs a{x, s_bits, t_bits, c, p.data(), y, row_sums.data(), p_sums.data(), rows, m, n, w};
+  const ApplyArgs a{x, s_bits, t_bits, c, p.data(), row_sums.data(), rows, m, n, w};
   const bool avx = !force_scalar && !EnvForcesScalar() && ApplyHasAvx512();
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  // Below ~1M masked lane-adds a second thread costs more than it saves.
-  const int64_t work = rows * w * (m + n);
-  if (work < (int64_t{1} << 22)) threads = 1;
-  threads = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, w)));
-
+  // Each thread projects and expands its own cuts into its own buffer: one
+  // fork/join per call. Thread 0 writes y itself.
   RunOnThreads(threads, [&](int t) {
     const int64_t j0 = w * t / threads, j1 = w * (t + 1) / threads;
-    if (avx) ApplyProjectAvx512(a, j0, j1); else ApplyProjectScalar(a, j0, j1);
+    float* out = t == 0 ? y : y_extra.data() + (t - 1) * rows * n;
+    if (avx) {
+      ApplyProjectAvx512(a, j0, j1);
+      ApplyExpandAvx512(a, j0, j1, out);
+    } else {
+      ApplyProjectScalar(a, j0, j1);
+      ApplyExpandScalar(a, j0, j1, out);
+    }
   });
-  for (int64_t r = 0; r < rows; ++r) {
-    float s = 0.0f;
-    for (int64_t j = 0; j < w; ++j) s += p[r * w + j];
-    p_sums[r] = s;
+  for (int t = 1; t < threads; ++t) {
+    const float* extra = y_extra.data() + (t - 1) * rows * n;
+    for (int64_t i = 0; i < rows * n; ++i) y[i] += extra[i];
   }
-  const int64_t tiles = (n + kApplyTile - 1) / kApplyTile;
-  const int et = static_cast<int>(std::min<int64_t>(threads, tiles));
-  RunOnThreads(et, [&](int t) {
-    const int64_t i0 = std::min(n, tiles * t / et * kApplyTile);
-    const int64_t i1 = std::min(n, tiles * (t + 1) / et * kApplyTile);
-    if (i0 >= i1) return;
-    if (avx) ApplyExpandAvx512(a, i0, i1); else ApplyExpandScalar(a, i0, i1);
-  });
   return true;
 }
 
