@@ -46,10 +46,17 @@ def _runner(module, impl=None):
   return lambda x: fn(state, x)
 
 
-def _time(run, x) -> float:
+def _time(run, x) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call.
+
+  CPU time (all threads, XLA's pool included) is less sensitive to other
+  processes than wall time on a shared machine, but counts any spinning of
+  XLA's worker threads too.
+  """
+  c = time.process_time()
   t = time.perf_counter()
   jax.block_until_ready(run(x))
-  return time.perf_counter() - t
+  return time.perf_counter() - t, time.process_time() - c
 
 
 def main():
@@ -59,6 +66,7 @@ def main():
   ap.add_argument("--batches", default="1,64")
   ap.add_argument("--markdown", default=None, help="also write the table to this file")
   args = ap.parse_args()
+  load = os.getloadavg()
   m = n = args.size
   batches = [int(b) for b in args.batches.split(",")]
   rngs = nnx.Rngs(0)
@@ -88,31 +96,37 @@ def main():
     for _ in range(rounds):
       for name, (run, xin) in runs.items():
         times[name].append(_time(run, xin))
-    base = statistics.median(times["nnx.Linear f32"])
+    base = statistics.median(t for t, _ in times["nnx.Linear f32"])
+    cbase = statistics.median(c for _, c in times["nnx.Linear f32"])
     for name in runs:
-      med = statistics.median(times[name])
-      rows.append((batch, name, med * 1e3, med / base, _bytes(layers[name][0])))
+      med = statistics.median(t for t, _ in times[name])
+      cpu = statistics.median(c for _, c in times[name])
+      rows.append((batch, name, med * 1e3, med / base, cpu * 1e3, cpu / cbase,
+                   _bytes(layers[name][0])))
 
   # dense=True pays for expanding the factors on every call: time it once at rate ½.
   w = sc.width_for_rate(m, n, 0.5)
   layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
   expand = jax.jit(lambda f: sc.reconstruct(f))
   jax.block_until_ready(expand(layer.factors))
-  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None) for _ in range(2))
+  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None)[0] for _ in range(2))
 
   lines = [
       f"SignedCutDense vs nnx.Linear, {m}x{n}; {platform.machine()} {os.cpu_count()} cores, "
       f"jax {jax.__version__}, backend {jax.default_backend()}; medians of interleaved rounds",
       "",
-      "| batch | layer | median ms | × Linear f32 | param bytes |",
-      "|---:|---|---:|---:|---:|",
+      f"load average before the run: {' '.join(f'{v:.1f}' for v in load)}",
+      "",
+      "| batch | layer | wall ms | × Linear f32 | CPU ms | × Linear f32 (CPU) | param bytes |",
+      "|---:|---|---:|---:|---:|---:|---:|",
   ]
-  for batch, name, ms, ratio, nbytes in rows:
-    lines.append(f"| {batch} | {name} | {ms:.2f} | {ratio:.2f} | {nbytes:,} |")
+  for batch, name, ms, ratio, cms, cratio, nbytes in rows:
+    lines.append(f"| {batch} | {name} | {ms:.2f} | {ratio:.2f} | {cms:.2f} | {cratio:.2f} | "
+                 f"{nbytes:,} |")
   lines += ["", f"Expanding rate-½ factors to a dense kernel (dense=True, per call): "
             f"{t_expand * 1e3:.0f} ms."]
   per_row = {}
-  for batch, name, ms, _, _ in rows:
+  for batch, name, ms, *_ in rows:
     if batch == max(batches):
       per_row[name] = ms / batch
   lin = per_row.get("nnx.Linear f32")

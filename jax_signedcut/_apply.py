@@ -90,8 +90,39 @@ def _has_ffi_kernel() -> bool:
   return _APPLY_TARGET in _signedcut_ffi.registrations()
 
 
+def _ffi_raw(x2, s_bits, t_bits, c, n, force_scalar):
+  call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                          vmap_method="expand_dims")
+  return call(x2, s_bits, t_bits, c.astype(jnp.float32), force_scalar=np.int32(force_scalar))
+
+
+# The kernel has no autodiff rule of its own: the x-cotangent is the same
+# kernel on the transposed factors (Wᵀ = T·diag(c)·Sᵀ), the c-cotangent comes
+# from the pure-JAX path, and the sign bits get float0 (they are integers).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar):
+  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], force_scalar)
+
+
+def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, force_scalar):
+  return _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar), (x2, s_bits, t_bits, c)
+
+
+def _ffi_apply_bwd(shape, force_scalar, res, g):
+  x2, s_bits, t_bits, c = res
+  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], force_scalar)
+  _, vjp_c = jax.vjp(
+      lambda c: apply_jnp(x2, SignedCut(s_bits, t_bits, c, jnp.int32(0), shape=shape)), c)
+  (gc,) = vjp_c(g)
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+  return gx, zero(s_bits), zero(t_bits), gc
+
+
+_ffi_apply.defvjp(_ffi_apply_fwd, _ffi_apply_bwd)
+
+
 def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax.Array:
-  """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32.
+  """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32 (differentiable in x2 and c).
 
   Args:
     x2: f32 activations (B, m).
@@ -100,11 +131,7 @@ def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax
       (the environment variable ``JAX_SIGNEDCUT_APPLY_IMPL=scalar``, read once
       by the extension, does the same for every call).
   """
-  m, n = f.shape
-  call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                          vmap_method="expand_dims")
-  return call(x2, f.s_bits, f.t_bits, f.c.astype(jnp.float32),
-              force_scalar=np.int32(bool(force_scalar)))
+  return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape), int(bool(force_scalar)))
 
 
 def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, *,
@@ -115,10 +142,13 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
     x: activations (..., m), any leading batch shape; f32, bf16 or f16.
     f: a :class:`SignedCut` of one (m, n) kernel in the Flax (in, out) layout.
     bias: optional (n,) bias, added in f32.
-    dense: expand the factors once to a dense f32 kernel and use one GEMM.
-      Costs w·(m+n) unpacked signs and a (w×m)·(w×n) product up front; faster
-      than the factored product from a moderate batch on (see
-      ``benchmarks/DENSE_RESULTS.md``) or when the kernel is reused.
+    dense: expand the factors to a dense f32 kernel (``reconstruct``) and use
+      one GEMM. The expansion costs w·m·n multiply-adds on every call, the
+      factored product B·w·(m+n), the dense one B·m·n: expanding pays from
+      B ≈ w·m·n / (w·(m+n) − m·n) rows (≈ 2300 for 4096² at rate ½; measured
+      ≈ 1300–2600 on the 2-core CPU, see ``benchmarks/DENSE_RESULTS.md``).
+      To expand once and reuse, reconstruct outside the jitted step
+      (``SignedCutDense.to_linear``).
     impl: ``"auto"`` (the FFI kernel on CPU when built, pure JAX elsewhere),
       ``"jnp"`` or ``"ffi"`` (CPU only).
 

@@ -128,3 +128,23 @@ def test_bad_input():
     _apply.apply_signed_cut(jnp.ones((2, 33)), fs)
   with pytest.raises(ValueError, match="impl must be"):
     _apply.apply_signed_cut(jnp.ones((2, 33)), f, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["auto", "jnp"])
+def test_grad_in_x_and_c_matches_dense(impl):
+  f = _random_factors(40, 70, 90)
+  x = jax.random.normal(jax.random.key(3), (5, 40))
+  g = jax.random.normal(jax.random.key(4), (5, 70))
+
+  def loss(x, c):
+    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    return jnp.sum(_apply.apply_signed_cut(x, ff, impl=impl) * g)
+
+  def dense_loss(x, c):
+    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    return jnp.sum(x @ sc.reconstruct(ff) * g)
+
+  gx, gc = jax.grad(loss, argnums=(0, 1))(x, f.c)
+  rx, rc = jax.grad(dense_loss, argnums=(0, 1))(x, f.c)
+  _close(gx, rx)
+  _close(gc, rc)

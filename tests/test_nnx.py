@@ -131,3 +131,10 @@ def test_bad_input():
     layer(jnp.ones((2, 48), jnp.int32))
   with pytest.raises(ValueError, match="width must be an int >= 1"):
     SignedCutDense(3, 4, width=0)
+
+
+def test_to_linear_expands_once():
+  model, _ = _models()
+  layer = model.layers[1]
+  x = jax.random.normal(jax.random.key(4), (3, 48))
+  _close(layer.to_linear()(x), layer(x))
