@@ -14,6 +14,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "apply_kernel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,6 +32,16 @@ bool EnvForcesScalar() {
     return v != nullptr && std::strcmp(v, "scalar") == 0;
   }();
   return forced;
+}
+
+// CPUs this process may run on (the affinity mask, so that taskset and
+// container CPU sets are respected), at least 1.
+int UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 // Runs body(t) for t in [0, threads) on `threads` threads (the caller is one
@@ -51,7 +65,7 @@ void RunOnThreads(int threads, F body) {
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
                     bool force_scalar, int threads) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 0) threads = UsableCpus();
   // Below ~4M lane-adds a second thread costs more than it saves.
   if (rows * w * (m + n) < (int64_t{1} << 22)) threads = 1;
   threads = static_cast<int>(std::min<int64_t>(threads, w));
