@@ -148,3 +148,15 @@ def test_grad_in_x_and_c_matches_dense(impl):
   rx, rc = jax.grad(dense_loss, argnums=(0, 1))(x, f.c)
   _close(gx, rx)
   _close(gc, rc)
+
+
+def test_platform_dispatch_lowering():
+  """Off CPU the pure-JAX path is lowered; on CPU the kernel (when built)."""
+  f = _random_factors(40, 70, 90)
+  fn = jax.jit(lambda x: _apply.apply_signed_cut(x, f))
+  x = jax.ShapeDtypeStruct((3, 40), jnp.float32)
+  cuda = jax.export.export(fn, platforms=["cuda"])(x).mlir_module()
+  assert "signedcut_apply" not in cuda
+  ours = [jax.export.DisabledSafetyCheck.custom_call("signedcut_apply")]
+  cpu = jax.export.export(fn, platforms=["cpu"], disabled_checks=ours)(x).mlir_module()
+  assert ("signedcut_apply" in cpu) == HAS_FFI
