@@ -138,3 +138,35 @@ def test_to_linear_expands_once():
   layer = model.layers[1]
   x = jax.random.normal(jax.random.key(4), (3, 48))
   _close(layer.to_linear()(x), layer(x))
+
+
+class ScanStack(nnx.Module):
+  """Three Linear layers stacked by nnx.vmap and applied with nnx.scan: kernels (3, 32, 32)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(32, 32, rngs=rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(block, x):
+      return x + jnp.tanh(block(x))
+
+    return step(self.blocks, x)
+
+
+@pytest.mark.parametrize("batch", [(), (7,)])
+def test_nnx_scan_stacked_linears(batch):
+  model = ScanStack(rngs=nnx.Rngs(0))
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, width=50)
+  assert f["blocks"]["kernel"].get_value().batch_shape == (3,)
+  ref = nnx.clone(model)
+  nnx.update(ref, sc.reconstruct(f))
+  swap_linears(model, f)
+  assert isinstance(model.blocks, SignedCutDense)
+  x = jax.random.normal(jax.random.key(1), (*batch, 32))
+  _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x))
