@@ -9,9 +9,12 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   otherwise expand them before the GEMM at batch ≥ 8 (SPEC §5);
 * on CPU, the ``signedcut_apply`` XLA FFI kernel (``xla_ffi/apply_*.cc``),
   which reads the sign bits directly: ``x·s_j = Σx − 2·Σ_{bit i set} x_i``
-  with AVX-512 masked adds, then ``y += c_j p_j t_j`` the same way, on both
-  cores. It is picked with ``jax.lax.platform_dependent`` when the extension
-  provides it.
+  with AVX-512 masked adds, then ``y += c_j p_j t_j`` the same way, on all
+  usable cores (each thread takes a share of the cuts). ``impl="auto"`` picks
+  it with ``jax.lax.platform_dependent`` for fewer than ``FFI_MAX_ROWS`` rows
+  when the extension provides it. It is differentiable in x and c
+  (``jax.custom_vjp``: the x-cotangent is the same kernel on the transposed
+  factors).
 
 Activations may be f32, bf16 or f16: everything accumulates in f32 and the
 result has ``x.dtype``.
@@ -30,6 +33,11 @@ from jax_signedcut._factors import SignedCut
 
 #: Cuts unpacked per step of the pure-JAX path.
 BLOCK = 256
+#: From this many rows ``impl="auto"`` uses the pure-JAX path on CPU too: its
+#: blocked GEMMs cost about the same CPU time as the kernel's masked adds at 64
+#: rows of a 4096² rate-½ layer and parallelise through XLA's own thread pool,
+#: which held up better on the loaded 2-core machine (benchmarks/DENSE_RESULTS.md).
+FFI_MAX_ROWS = 64
 
 _HI = jax.lax.Precision.HIGHEST
 _APPLY_TARGET = "signedcut_apply"
@@ -149,8 +157,8 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
       ≈ 1300–2600 on the 2-core CPU, see ``benchmarks/DENSE_RESULTS.md``).
       To expand once and reuse, reconstruct outside the jitted step
       (``SignedCutDense.to_linear``).
-    impl: ``"auto"`` (the FFI kernel on CPU when built, pure JAX elsewhere),
-      ``"jnp"`` or ``"ffi"`` (CPU only).
+    impl: ``"auto"`` (on CPU the FFI kernel when built and fewer than
+      ``FFI_MAX_ROWS`` rows, else pure JAX), ``"jnp"`` or ``"ffi"`` (CPU only).
 
   Returns:
     (..., n) in ``x.dtype``, accumulated in f32.
@@ -177,7 +185,8 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
   if dense:
     from jax_signedcut._factors import reconstruct  # noqa: PLC0415
     y = jnp.matmul(x2, reconstruct(f), precision=_HI)
-  elif impl == "jnp" or (impl == "auto" and not _has_ffi_kernel()):
+  elif impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
+                                               or x2.shape[0] >= FFI_MAX_ROWS)):
     y = apply_jnp(x2, f)
   elif impl == "ffi":
     if not _has_ffi_kernel():
