@@ -36,52 +36,95 @@ SIGNEDCUT_AVX512 inline __mmask16 Mask16(const uint32_t* bits, int64_t q) {
 
 }  // namespace
 
+// Row r, cuts [jb, je): adds the columns past the last full 256-float block
+// (chunk by chunk, masked to m, so stray tail bits past m never select a
+// lane) to the 16-lane partial sums, then reduces them into p.
+SIGNEDCUT_AVX512 static void ProjectFinishRow(const ApplyArgs& a, int64_t r, int64_t jb,
+                                              int64_t je, float* partial) {
+  const int64_t mw = (a.m + 31) / 32;
+  const float* x = a.x + r * a.m;
+  for (int64_t i = a.m / kApplyTile * kApplyTile; i < a.m; i += 16) {
+    const int64_t left = a.m - i;
+    const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(valid, x + i);
+    for (int64_t j = jb; j < je; ++j) {
+      const __mmask16 mk = static_cast<__mmask16>(a.s_bits[j * mw + i / 32] >> (i % 32)) & valid;
+      float* pp = partial + 16 * (j - jb);
+      _mm512_store_ps(pp, _mm512_mask_add_ps(_mm512_load_ps(pp), mk, _mm512_load_ps(pp), xv));
+    }
+  }
+  for (int64_t j = jb; j < je; ++j) {
+    const float* pp = partial + 16 * (j - jb);
+    float neg = 0.0f;
+    for (int q = 0; q < 16; ++q) neg += pp[q];
+    a.p[r * a.w + j] = a.c[j] * (a.row_sums[r] - 2.0f * neg);
+  }
+}
+
 SIGNEDCUT_AVX512 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1) {
-  // A 256-float block of x stays in 16 registers while a block of kProjCuts
-  // cuts streams past it: one mask load per masked add and no x reloads. Each
-  // cut keeps a 16-lane partial sum (in L1) that is reduced once at the end.
+  // A block of x stays in 16 registers (256 floats of one row, or 128 floats
+  // of each of two rows sharing every mask load) while a block of kProjCuts
+  // cuts streams past it. Each cut keeps a 16-lane partial sum per row (in
+  // L1) that is reduced once at the end.
   const int64_t mw = (a.m + 31) / 32;
   const int64_t full = a.m / kApplyTile;  // complete 256-float blocks
-  alignas(64) float partial[kProjCuts * 16];
+  alignas(64) float partial0[kProjCuts * 16];
+  alignas(64) float partial1[kProjCuts * 16];
   for (int64_t jb = j0; jb < j1; jb += kProjCuts) {
     const int64_t je = std::min(j1, jb + kProjCuts);
-    for (int64_t r = 0; r < a.rows; ++r) {
+    int64_t r = 0;
+    for (; r + 1 < a.rows; r += 2) {
+      const float* x0 = a.x + r * a.m;
+      const float* x1 = x0 + a.m;
+      for (int64_t j = 0; j < je - jb; ++j) {
+        _mm512_store_ps(partial0 + 16 * j, _mm512_setzero_ps());
+        _mm512_store_ps(partial1 + 16 * j, _mm512_setzero_ps());
+      }
+      for (int64_t hb = 0; hb < 2 * full; ++hb) {  // 128-float half blocks
+        __m512 xr0[8], xr1[8];
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          xr0[q] = _mm512_loadu_ps(x0 + hb * 128 + 16 * q);
+          xr1[q] = _mm512_loadu_ps(x1 + hb * 128 + 16 * q);
+        }
+        for (int64_t j = jb; j < je; ++j) {
+          const uint32_t* bits = a.s_bits + j * mw + hb * 4;
+          __m512 e0 = _mm512_load_ps(partial0 + 16 * (j - jb)), o0 = _mm512_setzero_ps();
+          __m512 e1 = _mm512_load_ps(partial1 + 16 * (j - jb)), o1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+          for (int q = 0; q < 8; q += 2) {
+            const __mmask16 ke = Mask16(bits, q), ko = Mask16(bits, q + 1);
+            e0 = _mm512_mask_add_ps(e0, ke, e0, xr0[q]);
+            e1 = _mm512_mask_add_ps(e1, ke, e1, xr1[q]);
+            o0 = _mm512_mask_add_ps(o0, ko, o0, xr0[q + 1]);
+            o1 = _mm512_mask_add_ps(o1, ko, o1, xr1[q + 1]);
+          }
+          _mm512_store_ps(partial0 + 16 * (j - jb), _mm512_add_ps(e0, o0));
+          _mm512_store_ps(partial1 + 16 * (j - jb), _mm512_add_ps(e1, o1));
+        }
+      }
+      ProjectFinishRow(a, r, jb, je, partial0);
+      ProjectFinishRow(a, r + 1, jb, je, partial1);
+    }
+    for (; r < a.rows; ++r) {
       const float* x = a.x + r * a.m;
-      for (int64_t j = jb; j < je; ++j) _mm512_store_ps(partial + 16 * (j - jb), _mm512_setzero_ps());
+      for (int64_t j = 0; j < je - jb; ++j) _mm512_store_ps(partial0 + 16 * j, _mm512_setzero_ps());
       for (int64_t xb = 0; xb < full; ++xb) {
         __m512 xr[16];
 #pragma GCC unroll 16
         for (int q = 0; q < 16; ++q) xr[q] = _mm512_loadu_ps(x + xb * kApplyTile + 16 * q);
         for (int64_t j = jb; j < je; ++j) {
           const uint32_t* bits = a.s_bits + j * mw + xb * (kApplyTile / 32);
-          __m512 e = _mm512_load_ps(partial + 16 * (j - jb)), o = _mm512_setzero_ps();
+          __m512 e = _mm512_load_ps(partial0 + 16 * (j - jb)), o = _mm512_setzero_ps();
 #pragma GCC unroll 8
           for (int q = 0; q < 16; q += 2) {
             e = _mm512_mask_add_ps(e, Mask16(bits, q), e, xr[q]);
             o = _mm512_mask_add_ps(o, Mask16(bits, q + 1), o, xr[q + 1]);
           }
-          _mm512_store_ps(partial + 16 * (j - jb), _mm512_add_ps(e, o));
+          _mm512_store_ps(partial0 + 16 * (j - jb), _mm512_add_ps(e, o));
         }
       }
-      // The last, partial block: chunk by chunk, masked to m (stray tail bits
-      // past m never select a lane).
-      for (int64_t i = full * kApplyTile; i < a.m; i += 16) {
-        const int64_t left = a.m - i;
-        const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-        const __m512 xv = _mm512_maskz_loadu_ps(valid, x + i);
-        for (int64_t j = jb; j < je; ++j) {
-          const __mmask16 mk =
-              static_cast<__mmask16>(a.s_bits[j * mw + i / 32] >> (i % 32)) & valid;
-          float* pp = partial + 16 * (j - jb);
-          _mm512_store_ps(pp, _mm512_mask_add_ps(_mm512_load_ps(pp), mk, _mm512_load_ps(pp), xv));
-        }
-      }
-      for (int64_t j = jb; j < je; ++j) {
-        const float* pp = partial + 16 * (j - jb);
-        float neg = 0.0f;
-        for (int q = 0; q < 16; ++q) neg += pp[q];
-        a.p[r * a.w + j] = a.c[j] * (a.row_sums[r] - 2.0f * neg);
-      }
+      ProjectFinishRow(a, r, jb, je, partial0);
     }
   }
 }
@@ -99,7 +142,40 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t 
       const int64_t cols = std::min(kApplyTile, i1 - t0);
       const int64_t nq = (cols + 15) / 16;  // 16-lane chunks in this tile
       const int64_t word0 = t0 / 32;
-      for (int64_t r = 0; r < a.rows; ++r) {
+      int64_t r = 0;
+      if (nq == 16) {
+        // Two rows at a time, half a tile each pass: every mask load feeds two adds.
+        for (; r + 1 < a.rows; r += 2) {
+          const float* p0 = a.p + r * a.w;
+          const float* p1 = p0 + a.w;
+          for (int h = 0; h < 2; ++h) {
+            float* y0 = y_out + r * a.n + t0 + 128 * h;
+            float* y1 = y0 + a.n;
+            __m512 acc0[8], acc1[8];
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; ++q) {
+              acc0[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y0 + 16 * q);
+              acc1[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y1 + 16 * q);
+            }
+            for (int64_t j = jb; j < je; ++j) {
+              const __m512 pj0 = _mm512_set1_ps(p0[j]), pj1 = _mm512_set1_ps(p1[j]);
+              const uint32_t* bits = a.t_bits + j * nw + word0 + 4 * h;
+#pragma GCC unroll 8
+              for (int q = 0; q < 8; ++q) {
+                const __mmask16 k = Mask16(bits, q);
+                acc0[q] = _mm512_mask_add_ps(acc0[q], k, acc0[q], pj0);
+                acc1[q] = _mm512_mask_add_ps(acc1[q], k, acc1[q], pj1);
+              }
+            }
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; ++q) {
+              _mm512_storeu_ps(y0 + 16 * q, acc0[q]);
+              _mm512_storeu_ps(y1 + 16 * q, acc1[q]);
+            }
+          }
+        }
+      }
+      for (; r < a.rows; ++r) {
         float* y = y_out + r * a.n + t0;
         const float* p = a.p + r * a.w;
         if (nq == 16) {
