@@ -47,7 +47,9 @@ def _close(y, ref, rtol=1e-5):
   np.testing.assert_allclose(y, ref, rtol=0, atol=rtol * np.abs(ref).max() + 1e-6)
 
 
-SHAPES = [(33, 97, 300), (1, 1, 3), (1000, 7, 50), (64, 256, 513), (300, 520, 40)]
+# The last shape is large enough (rows·w·(m+n) >= 2^22 at 5 rows) for the kernel to use threads.
+SHAPES = [(33, 97, 300), (1, 1, 3), (1000, 7, 50), (64, 256, 513), (300, 520, 40),
+          (1024, 1000, 1500)]
 IMPLS = ["jnp", pytest.param("ffi", marks=needs_ffi), pytest.param("scalar", marks=needs_ffi)]
 
 
