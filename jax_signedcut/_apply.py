@@ -33,11 +33,11 @@ from jax_signedcut._factors import SignedCut
 
 #: Cuts unpacked per step of the pure-JAX path.
 BLOCK = 256
-#: From this many rows ``impl="auto"`` uses the pure-JAX path on CPU too: its
-#: blocked GEMMs cost about the same CPU time as the kernel's masked adds at 64
-#: rows of a 4096² rate-½ layer and parallelise through XLA's own thread pool,
-#: which held up better on the loaded 2-core machine (benchmarks/DENSE_RESULTS.md).
-FFI_MAX_ROWS = 64
+#: From this many rows ``impl="auto"`` uses the pure-JAX path on CPU too. On a
+#: 4096² layer (2-core AVX-512 machine) the kernel took 0.8× the CPU time of the
+#: blocked-GEMM path at 64 rows (rate ½) and 1.1× at 256 rows (rate ¼): the
+#: GEMMs amortise their per-call unpacking of the signs over the batch.
+FFI_MAX_ROWS = 128
 
 _HI = jax.lax.Precision.HIGHEST
 _APPLY_TARGET = "signedcut_apply"
