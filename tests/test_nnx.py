@@ -170,3 +170,13 @@ def test_nnx_scan_stacked_linears(batch):
   assert isinstance(model.blocks, SignedCutDense)
   x = jax.random.normal(jax.random.key(1), (*batch, 32))
   _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x))
+
+
+def test_swap_linears_decomposes_itself():
+  model, _ = _models()
+  fresh = MLP(rngs=nnx.Rngs(0))
+  swap_linears(fresh, key=KEY, rules=RULES)
+  for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="only used when factors is None"):
+    swap_linears(fresh, {}, key=KEY)
