@@ -162,3 +162,13 @@ def test_platform_dispatch_lowering():
   ours = [jax.export.DisabledSafetyCheck.custom_call("signedcut_apply")]
   cpu = jax.export.export(fn, platforms=["cpu"], disabled_checks=ours)(x).mlir_module()
   assert ("signedcut_apply" in cpu) == HAS_FFI
+
+
+@pytest.mark.parametrize("impl", ["auto", "jnp"])
+def test_vmap_over_factors_only(impl):
+  fa, fb = _random_factors(40, 70, 90, seed=1), _random_factors(40, 70, 90, seed=2)
+  fs = jax.tree.map(lambda a, b: jnp.stack([a, b]), fa, fb)
+  x = jax.random.normal(jax.random.key(5), (6, 40))
+  got = jax.vmap(lambda f: _apply.apply_signed_cut(x, f, impl=impl))(fs)
+  _close(got[0], _oracle(x, fa))
+  _close(got[1], _oracle(x, fb))

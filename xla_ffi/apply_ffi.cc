@@ -121,9 +121,9 @@ std::string Dims(ffi::Span<const int64_t> dims) {
 }
 
 // x (..., m); s_bits (..., w, ceil(m/32)); t_bits (..., w, ceil(n/32)); c (..., w);
-// y (..., n). The factors' leading dims (G groups, size 1 when unbatched, as
-// vmap_method="expand_dims" hands them over) split x's leading dims into G
-// equal groups of rows.
+// y (..., n). All leading dims are batch dims. The factors' leading dims (G
+// matrices; size 1 when unbatched, as vmap_method="expand_dims" hands them
+// over) split y's rows into G equal groups.
 ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                      ffi::Buffer<ffi::U32> t_bits, ffi::Buffer<ffi::F32> c,
                      ffi::ResultBuffer<ffi::F32> y, int32_t force_scalar) {
@@ -146,18 +146,22 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
     return ffi::Error::InvalidArgument(
         "signedcut_apply: factor shapes do not match m = " + std::to_string(m) + ", n = " +
         std::to_string(n) + ": s_bits " + Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
-  for (size_t i = 0; i + 1 < xd.size(); ++i)
-    if (yd[i] != xd[i])
-      return ffi::Error::InvalidArgument("signedcut_apply: y " + Dims(yd) +
-                                         " does not have x's batch dims " + Dims(xd));
-  const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1);
-  if (groups == 0 || xrows % groups != 0)
-    return ffi::Error::InvalidArgument("signedcut_apply: x batch " + Dims(xd) +
+  // Rows of y are split into one group per factor matrix. x has either the
+  // same rows as y or, when only the factors are batched (vmap hands x over
+  // with size-1 leading dims), one group's rows shared by every group.
+  const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1),
+                yrows = Prod(yd, yd.size() - 1);
+  if (groups == 0 || yrows % groups != 0)
+    return ffi::Error::InvalidArgument("signedcut_apply: y batch " + Dims(yd) +
                                        " is not a multiple of the factor batch " + Dims(sd));
-  const int64_t rows = xrows / groups;
+  const int64_t rows = yrows / groups;
+  if (xrows != yrows && xrows != rows)
+    return ffi::Error::InvalidArgument("signedcut_apply: x " + Dims(xd) + " does not match y " +
+                                       Dims(yd) + " for factor batch " + Dims(sd));
+  const int64_t x_stride = xrows == yrows ? rows * m : 0;
   if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
   for (int64_t g = 0; g < groups; ++g) {
-    if (!signedcut::ApplySignedCut(x.typed_data() + g * rows * m,
+    if (!signedcut::ApplySignedCut(x.typed_data() + g * x_stride,
                                    s_bits.typed_data() + g * w * sd.back(),
                                    t_bits.typed_data() + g * w * td.back(),
                                    c.typed_data() + g * w, y->typed_data() + g * rows * n, rows,
