@@ -99,6 +99,8 @@ def _has_ffi_kernel() -> bool:
 
 
 def _ffi_raw(x2, s_bits, t_bits, c, n, force_scalar):
+  if not _has_ffi_kernel():  # also registers the targets (imports _ffi) on first use
+    raise ValueError("the signedcut_apply kernel is not built into this jax_signedcut")
   call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                           vmap_method="expand_dims")
   return call(x2, s_bits, t_bits, c.astype(jnp.float32), force_scalar=np.int32(force_scalar))

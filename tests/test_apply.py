@@ -172,3 +172,26 @@ def test_vmap_over_factors_only(impl):
   got = jax.vmap(lambda f: _apply.apply_signed_cut(x, f, impl=impl))(fs)
   _close(got[0], _oracle(x, fa))
   _close(got[1], _oracle(x, fb))
+
+
+@needs_ffi
+def test_env_var_forces_the_scalar_core(tmp_path):
+  """JAX_SIGNEDCUT_APPLY_IMPL=scalar (read once by the extension) == force_scalar=True."""
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  f = _random_factors(300, 257, 70)
+  x = np.random.default_rng(0).standard_normal((3, 300), np.float32)
+  np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
+  code = (
+      "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
+      "from jax_signedcut import _apply\n"
+      f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
+      "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
+      " jnp.int32(70), shape=(300, 257))\n"
+      f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(_apply.apply_ffi(jnp.asarray(d['x']), f)))\n")
+  env = dict(os.environ, JAX_SIGNEDCUT_APPLY_IMPL="scalar", JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", code], env=env, check=True)
+  got = np.load(tmp_path / "out.npy")
+  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f,
+                                                                 force_scalar=True)))
