@@ -1,5 +1,6 @@
 """jax_signedcut: 1-bit signed cut decompositions of weight matrices in JAX."""
 
+from jax_signedcut._apply import apply_signed_cut as apply_signed_cut
 from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._budget import width_for_bits as width_for_bits
 from jax_signedcut._budget import width_for_rate as width_for_rate
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "SignedCut",
+    "apply_signed_cut",
     "bytes_per_cut",
     "decompose",
     "decompose_leafwise",
