@@ -5,9 +5,11 @@ hits all of them alike, and reports medians and the ratio to the f32
 ``nnx.Linear`` measured in the same run. Factors are random sign bits (any
 valid SignedCut costs the same to apply); no decomposition is run.
 
-Columns: the packed-apply CPU kernel (``impl="ffi"``, what ``"auto"`` picks on
-CPU), the pure-JAX blocked path (``impl="jnp"``, what other platforms use), and
-for the crossover of ``dense=True`` the one-off expansion time.
+Rows: the packed-apply CPU kernel (``impl="ffi"``, what ``"auto"`` picks on
+CPU below ``FFI_MAX_ROWS`` = 128 rows) and the pure-JAX blocked path
+(``impl="jnp"``, what other platforms and larger CPU batches use); below the
+table, the time of one expansion for ``dense=True`` and the batch from which
+it pays.
 
 Usage:
   python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--markdown FILE]
