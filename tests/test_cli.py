@@ -293,3 +293,40 @@ def test_console_script(small, tmp_path):
   res = subprocess.run([exe, "inspect", str(tmp_path / "missing.safetensors")],
                        capture_output=True, text=True, timeout=300, check=False)
   assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_orbax_nnx_state_and_stacked_leaf(tmp_path, capsys):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  model = nnx.Sequential(nnx.Linear(32, 40, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(40, 16, rngs=nnx.Rngs(1)))
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(tmp_path / "nnx", nnx.state(model))
+  code, _, err = run(capsys, "compress", tmp_path / "nnx", tmp_path / "c.safetensors",
+                     "--width", "24", "-q")
+  assert code == 0, err
+  code, _, err = run(capsys, "expand", tmp_path / "c.safetensors", tmp_path / "dense",
+                     "--dtype", "f32", "-q")
+  assert code == 0, err
+  twin = nnx.Sequential(nnx.Linear(32, 40, rngs=nnx.Rngs(7)), nnx.relu,
+                        nnx.Linear(40, 16, rngs=nnx.Rngs(8)))
+  nnx.update(twin, sc.load_orbax(tmp_path / "dense", like=nnx.state(twin)))
+  f = sc.expand(sc.load(tmp_path / "c.safetensors"), jnp.float32)
+  # orbax keeps the nnx.Variable level as a "value" key.
+  np.testing.assert_allclose(twin.layers[0].kernel[...], f["layers"]["0"]["kernel"]["value"],
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(twin.layers[2].bias[...], model.layers[2].bias[...])
+
+  # A stacked (nn.scan-style) leaf is compressed as a batch with the leaf's key.
+  stacked = {"blocks": {"w": np.asarray(jax.random.normal(jax.random.key(2), (3, 24, 40)))}}
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(tmp_path / "stack", stacked)
+  code, _, err = run(capsys, "compress", tmp_path / "stack", tmp_path / "s.safetensors",
+                     "--width", "24", "--outliers", "0", "-q")
+  assert code == 0, err
+  got = sc.load(tmp_path / "s.safetensors")["blocks"]["w"]
+  want = sc.decompose(jnp.asarray(stacked["blocks"]["w"]), width=24, outliers=0,
+                      key=_tree.leaf_key(jax.random.key(0), "blocks/w"))
+  assert got.batch_shape == (3,)
+  assert_same_factors(want, got)
