@@ -255,12 +255,12 @@ class Writer:
     a = np.ascontiguousarray(array)
     if a.dtype not in _CODES:
       raise TypeError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-    data = a.tobytes()
+    data = _bytes_view(a)     # no copy: the array may be the largest in the file
     self._spool.write(data)
     self._header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape),
-                          "data_offsets": [self._offset, self._offset + len(data)]}
+                          "data_offsets": [self._offset, self._offset + a.nbytes]}
     self._crc[name] = zlib.crc32(data)
-    self._offset += len(data)
+    self._offset += a.nbytes
 
   @property
   def crc32(self) -> dict:
@@ -290,6 +290,11 @@ class Writer:
       raise
     finally:
       self._cleanup()
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+  """The bytes of a C-contiguous array, without a copy."""
+  return memoryview(a.reshape(-1).view(np.uint8))
 
 
 def _umask() -> int:
@@ -498,7 +503,7 @@ class Reader:
     a = self._f.get(name)
     if self.verify:
       want = self.info.get("crc32", {}).get(name)
-      if want is not None and zlib.crc32(np.ascontiguousarray(a).tobytes()) != want:
+      if want is not None and zlib.crc32(_bytes_view(np.ascontiguousarray(a))) != want:
         raise self._err(f"tensor {name!r} is corrupt (CRC-32 mismatch)")
     if shape is not None and tuple(shape) == () and a.shape == (1,):
       a = a.reshape(())   # safetensors' numpy API reads 0-d tensors as shape (1,)
