@@ -230,6 +230,8 @@ class Writer:
     d = os.path.dirname(os.path.abspath(self.path))
     if not os.path.isdir(d):
       raise FileNotFoundError(f"{self.path}: the directory {d} does not exist")
+    if os.path.isdir(self.path):
+      raise IsADirectoryError(f"{self.path}: is a directory; name the output file")
     fd, self._spool_name = tempfile.mkstemp(prefix=".spool-", suffix=".tmp", dir=d)
     self._spool = os.fdopen(fd, "wb")
     self._header: dict = {}

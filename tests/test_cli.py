@@ -242,6 +242,8 @@ def test_unwritable_output(small, tmp_path, capsys):
   err = one_line_error(*run(capsys, "compress", small, tmp_path / "no" / "dir" / "o.safetensors",
                             "--rate", "1"))
   assert "does not exist" in err
+  err = one_line_error(*run(capsys, "compress", small, tmp_path, "--rate", "1"))
+  assert "is a directory" in err
   (tmp_path / "file").write_text("x")
   one_line_error(*run(capsys, "compress", small, tmp_path / "file" / "o.safetensors",
                       "--rate", "1"))
