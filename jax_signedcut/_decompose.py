@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _factors, _oracle, _outliers, _start
+from jax_signedcut import _budget, _factors, _oracle, _outliers, _start, _tree
 from jax_signedcut._factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
@@ -52,8 +52,9 @@ def _check_max_error(max_error):
 
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
-              outliers="auto", backend: str = "auto") -> SignedCut:
-  """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix or a batch.
+              outliers="auto", backend: str = "auto", rules=None, skip=(),
+              min_dim: int = _tree.MIN_DIM) -> SignedCut:
+  """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix, a batch or a pytree.
 
   Cuts are built one at a time on the remainder; each starts from key-derived
   random column signs and alternates ``s = sgn(R t)``, ``t = sgn(Rᵀ s)`` until
@@ -81,6 +82,23 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
       kernel, CPU only) or ``"auto"`` (the C++ kernel when the computation is
       lowered for CPU, the jnp oracle on other platforms).
+    rules: pytrees only: an ordered list of ``(regex, budget)`` pairs; the
+      first regex that ``re.search``-matches a leaf's ``/``-joined path picks
+      its budget: a :class:`Budget` (or a dict of its fields) or ``None`` to
+      keep the leaf dense. Leaves no rule matches get the default budget
+      from width / rate / bits_per_weight / max_error, or stay dense when
+      none is given. A warning lists rules that selected no leaf.
+    skip: pytrees only: regexes of paths kept dense whatever the rules say
+      (e.g. ``("embed", "lm_head")``).
+    min_dim: pytrees only: leaves whose last two dims are not both >= this
+      stay dense. 1-D and non-float leaves always stay dense.
+
+  A bare array (``jax.Array``, ``np.ndarray``, nested lists of numbers) is one
+  matrix or a batch of matrices. Anything else (dict, list, tuple, Flax
+  ``nnx.State`` or Linen variables) is a pytree: the selected leaves come back
+  as ``SignedCut`` (leading stacked dims decomposed as a batch), all other
+  leaves unchanged. Leaf ``path`` uses the key
+  ``fold_in(key, zlib.crc32(path.encode()))``; see :mod:`jax_signedcut._tree`.
 
   Exactly one of width / rate / bits_per_weight must be given. All
   configuration is static under ``jax.jit``; ``a`` and ``key`` may be traced.
@@ -93,7 +111,9 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     TypeError: non-float ``a``, a bad key or a non-integer width.
     ValueError: ndim < 2, an empty dimension, NaN/Inf entries (checked
       eagerly only: under ``jax.jit`` a non-finite matrix gives NaN scales and
-      ``num_cuts`` 0 instead), a bad budget, or an unknown backend.
+      ``num_cuts`` 0 instead), a bad budget, or an unknown backend; for
+      pytrees also a bad rule (regex or budget, naming the rule), a selected
+      leaf with NaN/Inf or whose budget pays for no cut (naming its path).
 
   Example:
     >>> import jax
@@ -105,6 +125,13 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     >>> bool(sc.relative_error(a, f) < 0.5)
     True
   """
+  if not _tree.is_single_array(a):
+    return _decompose_pytree(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+                             max_error=max_error, outliers=outliers, backend=backend,
+                             rules=rules, skip=skip, min_dim=min_dim, progress=False)
+  if rules is not None or (skip != () and skip):
+    raise ValueError("rules and skip apply to pytrees of parameters; a bare array is one "
+                     f"matrix (or a batch), got rules={rules!r}, skip={skip!r}")
   a = _check_matrix(a)
   m, n = a.shape[-2:]
   w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
@@ -125,6 +152,60 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
         f"got key shape {key.shape}")
   return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
                     outliers=mode, budget=budget)
+
+
+def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, outliers, backend,
+                      rules, skip, min_dim, progress):
+  _outliers.check_mode(outliers)
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if (width, rate, bits_per_weight) == (None, None, None):
+    if max_error is not None:
+      raise ValueError(f"max_error={max_error!r} is an early stop and needs a width, rate or "
+                       "bits_per_weight as the cap")
+    default = None
+  else:
+    default = _tree._check_budget(  # noqa: SLF001
+        _tree.Budget(width, rate, bits_per_weight, max_error),
+        "default budget (decompose's width/rate/bits_per_weight/max_error)")
+  return _tree.decompose_tree(tree, key=key, default=default, backend=backend, rules=rules,
+                              skip=skip, min_dim=min_dim, decompose_one=decompose,
+                              progress=progress, outliers=outliers)
+
+
+def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | None = None,
+                       bits_per_weight: float | None = None, max_error: float | None = None,
+                       outliers="auto", backend: str = "auto", rules=None, skip=(),
+                       min_dim: int = _tree.MIN_DIM, progress: bool = True):
+  """``decompose`` of a pytree one leaf at a time, with a progress bar.
+
+  Not for use under ``jax.jit``: each selected leaf is decomposed by its own
+  jitted call (compiled once per shape and budget) and waited for before the
+  next starts, so peak memory stays near one leaf's working set. The factors
+  are the same as ``jax.jit(lambda t: decompose(t, ...))(tree)`` gives.
+
+  Args:
+    tree: a pytree of arrays (see :func:`decompose`).
+    key, width, rate, bits_per_weight, max_error, outliers, backend, rules,
+      skip, min_dim: as for :func:`decompose`.
+    progress: show a tqdm bar (if tqdm is installed).
+
+  Returns:
+    The tree with the selected leaves replaced by :class:`SignedCut`.
+
+  Example:
+    >>> import jax
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 32)), "b": jax.numpy.zeros(32)}
+    >>> f = decompose_leafwise(params, key=jax.random.key(1), rate=0.5, progress=False)
+    >>> type(f["w"]).__name__, f["b"].shape
+    ('SignedCut', (32,))
+  """
+  if _tree.is_single_array(tree):
+    raise TypeError("decompose_leafwise takes a pytree of parameters; use decompose for an "
+                    f"array, got {type(tree).__name__}")
+  return _decompose_pytree(tree, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+                           max_error=max_error, outliers=outliers, backend=backend, rules=rules,
+                           skip=skip, min_dim=min_dim, progress=progress)
 
 
 @functools.cache

@@ -60,6 +60,10 @@ def _check_factor(f, name="f"):
 def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Array:
   """Dense matrices ``S·diag(c)·Tᵀ`` of shape (..., m, n).
 
+  On a pytree (e.g. the result of ``decompose`` on a params dict), every
+  ``SignedCut`` leaf is replaced by its dense matrices and every other leaf is
+  kept as it is.
+
   The ±1 factors are expanded ``block`` cuts at a time so that memory stays
   near ``block*(m+n)`` floats besides the output.
 
@@ -71,6 +75,10 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
     >>> sc.reconstruct(f).shape
     (3, 4)
   """
+  if not isinstance(f, SignedCut) and not hasattr(f, "shape") and \
+      not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(f)):
+    from jax_signedcut import _tree  # noqa: PLC0415  (_tree imports this module)
+    return _tree.reconstruct_tree(f, dtype, block=block)
   _check_factor(f)
   m, n = f.shape
   w = f.width

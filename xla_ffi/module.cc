@@ -8,14 +8,22 @@
 #include "xla/ffi/api/ffi.h"
 #include "kernel.h"
 
+#include "xla/ffi/api/c_api.h"
+
 namespace nb = nanobind;
 
 extern "C" XLA_FFI_Error* SignedCutGreedy(XLA_FFI_CallFrame* call_frame);
+// --- issue 5: packed-apply kernel (xla_ffi/apply_ffi.cc) ---
+extern "C" XLA_FFI_Error* SignedCutApply(XLA_FFI_CallFrame* call_frame);
+// --- end issue 5 ---
 
 NB_MODULE(_signedcut_ffi, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["signedcut_greedy"] = nb::capsule(reinterpret_cast<void*>(&SignedCutGreedy));
+    // --- issue 5: packed-apply kernel ---
+    d["signedcut_apply"] = nb::capsule(reinterpret_cast<void*>(SignedCutApply));
+    // --- end issue 5 ---
     return d;
   });
   m.def(

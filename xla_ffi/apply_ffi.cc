@@ -1,0 +1,184 @@
+// XLA FFI handler `signedcut_apply`: y = ((x·S) ∘ c)·Tᵀ from packed factors,
+// and the threaded driver choosing the scalar or AVX-512 cores.
+//
+// Three layers, as in jax's examples/ffi: the cores (apply_scalar.cc,
+// apply_avx512.cc) on raw pointers; ApplySignedCut, which splits the work over
+// threads; and ApplyImpl, which checks the buffers and returns ffi::Error —
+// it never throws, aborts or prints.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "apply_kernel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace signedcut {
+namespace {
+
+bool EnvForcesScalar() {
+  static const bool forced = [] {
+    const char* v = std::getenv("JAX_SIGNEDCUT_APPLY_IMPL");
+    return v != nullptr && std::strcmp(v, "scalar") == 0;
+  }();
+  return forced;
+}
+
+// CPUs this process may run on (the affinity mask, so that taskset and
+// container CPU sets are respected), at least 1.
+int UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+// Runs body(t) for t in [0, threads) on `threads` threads (the caller is one
+// of them). Falls back to the caller alone if a thread cannot be started.
+template <typename F>
+void RunOnThreads(int threads, F body) {
+  std::vector<std::thread> pool;
+  int started = 1;
+  try {
+    for (int t = 1; t < threads; ++t, ++started) pool.emplace_back(body, t);
+  } catch (...) {
+    // Could not start more threads: do their shares here.
+    for (int t = started; t < threads; ++t) body(t);
+  }
+  body(0);
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
+                    const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
+                    bool force_scalar, int threads) {
+  if (threads <= 0) threads = UsableCpus();
+  // Below ~4M lane-adds a second thread costs more than it saves.
+  if (rows * w * (m + n) < (int64_t{1} << 22)) threads = 1;
+  threads = static_cast<int>(std::min<int64_t>(threads, w));
+  std::vector<float> p, row_sums, y_extra;
+  try {
+    p.resize(static_cast<size_t>(rows * w));
+    row_sums.resize(static_cast<size_t>(rows));
+    y_extra.resize(static_cast<size_t>((threads - 1) * rows * n));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < m; ++i) s += x[r * m + i];
+    row_sums[r] = s;
+  }
+  const ApplyArgs a{x, s_bits, t_bits, c, p.data(), row_sums.data(), rows, m, n, w};
+  const bool avx = !force_scalar && !EnvForcesScalar() && ApplyHasAvx512();
+  // Each thread projects and expands its own cuts into its own buffer: one
+  // fork/join per call. Thread 0 writes y itself.
+  RunOnThreads(threads, [&](int t) {
+    const int64_t j0 = w * t / threads, j1 = w * (t + 1) / threads;
+    float* out = t == 0 ? y : y_extra.data() + (t - 1) * rows * n;
+    if (avx) {
+      ApplyProjectAvx512(a, j0, j1);
+      ApplyExpandAvx512(a, j0, j1, out);
+    } else {
+      ApplyProjectScalar(a, j0, j1);
+      ApplyExpandScalar(a, j0, j1, out);
+    }
+  });
+  for (int t = 1; t < threads; ++t) {
+    const float* extra = y_extra.data() + (t - 1) * rows * n;
+    for (int64_t i = 0; i < rows * n; ++i) y[i] += extra[i];
+  }
+  return true;
+}
+
+}  // namespace signedcut
+
+namespace {
+
+int64_t Prod(ffi::Span<const int64_t> dims, size_t upto) {
+  int64_t p = 1;
+  for (size_t i = 0; i < upto; ++i) p *= dims[i];
+  return p;
+}
+
+std::string Dims(ffi::Span<const int64_t> dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
+// x (..., m); s_bits (..., w, ceil(m/32)); t_bits (..., w, ceil(n/32)); c (..., w);
+// y (..., n). All leading dims are batch dims. The factors' leading dims (G
+// matrices; size 1 when unbatched, as vmap_method="expand_dims" hands them
+// over) split y's rows into G equal groups.
+ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
+                     ffi::Buffer<ffi::U32> t_bits, ffi::Buffer<ffi::F32> c,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t force_scalar) {
+  const auto xd = x.dimensions(), sd = s_bits.dimensions(), td = t_bits.dimensions(),
+             cd = c.dimensions(), yd = y->dimensions();
+  if (xd.size() < 1 || yd.size() != xd.size() || sd.size() < 2 || td.size() != sd.size() ||
+      cd.size() + 1 != sd.size())
+    return ffi::Error::InvalidArgument(
+        "signedcut_apply: expected x (..., m), s_bits (..., w, mw), t_bits (..., w, nw), "
+        "c (..., w), y (..., n); got x " + Dims(xd) + ", s_bits " + Dims(sd) + ", t_bits " +
+        Dims(td) + ", c " + Dims(cd) + ", y " + Dims(yd));
+  const int64_t m = xd.back(), n = yd.back(), w = sd[sd.size() - 2];
+  const size_t fl = sd.size() - 2;  // factor leading dims
+  for (size_t i = 0; i < fl; ++i)
+    if (td[i] != sd[i] || cd[i] != sd[i])
+      return ffi::Error::InvalidArgument("signedcut_apply: factor batch dims differ: s_bits " +
+                                         Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
+  if (sd.back() != (m + 31) / 32 || td.back() != (n + 31) / 32 || td[td.size() - 2] != w ||
+      cd.back() != w)
+    return ffi::Error::InvalidArgument(
+        "signedcut_apply: factor shapes do not match m = " + std::to_string(m) + ", n = " +
+        std::to_string(n) + ": s_bits " + Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
+  // Rows of y are split into one group per factor matrix. x has either the
+  // same rows as y or, when only the factors are batched (vmap hands x over
+  // with size-1 leading dims), one group's rows shared by every group.
+  const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1),
+                yrows = Prod(yd, yd.size() - 1);
+  if (groups == 0 || yrows % groups != 0)
+    return ffi::Error::InvalidArgument("signedcut_apply: y batch " + Dims(yd) +
+                                       " is not a multiple of the factor batch " + Dims(sd));
+  const int64_t rows = yrows / groups;
+  if (xrows != yrows && xrows != rows)
+    return ffi::Error::InvalidArgument("signedcut_apply: x " + Dims(xd) + " does not match y " +
+                                       Dims(yd) + " for factor batch " + Dims(sd));
+  const int64_t x_stride = xrows == yrows ? rows * m : 0;
+  if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!signedcut::ApplySignedCut(x.typed_data() + g * x_stride,
+                                   s_bits.typed_data() + g * w * sd.back(),
+                                   t_bits.typed_data() + g * w * td.back(),
+                                   c.typed_data() + g * w, y->typed_data() + g * rows * n, rows,
+                                   m, n, w, force_scalar != 0, 0))
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "signedcut_apply: could not allocate the (rows, w) scratch");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SignedCutApply, ApplyImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (..., m) activations
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // s_bits (..., w, ceil(m/32))
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // t_bits (..., w, ceil(n/32))
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c (..., w) scales
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y (..., n)
+                                  .Attr<int32_t>("force_scalar"));  // 1: portable core

@@ -1,0 +1,57 @@
+// Applying packed signed cut factors to activations: the plain C++ API of the
+// `signedcut_apply` FFI kernel (no XLA types here).
+//
+// For one matrix W (m, n) = S·diag(c)·Tᵀ in the Flax (in, out) layout and
+// activations x (rows, m), y = x·W is computed in two phases:
+//
+//   project:  p[r, j] = c_j · (x_r · s_j)      = c_j · (Σx_r − 2·Σ_{bit i of s_j set} x_r[i])
+//   expand:   y[r, i] = Σ_j p[r, j] · t_j[i]   = Σ_j p[r, j] − 2·Σ_{j: bit i of t_j set} p[r, j]
+//
+// Sign words use the library layout (element i = bit i % 32 of word i / 32,
+// bit 1 means −1, tail bits 0; tail bits are masked off here anyway). All
+// arrays are row-major and contiguous. Both phases work on a range of cuts
+// [j0, j1), so that each thread projects and expands its own cuts into its own
+// output buffer without waiting for the others; the caller sums the buffers.
+#ifndef JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
+#define JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
+
+#include <cstdint>
+
+namespace signedcut {
+
+struct ApplyArgs {
+  const float* x;          // (rows, m)
+  const uint32_t* s_bits;  // (w, ceil(m/32))
+  const uint32_t* t_bits;  // (w, ceil(n/32))
+  const float* c;          // (w,)
+  float* p;                // scratch (rows, w)
+  const float* row_sums;   // (rows,) Σ_i x[r, i]
+  int64_t rows, m, n, w;
+};
+
+// Floats per register-resident block of the AVX-512 cores (16 registers).
+constexpr int64_t kApplyTile = 256;
+
+// Project writes p[r, j] for j in [j0, j1). Expand writes all of y (rows, n):
+// y[r, i] = Σ_{j in [j0, j1)} p[r, j] · t_j[i].
+// Portable cores.
+void ApplyProjectScalar(const ApplyArgs& a, int64_t j0, int64_t j1);
+void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
+
+// AVX-512 (F + BW) cores, compiled with per-function target attributes. Only
+// call them when ApplyHasAvx512() is true.
+void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1);
+void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
+bool ApplyHasAvx512();
+
+// The whole product on up to `threads` threads (0: hardware concurrency),
+// AVX-512 when available and not `force_scalar` (or the environment variable
+// JAX_SIGNEDCUT_APPLY_IMPL=scalar, read once). Returns false if the scratch
+// could not be allocated.
+bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
+                    const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
+                    bool force_scalar, int threads);
+
+}  // namespace signedcut
+
+#endif  // JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
