@@ -106,7 +106,7 @@ def test_random_init_layer_and_from_factors_roundtrip():
   assert f.s_bits.shape == (30, 3) and f.t_bits.shape == (30, 1)
   assert int(f.s_bits[:, -1].max()) < 2 ** 6 and int(f.t_bits.max()) < 2 ** 9  # tail bits clear
   x = jax.random.normal(jax.random.key(0), (3, 70))
-  _close(layer(x), x @ sc.reconstruct(f) + layer.bias[...])
+  _close(layer(x), x @ sc.reconstruct(f) + layer.bias[...][None, :])
 
 
 def test_bad_input():
