@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _oracle, _start
+from jax_signedcut import _budget, _factors, _oracle, _outliers, _start
 from jax_signedcut._factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
@@ -51,7 +52,7 @@ def _check_max_error(max_error):
 
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
-              backend: str = "auto") -> SignedCut:
+              outliers="auto", backend: str = "auto") -> SignedCut:
   """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix or a batch.
 
   Cuts are built one at a time on the remainder; each starts from key-derived
@@ -68,6 +69,15 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     bits_per_weight: storage in bits per entry (see ``width_for_bits``).
     max_error: stop early once ‖R‖_F ≤ max_error·‖A‖_F; the width from the
       other argument is then the maximum and ``num_cuts`` records the count.
+    outliers: ``"auto"`` (default), a fraction in (0, 1), or 0. The selected
+      entries are stored apart (int32 flat index + f32 value, 8 bytes each) and
+      removed before the cuts are made. With ``rate``/``bits_per_weight`` they
+      are paid from the same budget (the cuts that are left over are recorded in
+      ``num_cuts``; the arrays keep the full width); with ``width`` they come on
+      top. ``"auto"`` takes the entries more than 6 robust standard deviations
+      from the median (at most 0.5 % of them) and picks none on well-behaved
+      (e.g. Gaussian) matrices; see ``jax_signedcut._outliers``. A fraction
+      takes that share of the largest-magnitude entries.
     backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
       kernel, CPU only) or ``"auto"`` (the C++ kernel when the computation is
       lowered for CPU, the jnp oracle on other platforms).
@@ -99,6 +109,12 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
   m, n = a.shape[-2:]
   w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
   max_error = _check_max_error(max_error)
+  mode = _outliers.check_mode(outliers)
+  budget = None
+  if rate is not None:
+    budget = rate * 2 * m * n
+  elif bits_per_weight is not None:
+    budget = bits_per_weight * m * n / 8
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   key = _start.as_key(key)
@@ -107,7 +123,8 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     raise ValueError(
         f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
         f"got key shape {key.shape}")
-  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend)
+  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
+                    outliers=mode, budget=budget)
 
 
 @functools.cache
@@ -120,12 +137,18 @@ def _ffi_available() -> bool:
   return True
 
 
-@functools.partial(jax.jit, static_argnames=("width", "max_error", "backend"))
-def _decompose(a, key, *, width, max_error, backend):
+@functools.partial(jax.jit,
+                   static_argnames=("width", "max_error", "backend", "outliers", "budget"))
+def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None):
   batch = a.shape[:-2]
   m, n = a.shape[-2:]
   count = math.prod(batch)
   a = a.astype(jnp.float32).reshape(count, m, n)
+  a_full = a
+  k_max = _outliers.max_count(outliers, m, n)
+  if k_max:
+    a, sparse_idx, sparse_val, num_sparse = jax.vmap(
+        functools.partial(_outliers.extract, mode=outliers, k_max=k_max))(a)
   if key.shape == ():
     words = _start.start_words(key, width, n)
     words_axis = None
@@ -151,14 +174,25 @@ def _decompose(a, key, *, width, max_error, backend):
   else:
     s_bits, t_bits, c, num_cuts = run_jnp(a, words)
 
+  f = SignedCut(s_bits=s_bits, t_bits=t_bits, c=c, num_cuts=num_cuts, shape=(m, n))
+  if k_max:
+    f = dataclasses.replace(f, sparse_idx=sparse_idx, sparse_val=sparse_val,
+                            num_sparse=num_sparse)
+    if max_error is not None:
+      # The backend stopped at max_error relative to the remainder A − sparse,
+      # which is no later than needed; stop at max_error·‖A‖ instead, using
+      # ‖R_k‖² = ‖A − sparse‖² − mn Σ_{j<k} c_j².
+      rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
+      full2 = jnp.sum(jnp.square(a_full), axis=(-2, -1))
+      r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
+      needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
+                       dtype=jnp.int32)
+      f = _factors.limit_cuts(f, jnp.where(num_sparse > 0, needed, num_cuts))
+    if budget is not None:
+      f = _factors.limit_cuts(f, _factors.budget_limit(budget, m, n, num_sparse, width))
+
   # Under jit the NaN/Inf check cannot raise; make the failure visible instead.
-  finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
-  c = jnp.where(finite[:, None], c, jnp.nan)
-  num_cuts = jnp.where(finite, num_cuts, 0).astype(jnp.int32)
-  return SignedCut(
-      s_bits=s_bits.reshape(*batch, *s_bits.shape[1:]),
-      t_bits=t_bits.reshape(*batch, *t_bits.shape[1:]),
-      c=c.reshape(*batch, width),
-      num_cuts=num_cuts.reshape(batch),
-      shape=(m, n),
-  )
+  finite = jnp.all(jnp.isfinite(a_full), axis=(-2, -1))
+  f = dataclasses.replace(f, c=jnp.where(finite[:, None], f.c, jnp.nan),
+                          num_cuts=jnp.where(finite, f.num_cuts, 0).astype(jnp.int32))
+  return jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), f)

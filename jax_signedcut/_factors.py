@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_signedcut import _packing
+from jax_signedcut import _budget, _outliers, _packing
 
 
 @jax.tree_util.register_dataclass
@@ -22,8 +22,14 @@ class SignedCut:
     t_bits: uint32 (..., w, ceil(n/32)): cut j's column signs t_j, packed.
     c: float32 (..., w): cut scales, ``c_j = s_jᵀ R_{j-1} t_j / (m n) >= 0``.
       Slots past ``num_cuts`` hold 0 (and all-zero bits).
-    num_cuts: int32 (...): cuts actually used (< w only with ``max_error``).
+    num_cuts: int32 (...): cuts actually used (< w after a ``max_error`` stop,
+      or when a sparse part took part of a rate/bits budget).
     shape: static (m, n) of each decomposed matrix.
+    sparse_idx: int32 (..., k) flat indices (row * n + col) of the entries
+      stored apart, ascending; ``None`` when there is no sparse part.
+    sparse_val: float32 (..., k) their values. Slots past ``num_sparse`` hold
+      index 0 and value 0.
+    num_sparse: int32 (...) entries actually stored apart.
   """
 
   s_bits: jax.Array
@@ -31,6 +37,9 @@ class SignedCut:
   c: jax.Array
   num_cuts: jax.Array
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+  sparse_idx: jax.Array | None = None
+  sparse_val: jax.Array | None = None
+  num_sparse: jax.Array | None = None
 
   @property
   def width(self) -> int:
@@ -91,25 +100,71 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
   xs = tuple(jnp.moveaxis(x, len(batch), 0) for x in (s_bits, t_bits, c))
   acc0 = jnp.zeros((*batch, m, n), jnp.float32)
   out, _ = jax.lax.scan(step, acc0, xs)
+  if f.sparse_idx is not None:
+    flat = out.reshape(-1, m * n)
+    idx = f.sparse_idx.reshape(-1, f.sparse_idx.shape[-1])
+    val = f.sparse_val.reshape(idx.shape)
+    flat = jax.vmap(lambda o, i, v: o.at[i].add(v))(flat, idx, val)
+    out = flat.reshape(out.shape)
   return out.astype(dtype)
 
 
-def truncate(f: SignedCut, k: int) -> SignedCut:
-  """The first ``k`` cuts of ``f`` (greedy cuts are prefix-consistent).
+def truncate(f: SignedCut, k: int | None = None, *, rate: float | None = None,
+             bits_per_weight: float | None = None) -> SignedCut:
+  """The first cuts of ``f`` (greedy cuts are prefix-consistent).
+
+  Give either ``k`` (keep the first k cut slots) or a smaller budget (``rate``
+  or ``bits_per_weight``, as in :func:`decompose`): then the sparse part is
+  kept and the cuts are cut to what the rest of the budget pays for, so that
+  ``truncate(decompose(a, rate=0.5, ...), rate=0.25)`` equals
+  ``decompose(a, rate=0.25, ...)`` with the same key.
 
   Raises:
-    ValueError: if ``k`` is not in ``1..f.width``.
+    ValueError: if ``k`` is not in ``1..f.width``, or not exactly one of k /
+      rate / bits_per_weight is given.
   """
   _check_factor(f)
+  given = [x is not None for x in (k, rate, bits_per_weight)]
+  if sum(given) != 1:
+    raise ValueError(
+        f"give exactly one of k, rate, bits_per_weight, got k={k!r}, rate={rate!r}, "
+        f"bits_per_weight={bits_per_weight!r}")
+  limit = None
+  if k is None:
+    m, n = f.shape
+    k = min(f.width, _budget.resolve_width(m, n, rate=rate, bits_per_weight=bits_per_weight))
+    budget = (rate * 2 * m * n) if rate is not None else bits_per_weight * m * n / 8
+    limit = budget_limit(budget, m, n, f.num_sparse, k)
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= f.width:
     raise ValueError(f"k must be an int in 1..{f.width} (the width of f), got {k!r}")
-  return SignedCut(
+  g = dataclasses.replace(
+      f,
       s_bits=f.s_bits[..., :k, :],
       t_bits=f.t_bits[..., :k, :],
       c=f.c[..., :k],
       num_cuts=jnp.minimum(f.num_cuts, k).astype(jnp.int32),
-      shape=f.shape,
   )
+  return g if limit is None else limit_cuts(g, limit)
+
+
+def budget_limit(budget_bytes: float, m: int, n: int, num_sparse, width: int) -> jax.Array:
+  """Cuts that a byte budget pays for after the sparse part (int32, per matrix)."""
+  sparse = 0 if num_sparse is None else num_sparse * _outliers.BYTES_PER_OUTLIER
+  left = jnp.float32(budget_bytes) - jnp.asarray(sparse, jnp.float32)
+  cuts = jnp.floor(left / _budget.bytes_per_cut(m, n)).astype(jnp.int32)
+  return jnp.clip(cuts, 0, width)
+
+
+def limit_cuts(f: SignedCut, limit) -> SignedCut:
+  """``f`` with at most ``limit`` (per matrix) cuts; later slots zeroed."""
+  num = jnp.minimum(f.num_cuts, limit).astype(jnp.int32)
+  keep = jax.lax.broadcasted_iota(jnp.int32, f.c.shape, f.c.ndim - 1) < num[..., None]
+  return dataclasses.replace(
+      f,
+      s_bits=jnp.where(keep[..., None], f.s_bits, jnp.uint32(0)),
+      t_bits=jnp.where(keep[..., None], f.t_bits, jnp.uint32(0)),
+      c=jnp.where(keep, f.c, jnp.float32(0)),
+      num_cuts=num)
 
 
 def relative_error(a: jax.Array, f: SignedCut) -> jax.Array:
@@ -127,14 +182,19 @@ def relative_error(a: jax.Array, f: SignedCut) -> jax.Array:
 
 
 def nbytes(f: SignedCut) -> int:
-  """Bytes of packed storage held by ``f``: sign words and f32 scales of all w slots.
+  """Bytes of packed storage that ``f`` needs: its used cuts and sparse entries.
 
-  This counts the arrays as they are (static), so it is exact under jit too.
-  After a ``max_error`` early stop, ``truncate(f, int(f.num_cuts.max()))``
-  drops the unused slots.
+  Each used cut takes its sign words (uint32) and one f32 scale; each stored
+  sparse entry 8 bytes (int32 index + f32 value). Unused slots (after a
+  ``max_error`` stop, or when the sparse part took part of the budget) are not
+  counted. Needs concrete factors (call it outside ``jax.jit``).
   """
   _check_factor(f)
-  count = math.prod(f.batch_shape)
+  if isinstance(f.num_cuts, jax.core.Tracer):
+    raise TypeError("nbytes needs concrete factors: call it outside jax.jit")
   m, n = f.shape
   per_cut = 4 * (_packing.num_words(m) + _packing.num_words(n)) + 4
-  return count * f.width * per_cut
+  total = int(np.sum(np.asarray(f.num_cuts, np.int64))) * per_cut
+  if f.num_sparse is not None:
+    total += int(np.sum(np.asarray(f.num_sparse, np.int64))) * _outliers.BYTES_PER_OUTLIER
+  return total
