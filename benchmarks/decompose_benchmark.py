@@ -71,12 +71,15 @@ def plain_jax(a, key, *, width):
 
 
 def timed(fn, repeats):
+  """Median wall seconds (and, in CPU[fn], median CPU seconds of all threads)."""
   jax.block_until_ready(fn())  # compile + warm up
-  times = []
+  times, cpus = [], []
   for _ in range(repeats):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
+    cpus.append(time.process_time() - c)
+  timed.cpu = statistics.median(cpus)
   return statistics.median(times), out
 
 
@@ -104,18 +107,22 @@ def bench_size(n, repeats, impls, threads):
 
   t_read, _ = timed(lambda: jax.jit(jnp.sum)(a), 7)
   t_plain, e_plain = timed(lambda: plain_jax(a, key, width=w_small), reps)
-  rows.append(("plain JAX loop", t_plain / w_small, float(e_plain)))
+  rows.append(("plain JAX loop", t_plain / w_small, timed.cpu / w_small, float(e_plain)))
   if n <= 2048:  # the oracle is the same dense alternation; 4096² would take minutes
     jnp_run = jax.jit(functools.partial(sc.decompose, width=w_small, backend="jnp"))
     t_jnp, f = timed(lambda: jnp_run(a, key=key), reps)
-    rows.append(("jnp oracle", t_jnp / w_small, float(sc.relative_error(a, f))))
+    rows.append(("jnp oracle", t_jnp / w_small, timed.cpu / w_small,
+                 float(sc.relative_error(a, f))))
   for impl in impls:
     for th in threads:
       if impl == "scalar" and th != 1 and n > 1024:
         continue
       t1, out = timed(kernel_run(a, w_small, impl, th, key), reps)
+      c1 = timed.cpu
       t2, _ = timed(kernel_run(a, w_big, impl, th, key), reps)
-      rows.append((f"ffi {impl} {th}T", (t2 - t1) / (w_big - w_small), err_of(a, out, w_small)))
+      dw = w_big - w_small
+      rows.append((f"ffi {impl} {th}T", (t2 - t1) / dw, (timed.cpu - c1) / dw,
+                   err_of(a, out, w_small)))
   return t_read, t_plain / w_small, rows
 
 
@@ -126,6 +133,7 @@ def bench_batch(repeats):
   for th in (1, 2):
     fn = jax.jit(jax.vmap(lambda x, th=th: _ffi.greedy(x[None], words, num_threads=th)))
     res[th], _ = timed(lambda fn=fn: fn(a), repeats)
+    res[th, "cpu"] = timed.cpu
   return res
 
 
@@ -134,10 +142,10 @@ def rate_half():
   w = sc.width_for_rate(n, n, 0.5)
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   jax.block_until_ready(a)
-  t = time.perf_counter()
+  t, c = time.perf_counter(), time.process_time()
   f = jax.block_until_ready(sc.decompose(a, key=jax.random.key(0), width=w))
-  dt = time.perf_counter() - t
-  return w, dt, float(sc.relative_error(a, f))
+  dt, dc = time.perf_counter() - t, time.process_time() - c
+  return w, dt, dc, float(sc.relative_error(a, f))
 
 
 def main():
@@ -161,26 +169,27 @@ def main():
   out(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
       f"auto kernel = {_ffi.kernel_name()}, load average at start {load[0]:.1f}")
   out()
-  out("| size | backend | ms / cut | error at w | × plain JAX | × one read of R |")
-  out("|---|---|---:|---:|---:|---:|")
+  out("| size | backend | ms / cut (wall) | CPU ms / cut (all threads) | error at w "
+      "| × plain JAX (wall) | × one read of R (wall) |")
+  out("|---|---|---:|---:|---:|---:|---:|")
   for n in sizes:
     t_read, t_plain, rows = bench_size(n, args.repeats, impls, threads)
     w_small = SIZES[n][0]
-    out(f"| {n}² | one streaming read of R | {1e3 * t_read:.2f} | | | 1.00 |")
-    for name, t, e in rows:
-      out(f"| {n}² | {name} | {1e3 * t:.2f} | {e:.4f} (w={w_small}) | "
+    out(f"| {n}² | one streaming read of R | {1e3 * t_read:.2f} | | | | 1.00 |")
+    for name, t, cpu, e in rows:
+      out(f"| {n}² | {name} | {1e3 * t:.2f} | {1e3 * cpu:.2f} | {e:.4f} (w={w_small}) | "
           f"{t_plain / t:.1f} | {t / t_read:.2f} |")
   res = bench_batch(args.repeats)
   out()
-  out("| batch 64 × 256², w=128, vmap | seconds | speed-up |")
-  out("|---|---:|---:|")
-  out(f"| 1 thread | {res[1]:.3f} | 1.00 |")
-  out(f"| 2 threads | {res[2]:.3f} | {res[1] / res[2]:.2f} |")
+  out("| batch 64 × 256², w=128, vmap | seconds (wall) | CPU seconds | speed-up (wall) |")
+  out("|---|---:|---:|---:|")
+  out(f"| 1 thread | {res[1]:.3f} | {res[1, 'cpu']:.3f} | 1.00 |")
+  out(f"| 2 threads | {res[2]:.3f} | {res[2, 'cpu']:.3f} | {res[1] / res[2]:.2f} |")
   if args.rate_half:
-    w, dt, e = rate_half()
+    w, dt, dc, e = rate_half()
     out()
     out(f"4096² at rate ½ (w = {w}), decompose(backend='auto') end to end: "
-        f"{dt:.1f} s, relative error {e:.4f}")
+        f"{dt:.1f} s wall, {dc:.1f} s CPU, relative error {e:.4f}")
   out()
   out(f"load average at end {os.getloadavg()[0]:.1f}")
   if args.markdown:

@@ -6,6 +6,8 @@ just faster. Which instruction set it uses is chosen once per process (the
 ``JAX_SIGNEDCUT_KERNEL`` environment variable, ``scalar`` or ``avx512``,
 overrides the CPU check); the ``impl`` argument of :func:`greedy` pins one per
 call, which is how the tests run every implementation in one process.
+Threads: ``JAX_SIGNEDCUT_THREADS=N`` (or ``num_threads``) sets the count; see
+:func:`greedy`.
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
     words: uint32 (w, ceil(n/32)) shared by all matrices, or (N, w, ceil(n/32)).
     max_error: optional relative Frobenius error at which to stop.
     impl: "auto", "scalar" or "avx512".
-    num_threads: threads to use; 0 for all hardware threads.
+    num_threads: threads to use, which may then also share one matrix. 0:
+      the ``JAX_SIGNEDCUT_THREADS`` environment variable if set (same
+      meaning), else all hardware threads, each taking whole matrices of
+      the batch (a single matrix then runs on one thread: on a machine
+      shared with other jobs, threads sharing a matrix were measured ~20 %
+      slower than one).
     target: the registered FFI target name (tests register other builds).
 
   Returns:

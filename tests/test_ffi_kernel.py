@@ -338,3 +338,19 @@ def test_greedy_rejects_bad_operands_before_the_call():
     _ffi.greedy(jnp.ones((1, 4, 40)), words, impl="neon")
   with pytest.raises(ValueError, match="num_threads must be an int in 0..256, got -1"):
     _ffi.greedy(jnp.ones((1, 4, 40)), words, num_threads=-1)
+
+
+def test_threads_env_var_gives_the_same_factors():
+  # JAX_SIGNEDCUT_THREADS=2 lets two threads share this single matrix.
+  code = ("import hashlib, jax, numpy as np; from jax_signedcut import _ffi, _start;"
+          "a = jax.random.normal(jax.random.key(4), (1, 300, 257));"
+          "out = _ffi.greedy(a, _start.start_words(jax.random.key(0), 40, 257));"
+          "print(hashlib.sha256(b''.join(np.asarray(x).tobytes() for x in out)).hexdigest())")
+  env = dict(os.environ, JAX_SIGNEDCUT_THREADS="2")
+  got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert got.returncode == 0, got.stderr
+  a = jax.random.normal(jax.random.key(4), (1, 300, 257))
+  out = _ffi.greedy(a, _start.start_words(jax.random.key(0), 40, 257), num_threads=1)
+  import hashlib
+  want = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in out)).hexdigest()
+  assert got.stdout.strip() == want

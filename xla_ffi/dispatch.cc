@@ -2,6 +2,7 @@
 // JAX_SIGNEDCUT_KERNEL environment variable ("scalar" or "avx512") if set,
 // else the best implementation the CPU supports. A per-call `impl` attribute
 // (see ffi.cc) lets tests run every implementation in one process.
+// ResolveThreads does the same for the thread count (JAX_SIGNEDCUT_THREADS).
 #include <cstdlib>
 #include <string>
 
@@ -49,6 +50,19 @@ Choice ResolveAuto() {
 }
 
 }  // namespace
+
+void ResolveThreads(int64_t requested, GreedyConfig* cfg) {
+  static const int64_t from_env = [] {
+    const char* env = std::getenv("JAX_SIGNEDCUT_THREADS");
+    if (env == nullptr) return int64_t{0};
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    return (end != env && *end == '\0' && v > 0) ? static_cast<int64_t>(v) : int64_t{0};
+  }();
+  const int64_t n = requested > 0 ? requested : from_env;
+  cfg->num_threads = n;  // 0: hardware concurrency
+  cfg->share_matrix = n > 0;
+}
 
 const Kernels* SelectKernels(Impl impl, std::string* error) {
   if (impl == Impl::kAuto) {

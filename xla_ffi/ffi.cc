@@ -88,7 +88,7 @@ ffi::Error GreedyImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::U32> words,
   cfg.n = n;
   cfg.w = w;
   cfg.max_error = max_error;
-  cfg.num_threads = num_threads;
+  ResolveThreads(num_threads, &cfg);
   try {
     std::vector<GreedyProblem> problems(count);
     std::vector<int64_t> idx(nb, 0);
@@ -130,4 +130,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::S32>>()    // num_cuts: (batch...) cuts made
         .Attr<double>("max_error")       // relative error target; <= 0 for none
         .Attr<int32_t>("impl")           // 0 auto, 1 scalar, 2 avx512
-        .Attr<int32_t>("num_threads"));  // <= 0: all hardware threads
+        .Attr<int32_t>("num_threads"));  // <= 0: JAX_SIGNEDCUT_THREADS or all cores, see kernel.h

@@ -522,7 +522,7 @@ std::string GreedyBatch(const Kernels& k, const GreedyConfig& cfg, const GreedyP
   nt = std::clamp<int64_t>(nt, 1, 256);
   // Fewer matrices than threads: the threads share each matrix. Otherwise
   // each thread takes whole matrices.
-  const bool team = count < nt && cfg.m * cfg.n >= kTeamMinEntries;
+  const bool team = cfg.share_matrix && count < nt && cfg.m * cfg.n >= kTeamMinEntries;
   const int64_t workers = team ? nt : std::min(nt, count);
 
   std::vector<Workspace> ws;

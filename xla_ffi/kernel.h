@@ -102,7 +102,17 @@ struct GreedyConfig {
   int64_t m = 0, n = 0, w = 0;
   double max_error = 0.0;   // <= 0: no early stop
   int64_t num_threads = 0;  // <= 0: hardware concurrency
+  // Whether threads may share one matrix when there are fewer matrices than
+  // threads. Off by default: on a loaded machine (measured: 2 cores shared
+  // with other jobs) a team was ~20 % slower than one thread, because a
+  // helper descheduled in the middle of its chunk stalls the pass.
+  bool share_matrix = false;
 };
+
+// The thread settings of a call: `requested` > 0 asks for that many threads
+// (and lets them share one matrix); otherwise JAX_SIGNEDCUT_THREADS (read
+// once) if set, else all hardware threads over whole matrices only.
+void ResolveThreads(int64_t requested, GreedyConfig* cfg);
 
 // Decomposes `count` independent matrices, spreading them over threads (or
 // the threads over one matrix when there are fewer matrices than threads).
