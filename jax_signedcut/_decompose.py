@@ -80,7 +80,8 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       (e.g. Gaussian) matrices; see ``jax_signedcut._outliers``. A fraction
       takes that share of the largest-magnitude entries.
     backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
-      kernel, CPU) or ``"auto"`` (the fastest for the platform).
+      kernel, CPU only) or ``"auto"`` (the C++ kernel when the computation is
+      lowered for CPU, the jnp oracle on other platforms).
     rules: pytrees only: an ordered list of ``(regex, budget)`` pairs; the
       first regex that ``re.search``-matches a leaf's ``/``-joined path picks
       its budget: a :class:`Budget` (or a dict of its fields) or ``None`` to
@@ -207,6 +208,16 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
                            skip=skip, min_dim=min_dim, progress=progress)
 
 
+@functools.cache
+def _ffi_available() -> bool:
+  """Whether the compiled extension imports (it always does in a proper install)."""
+  try:
+    from jax_signedcut import _ffi  # noqa: F401, PLC0415
+  except ImportError:
+    return False
+  return True
+
+
 @functools.partial(jax.jit,
                    static_argnames=("width", "max_error", "backend", "outliers", "budget"))
 def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None):
@@ -226,12 +237,23 @@ def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None):
     words = jax.vmap(lambda k: _start.start_words(k, width, n))(key.reshape(count))
     words_axis = 0
 
-  if backend == "ffi":
-    from jax_signedcut import _ffi  # noqa: PLC0415  (loads the extension lazily)
-    s_bits, t_bits, c, num_cuts = _ffi.greedy(a, words, max_error=max_error)
-  else:  # "jnp", and "auto" until a faster backend exists for the platform.
+  def run_jnp(a, words):
     run = functools.partial(_oracle.greedy, max_error=max_error)
-    s_bits, t_bits, c, num_cuts = jax.vmap(run, in_axes=(0, words_axis))(a, words)
+    return jax.vmap(run, in_axes=(0, words_axis))(a, words)
+
+  def run_ffi(a, words):
+    from jax_signedcut import _ffi  # noqa: PLC0415  (loads the extension lazily)
+    return _ffi.greedy(a, words, max_error=max_error)
+
+  if backend == "ffi":
+    s_bits, t_bits, c, num_cuts = run_ffi(a, words)
+  elif backend == "auto" and _ffi_available():
+    # The C++ kernel where this lowers for CPU, the jnp oracle elsewhere;
+    # decided at lowering time, not from global state at trace time.
+    s_bits, t_bits, c, num_cuts = jax.lax.platform_dependent(
+        a, words, cpu=run_ffi, default=run_jnp)
+  else:
+    s_bits, t_bits, c, num_cuts = run_jnp(a, words)
 
   f = SignedCut(s_bits=s_bits, t_bits=t_bits, c=c, num_cuts=num_cuts, shape=(m, n))
   if k_max:
