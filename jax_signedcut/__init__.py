@@ -1,5 +1,11 @@
 """jax_signedcut: 1-bit signed cut decompositions of weight matrices in JAX."""
 
+from jax_signedcut._attention import AttentionFit as AttentionFit
+from jax_signedcut._attention import attention_grad as attention_grad
+from jax_signedcut._attention import attention_loss as attention_loss
+from jax_signedcut._attention import attention_loss_kron as attention_loss_kron
+from jax_signedcut._attention import attention_probs as attention_probs
+from jax_signedcut._attention import fit_attention as fit_attention
 from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._budget import width_for_bits as width_for_bits
 from jax_signedcut._budget import width_for_rate as width_for_rate
@@ -14,6 +20,25 @@ from jax_signedcut._packing import pack_signs as pack_signs
 from jax_signedcut._packing import unpack_signs as unpack_signs
 from jax_signedcut._start import start_words as start_words
 from jax_signedcut._tree import Budget as Budget
+from jax_signedcut._lp_lowrank import lp_cost as lp_cost
+from jax_signedcut._lp_lowrank import lp_lowrank as lp_lowrank
+from jax_signedcut._lplr import LowRank as LowRank
+from jax_signedcut._lplr import dsvd as dsvd
+from jax_signedcut._lplr import lowrank_nbytes as lowrank_nbytes
+from jax_signedcut._lplr import lplr as lplr
+from jax_signedcut._lplr import rank_for_bits as rank_for_bits
+from jax_signedcut._lplr import reconstruct_lowrank as reconstruct_lowrank
+from jax_signedcut._quantize import QuantizedMatrix as QuantizedMatrix
+from jax_signedcut._quantize import dequantize as dequantize
+from jax_signedcut._quantize import dequantize_matrix as dequantize_matrix
+from jax_signedcut._quantize import num_levels as num_levels
+from jax_signedcut._quantize import quantize as quantize
+from jax_signedcut._quantize import rtn as rtn
+from jax_signedcut._quantize import rtn_bits_per_weight as rtn_bits_per_weight
+from jax_signedcut._tensor import SignedTensorCut as SignedTensorCut
+from jax_signedcut._tensor import decompose_tensor as decompose_tensor
+from jax_signedcut._tensor import reconstruct_tensor as reconstruct_tensor
+from jax_signedcut._tensor import tensor_bytes_per_cut as tensor_bytes_per_cut
 
 __version__ = "0.1.0"
 
@@ -32,4 +57,30 @@ __all__ = [
     "unpack_signs",
     "width_for_bits",
     "width_for_rate",
+    # Other methods in scope (issue 9).
+    "AttentionFit",
+    "attention_grad",
+    "attention_loss",
+    "attention_loss_kron",
+    "attention_probs",
+    "fit_attention",
+    "LowRank",
+    "dsvd",
+    "lp_cost",
+    "lp_lowrank",
+    "lowrank_nbytes",
+    "lplr",
+    "rank_for_bits",
+    "reconstruct_lowrank",
+    "QuantizedMatrix",
+    "dequantize",
+    "dequantize_matrix",
+    "num_levels",
+    "quantize",
+    "rtn",
+    "rtn_bits_per_weight",
+    "SignedTensorCut",
+    "decompose_tensor",
+    "reconstruct_tensor",
+    "tensor_bytes_per_cut",
 ]
