@@ -58,9 +58,9 @@ def save_factors(path: str, tree, meta: dict) -> int:
       shapes[p] = list(leaf.shape)
       for name in _FIELDS:
         if getattr(leaf, name) is not None:
-          tensors[f"{p}/{name}"] = np.ascontiguousarray(np.asarray(getattr(leaf, name)))
+          tensors[f"{p}/{name}"] = np.array(getattr(leaf, name), order="C")  # keeps 0-d
     else:
-      tensors[p] = np.ascontiguousarray(np.asarray(leaf))
+      tensors[p] = np.array(leaf, order="C")
   header = {"format": FORMAT, "shapes": json.dumps(shapes), "meta": json.dumps(meta)}
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
   os.close(fd)
