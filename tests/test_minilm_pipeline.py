@@ -84,7 +84,7 @@ def test_main_job_on_one_layer(needs_model, tmp_path):
 def test_signedcutdense_applies_the_sparse_part():
   # A matrix with a few huge entries: outliers="auto" stores them apart, and the
   # layer must add x·P for that sparse part P (it once dropped it silently).
-  a = np.asarray(jax.random.normal(jax.random.key(0), (48, 40)))
+  a = np.array(jax.random.normal(jax.random.key(0), (48, 40)))
   a[3, 7], a[20, 1], a[47, 39] = 60.0, -45.0, 80.0
   f = sc.decompose(a, key=jax.random.key(1), rate=0.5)
   assert int(f.num_sparse) >= 3
