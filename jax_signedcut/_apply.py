@@ -9,9 +9,12 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   otherwise expand them before the GEMM at batch ≥ 8 (SPEC §5);
 * on CPU, the ``signedcut_apply`` XLA FFI kernel (``xla_ffi/apply_*.cc``),
   which reads the sign bits directly: ``x·s_j = Σx − 2·Σ_{bit i set} x_i``
-  with AVX-512 masked adds, then ``y += c_j p_j t_j`` the same way, on both
-  cores. It is picked with ``jax.lax.platform_dependent`` when the extension
-  provides it.
+  with AVX-512 masked adds, then ``y += c_j p_j t_j`` the same way, on all
+  usable cores (each thread takes a share of the cuts). ``impl="auto"`` picks
+  it with ``jax.lax.platform_dependent`` for fewer than ``FFI_MAX_ROWS`` rows
+  when the extension provides it. It is differentiable in x and c
+  (``jax.custom_vjp``: the x-cotangent is the same kernel on the transposed
+  factors).
 
 Activations may be f32, bf16 or f16: everything accumulates in f32 and the
 result has ``x.dtype``.
@@ -30,6 +33,11 @@ from jax_signedcut._factors import SignedCut
 
 #: Cuts unpacked per step of the pure-JAX path.
 BLOCK = 256
+#: From this many rows ``impl="auto"`` uses the pure-JAX path on CPU too. On a
+#: 4096² layer (2-core AVX-512 machine) the kernel took 0.8× the CPU time of the
+#: blocked-GEMM path at 64 rows (rate ½) and 1.1× at 256 rows (rate ¼): the
+#: GEMMs amortise their per-call unpacking of the signs over the batch.
+FFI_MAX_ROWS = 128
 
 _HI = jax.lax.Precision.HIGHEST
 _APPLY_TARGET = "signedcut_apply"
@@ -99,8 +107,41 @@ def _has_ffi_kernel() -> bool:
   return _APPLY_TARGET in _signedcut_ffi.registrations()
 
 
+def _ffi_raw(x2, s_bits, t_bits, c, n, force_scalar):
+  if not _has_ffi_kernel():  # also registers the targets (imports _ffi) on first use
+    raise ValueError("the signedcut_apply kernel is not built into this jax_signedcut")
+  call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                          vmap_method="expand_dims")
+  return call(x2, s_bits, t_bits, c.astype(jnp.float32), force_scalar=np.int32(force_scalar))
+
+
+# The kernel has no autodiff rule of its own: the x-cotangent is the same
+# kernel on the transposed factors (Wᵀ = T·diag(c)·Sᵀ), the c-cotangent comes
+# from the pure-JAX path, and the sign bits get float0 (they are integers).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar):
+  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], force_scalar)
+
+
+def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, force_scalar):
+  return _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar), (x2, s_bits, t_bits, c)
+
+
+def _ffi_apply_bwd(shape, force_scalar, res, g):
+  x2, s_bits, t_bits, c = res
+  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], force_scalar)
+  _, vjp_c = jax.vjp(
+      lambda c: apply_jnp(x2, SignedCut(s_bits, t_bits, c, jnp.int32(0), shape=shape)), c)
+  (gc,) = vjp_c(g)
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+  return gx, zero(s_bits), zero(t_bits), gc
+
+
+_ffi_apply.defvjp(_ffi_apply_fwd, _ffi_apply_bwd)
+
+
 def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax.Array:
-  """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32.
+  """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32 (differentiable in x2 and c).
 
   Args:
     x2: f32 activations (B, m).
@@ -109,11 +150,7 @@ def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax
       (the environment variable ``JAX_SIGNEDCUT_APPLY_IMPL=scalar``, read once
       by the extension, does the same for every call).
   """
-  m, n = f.shape
-  call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                          vmap_method="expand_dims")
-  return call(x2, f.s_bits, f.t_bits, f.c.astype(jnp.float32),
-              force_scalar=np.int32(bool(force_scalar)))
+  return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape), int(bool(force_scalar)))
 
 
 def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, *,
@@ -124,12 +161,15 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
     x: activations (..., m), any leading batch shape; f32, bf16 or f16.
     f: a :class:`SignedCut` of one (m, n) kernel in the Flax (in, out) layout.
     bias: optional (n,) bias, added in f32.
-    dense: expand the factors once to a dense f32 kernel and use one GEMM.
-      Costs w·(m+n) unpacked signs and a (w×m)·(w×n) product up front; faster
-      than the factored product from a moderate batch on (see
-      ``benchmarks/DENSE_RESULTS.md``) or when the kernel is reused.
-    impl: ``"auto"`` (the FFI kernel on CPU when built, pure JAX elsewhere),
-      ``"jnp"`` or ``"ffi"`` (CPU only).
+    dense: expand the factors to a dense f32 kernel (``reconstruct``) and use
+      one GEMM. The expansion costs w·m·n multiply-adds on every call, the
+      factored product B·w·(m+n), the dense one B·m·n: expanding pays from
+      B ≈ w·m·n / (w·(m+n) − m·n) rows (≈ 2300 for 4096² at rate ½; measured
+      ≈ 1300–2600 on the 2-core CPU, see ``benchmarks/DENSE_RESULTS.md``).
+      To expand once and reuse, reconstruct outside the jitted step
+      (``SignedCutDense.to_linear``).
+    impl: ``"auto"`` (on CPU the FFI kernel when built and fewer than
+      ``FFI_MAX_ROWS`` rows, else pure JAX), ``"jnp"`` or ``"ffi"`` (CPU only).
 
   Returns:
     (..., n) in ``x.dtype``, accumulated in f32.
@@ -156,7 +196,8 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
   if dense:
     from jax_signedcut._factors import reconstruct  # noqa: PLC0415
     y = jnp.matmul(x2, reconstruct(f), precision=_HI)
-  elif impl == "jnp" or (impl == "auto" and not _has_ffi_kernel()):
+  elif impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
+                                               or x2.shape[0] >= FFI_MAX_ROWS)):
     y = apply_jnp(x2, f)
   elif impl == "ffi":
     if not _has_ffi_kernel():

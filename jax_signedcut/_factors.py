@@ -75,7 +75,8 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
     >>> sc.reconstruct(f).shape
     (3, 4)
   """
-  if not isinstance(f, SignedCut) and not hasattr(f, "shape"):
+  if not isinstance(f, SignedCut) and not hasattr(f, "shape") and \
+      not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(f)):
     from jax_signedcut import _tree  # noqa: PLC0415  (_tree imports this module)
     return _tree.reconstruct_tree(f, dtype, block=block)
   _check_factor(f)

@@ -47,6 +47,9 @@ class SignedCutDense(nn.Module):
     width: number of cut slots w.
     use_bias: hold a ``"params"`` bias of shape (n,).
     dense: expand to a dense kernel once per call (large batches).
+    in_features: optional input size m. Linen variables only record
+      ceil(m/32) sign words, so without it an input of a different size with
+      the same word count cannot be told apart; with it any other size raises.
 
   ``init`` creates zero factors in the ``"signed_cut"`` collection; fill them
   with :func:`convert_params`.
@@ -56,10 +59,14 @@ class SignedCutDense(nn.Module):
   width: int
   use_bias: bool = True
   dense: bool = False
+  in_features: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     m, n, w = x.shape[-1], self.features, self.width
+    if self.in_features is not None and m != self.in_features:
+      raise ValueError(f"x must have shape (..., {self.in_features}) for {self.name!r} "
+                       f"(in_features={self.in_features}), got x shape {tuple(x.shape)}")
     zeros = lambda shape, dtype: lambda: jnp.zeros(shape, dtype)  # noqa: E731
     s_bits = self.variable(COLLECTION, "s_bits", zeros((w, _packing.num_words(m)), jnp.uint32))
     t_bits = self.variable(COLLECTION, "t_bits", zeros((w, _packing.num_words(n)), jnp.uint32))

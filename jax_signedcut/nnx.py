@@ -65,8 +65,11 @@ class SignedCutDense(nnx.Module):
     out_features: n, the output size.
     width: number of cut slots w.
     use_bias: whether to hold an ``nnx.Param`` bias (n,).
-    dense: expand the factors to a dense kernel once per call and use one
-      GEMM (faster at large batch, see ``apply_signed_cut``).
+    dense: expand the factors to a dense kernel on every call and use one
+      GEMM. Expanding costs w·m·n multiply-adds, so this only pays from a
+      batch of roughly w·m·n / (w·(m+n) − m·n) rows (≈ 2300 for 4096² at
+      rate ½; measured ≈ 1300–2600 here, ``benchmarks/DENSE_RESULTS.md``);
+      to expand once and reuse, use :meth:`to_linear`.
     rngs: if given, random sign bits and scales ``1/sqrt(w·in)`` (a kernel of
       LeCun-normal variance; useful for tests and benchmarks), otherwise zeros
       (to be filled by :meth:`from_factors` / :func:`swap_linears`).
@@ -151,6 +154,23 @@ class SignedCutDense(nnx.Module):
           f"out_features={linear.out_features})")
     bias = None if linear.bias is None else linear.bias[...]
     return cls.from_factors(f, bias, dense=dense)
+
+  def to_linear(self, *, dtype=None, param_dtype=jnp.float32) -> nnx.Linear:
+    """An ``nnx.Linear`` holding the reconstructed dense kernel: expand once, reuse.
+
+    For serving at large batch this beats ``dense=True`` (which expands on
+    every call) and the factored product (see ``benchmarks/DENSE_RESULTS.md``).
+    """
+    if self.c[...].ndim != 1:
+      raise ValueError(f"to_linear needs one matrix, got stacked factors "
+                       f"{self.factors.batch_shape}")
+    from jax_signedcut._factors import reconstruct  # noqa: PLC0415
+    linear = nnx.Linear(self.in_features, self.out_features, use_bias=self.bias is not None,
+                        dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    linear.kernel = nnx.Param(reconstruct(self.factors, param_dtype))
+    if self.bias is not None:
+      linear.bias = nnx.Param(self.bias[...].astype(param_dtype))
+    return linear
 
   @property
   def factors(self) -> SignedCut:

@@ -47,7 +47,9 @@ def _close(y, ref, rtol=1e-5):
   np.testing.assert_allclose(y, ref, rtol=0, atol=rtol * np.abs(ref).max() + 1e-6)
 
 
-SHAPES = [(33, 97, 300), (1, 1, 3), (1000, 7, 50), (64, 256, 513), (300, 520, 40)]
+# The last shape is large enough (rows·w·(m+n) >= 2^22 at 5 rows) for the kernel to use threads.
+SHAPES = [(33, 97, 300), (1, 1, 3), (1000, 7, 50), (64, 256, 513), (300, 520, 40),
+          (1024, 1000, 1500)]
 IMPLS = ["jnp", pytest.param("ffi", marks=needs_ffi), pytest.param("scalar", marks=needs_ffi)]
 
 
@@ -128,3 +130,68 @@ def test_bad_input():
     _apply.apply_signed_cut(jnp.ones((2, 33)), fs)
   with pytest.raises(ValueError, match="impl must be"):
     _apply.apply_signed_cut(jnp.ones((2, 33)), f, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["auto", "jnp"])
+def test_grad_in_x_and_c_matches_dense(impl):
+  f = _random_factors(40, 70, 90)
+  x = jax.random.normal(jax.random.key(3), (5, 40))
+  g = jax.random.normal(jax.random.key(4), (5, 70))
+
+  def loss(x, c):
+    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    return jnp.sum(_apply.apply_signed_cut(x, ff, impl=impl) * g)
+
+  def dense_loss(x, c):
+    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    return jnp.sum(x @ sc.reconstruct(ff) * g)
+
+  gx, gc = jax.grad(loss, argnums=(0, 1))(x, f.c)
+  rx, rc = jax.grad(dense_loss, argnums=(0, 1))(x, f.c)
+  _close(gx, rx)
+  _close(gc, rc)
+
+
+def test_platform_dispatch_lowering():
+  """Off CPU the pure-JAX path is lowered; on CPU the kernel (when built)."""
+  f = _random_factors(40, 70, 90)
+  fn = jax.jit(lambda x: _apply.apply_signed_cut(x, f))
+  x = jax.ShapeDtypeStruct((3, 40), jnp.float32)
+  cuda = jax.export.export(fn, platforms=["cuda"])(x).mlir_module()
+  assert "signedcut_apply" not in cuda
+  ours = [jax.export.DisabledSafetyCheck.custom_call("signedcut_apply")]
+  cpu = jax.export.export(fn, platforms=["cpu"], disabled_checks=ours)(x).mlir_module()
+  assert ("signedcut_apply" in cpu) == HAS_FFI
+
+
+@pytest.mark.parametrize("impl", ["auto", "jnp"])
+def test_vmap_over_factors_only(impl):
+  fa, fb = _random_factors(40, 70, 90, seed=1), _random_factors(40, 70, 90, seed=2)
+  fs = jax.tree.map(lambda a, b: jnp.stack([a, b]), fa, fb)
+  x = jax.random.normal(jax.random.key(5), (6, 40))
+  got = jax.vmap(lambda f: _apply.apply_signed_cut(x, f, impl=impl))(fs)
+  _close(got[0], _oracle(x, fa))
+  _close(got[1], _oracle(x, fb))
+
+
+@needs_ffi
+def test_env_var_forces_the_scalar_core(tmp_path):
+  """JAX_SIGNEDCUT_APPLY_IMPL=scalar (read once by the extension) == force_scalar=True."""
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  f = _random_factors(300, 257, 70)
+  x = np.random.default_rng(0).standard_normal((3, 300), np.float32)
+  np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
+  code = (
+      "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
+      "from jax_signedcut import _apply\n"
+      f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
+      "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
+      " jnp.int32(70), shape=(300, 257))\n"
+      f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(_apply.apply_ffi(jnp.asarray(d['x']), f)))\n")
+  env = dict(os.environ, JAX_SIGNEDCUT_APPLY_IMPL="scalar", JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", code], env=env, check=True)
+  got = np.load(tmp_path / "out.npy")
+  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f,
+                                                                 force_scalar=True)))

@@ -104,6 +104,10 @@ def test_bad_input():
     convert_params(variables, g, module=MLP(True), inputs=jnp.ones((1, 33)))
   with pytest.raises(ValueError, match="x has last dim 70"):
     MLP(True).apply(new, jnp.ones((2, 70)))
+  layer = SignedCutDense(D, width=W_IN, in_features=33)
+  with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 33\).*got x shape \(2, 40\)"):
+    layer.apply({COLLECTION: new[COLLECTION]["inp"], "params": new["params"]["inp"]},
+                jnp.ones((2, 40)))
   with pytest.raises(ValueError, match="only params/…/kernel"):
     convert_params({"params": {"emb": {"embedding": f["params"]["inp"]["kernel"]}}},
                    {"params": {"emb": {"embedding": f["params"]["inp"]["kernel"]}}})

@@ -72,14 +72,14 @@ def test_swap_selects_by_rules_and_filters():
 def test_converted_equals_reconstructed_eager_jit_vmap(batch):
   model, ref = _models()
   x = jax.random.normal(jax.random.key(1), (*batch, 33))
-  want = ref(x)
-  _close(model(x), want)
-  _close(nnx.jit(lambda m, x: m(x))(model, x), want)
+  ref_fn = nnx.jit(lambda m, x: m(x))  # the reference, jitted to keep the suite fast
+  want = ref_fn(ref, x)
+  _close(model(x), want)                                            # eager
   graphdef, state = nnx.split(model)
-  _close(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want)
+  _close(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want)  # jit
   xs = jnp.stack([x, 2 * x])
-  got = jax.vmap(lambda x: nnx.merge(graphdef, state)(x))(xs)
-  _close(got, jnp.stack([want, ref(2 * x)]))
+  got = jax.vmap(lambda x: nnx.merge(graphdef, state)(x))(xs)       # vmap
+  _close(got, jnp.stack([want, ref_fn(ref, 2 * x)]))
 
 
 def test_bf16_activations_and_dense_option():
@@ -133,3 +133,52 @@ def test_bad_input():
     layer(jnp.ones((2, 48), jnp.int32))
   with pytest.raises(ValueError, match="width must be an int >= 1"):
     SignedCutDense(3, 4, width=0)
+
+
+def test_to_linear_expands_once():
+  model, _ = _models()
+  layer = model.layers[1]
+  x = jax.random.normal(jax.random.key(4), (3, 48))
+  _close(layer.to_linear()(x), layer(x))
+
+
+class ScanStack(nnx.Module):
+  """Three Linear layers stacked by nnx.vmap and applied with nnx.scan: kernels (3, 32, 32)."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(32, 32, rngs=rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(block, x):
+      return x + jnp.tanh(block(x))
+
+    return step(self.blocks, x)
+
+
+@pytest.mark.parametrize("batch", [(), (7,)])
+def test_nnx_scan_stacked_linears(batch):
+  model = ScanStack(rngs=nnx.Rngs(0))
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, width=50)
+  assert f["blocks"]["kernel"].get_value().batch_shape == (3,)
+  ref = nnx.clone(model)
+  nnx.update(ref, sc.reconstruct(f))
+  swap_linears(model, f)
+  assert isinstance(model.blocks, SignedCutDense)
+  x = jax.random.normal(jax.random.key(1), (*batch, 32))
+  _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x))
+
+
+def test_swap_linears_decomposes_itself():
+  model, _ = _models()
+  fresh = MLP(rngs=nnx.Rngs(0))
+  swap_linears(fresh, key=KEY, rules=RULES)
+  for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="only used when factors is None"):
+    swap_linears(fresh, {}, key=KEY)

@@ -63,7 +63,9 @@ def test_rules_first_match_default_and_skips():
 
 
 def test_rate_budget_resolves_per_leaf_and_min_dim():
-  f = sc.decompose(_params(), key=KEY, rate=0.5, min_dim=8, skip=("embed", "head"))
+  p = _params()
+  p = {"tiny": p["tiny"], "blocks": p["blocks"], "head": p["head"]}
+  f = sc.decompose(p, key=KEY, rate=0.5, min_dim=8, skip=("attn", "head"))
   assert f["tiny"].width == sc.width_for_rate(24, 8, 0.5)
   assert f["blocks"][0]["mlp"]["kernel"].width == sc.width_for_rate(24, 33, 0.5)
 
@@ -95,7 +97,9 @@ def test_leaf_factors_depend_on_key_path_and_values_only():
 
 
 def test_jit_compiles_once_and_equals_eager_and_leafwise():
-  p = _params()
+  full = _params()
+  p = {"mlp": full["blocks"][0]["mlp"], "stacked": full["stacked"], "embed": full["embed"],
+       "norm": full["norm"]}
   traces = []
 
   def run(p):
@@ -107,9 +111,8 @@ def test_jit_compiles_once_and_equals_eager_and_leafwise():
   a = jitted(p)
   p2 = jax.tree.map(lambda x: x * 1, p)
   b = jitted(p2)
-  with jax.log_compiles():  # the same shapes: nothing traced or compiled again
-    jitted(p2)
-  assert len(traces) == 1
+  jitted(p2)
+  assert len(traces) == 1  # the same shapes: traced (and compiled) once
   _same(a, b)
   eager = sc.decompose(p, key=KEY, width=8, skip=("embed",),
                        rules=[("stacked", sc.Budget(width=4, max_error=0.5))])

@@ -17,11 +17,9 @@
 namespace signedcut {
 namespace {
 
-// x block (kRowBlock rows × a column block of ≈ kBlockFloats / rows floats,
-// a multiple of 64) held in L1 while all cuts of the range stream past it.
-constexpr int64_t kRowBlock = 4;
-constexpr int64_t kBlockFloats = 4096;
-constexpr int64_t kMaxColBlock = 4096;
+// Cuts per project step: their sign rows (kProjCuts · m/8 bytes) stay in L1
+// while x streams past in 256-float blocks.
+constexpr int64_t kProjCuts = 64;
 // Cuts per expand step: their words for one tile (32 B each) stay in L1 across rows.
 constexpr int64_t kCutBlock = 512;
 
@@ -36,79 +34,155 @@ SIGNEDCUT_AVX512 inline __mmask16 Mask16(const uint32_t* bits, int64_t q) {
   return k;
 }
 
-// Σ of x[i] over the lanes i in [0, len) whose bit is set.
-SIGNEDCUT_AVX512 inline float MaskedSum(const float* x, const uint32_t* bits, int64_t len) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= len; k += 64) {
-    const int64_t q = k / 16;
-    a0 = _mm512_mask_add_ps(a0, Mask16(bits, q), a0, _mm512_loadu_ps(x + k));
-    a1 = _mm512_mask_add_ps(a1, Mask16(bits, q + 1), a1, _mm512_loadu_ps(x + k + 16));
-    a2 = _mm512_mask_add_ps(a2, Mask16(bits, q + 2), a2, _mm512_loadu_ps(x + k + 32));
-    a3 = _mm512_mask_add_ps(a3, Mask16(bits, q + 3), a3, _mm512_loadu_ps(x + k + 48));
-  }
-  for (; k < len; k += 16) {  // tail: masked loads never touch lanes past len
-    const uint32_t word = bits[k / 32] >> (k % 32);
-    const int64_t left = len - k;
-    const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-    const __mmask16 mk = static_cast<__mmask16>(word) & valid;
-    a0 = _mm512_mask_add_ps(a0, mk, a0, _mm512_maskz_loadu_ps(mk, x + k));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
 }  // namespace
 
-SIGNEDCUT_AVX512 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1) {
+// Row r, cuts [jb, je): adds the columns past the last full 256-float block
+// (chunk by chunk, masked to m, so stray tail bits past m never select a
+// lane) to the 16-lane partial sums, then reduces them into p.
+SIGNEDCUT_AVX512 static void ProjectFinishRow(const ApplyArgs& a, int64_t r, int64_t jb,
+                                              int64_t je, float* partial) {
   const int64_t mw = (a.m + 31) / 32;
-  const uint32_t last = a.m % 32 == 0 ? 0xFFFFFFFFu : ((1u << (a.m % 32)) - 1u);
-  for (int64_t r0 = 0; r0 < a.rows; r0 += kRowBlock) {
-    const int64_t r1 = std::min(a.rows, r0 + kRowBlock);
-    const int64_t col_block = std::min(kMaxColBlock, (kBlockFloats / (r1 - r0)) / 64 * 64);
-    for (int64_t i0 = 0; i0 < a.m; i0 += col_block) {
-      const int64_t len = std::min(a.m - i0, col_block);
-      for (int64_t j = j0; j < j1; ++j) {
-        const uint32_t* bits = a.s_bits + j * mw + i0 / 32;
-        uint32_t tailword[kMaxColBlock / 32];
-        if (i0 + len == a.m && last != 0xFFFFFFFFu) {
-          // Clear stray tail bits (the format says 0, but never read past m).
-          const int64_t nwb = (len + 31) / 32;
-          for (int64_t q = 0; q < nwb; ++q) tailword[q] = bits[q];
-          tailword[nwb - 1] &= last;
-          bits = tailword;
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          const float s = MaskedSum(a.x + r * a.m + i0, bits, len);
-          float* p = a.p + r * a.w + j;
-          *p = i0 == 0 ? s : *p + s;
-        }
-      }
+  const float* x = a.x + r * a.m;
+  for (int64_t i = a.m / kApplyTile * kApplyTile; i < a.m; i += 16) {
+    const int64_t left = a.m - i;
+    const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(valid, x + i);
+    for (int64_t j = jb; j < je; ++j) {
+      const __mmask16 mk = static_cast<__mmask16>(a.s_bits[j * mw + i / 32] >> (i % 32)) & valid;
+      float* pp = partial + 16 * (j - jb);
+      _mm512_store_ps(pp, _mm512_mask_add_ps(_mm512_load_ps(pp), mk, _mm512_load_ps(pp), xv));
     }
   }
-  for (int64_t r = 0; r < a.rows; ++r)
-    for (int64_t j = j0; j < j1; ++j) {
-      float* p = a.p + r * a.w + j;
-      *p = a.c[j] * (a.row_sums[r] - 2.0f * *p);
-    }
+  for (int64_t j = jb; j < je; ++j) {
+    const float* pp = partial + 16 * (j - jb);
+    float neg = 0.0f;
+    for (int q = 0; q < 16; ++q) neg += pp[q];
+    a.p[r * a.w + j] = a.c[j] * (a.row_sums[r] - 2.0f * neg);
+  }
 }
 
-SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t i1) {
+SIGNEDCUT_AVX512 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1) {
+  // A block of x stays in 16 registers (256 floats of one row, or 128 floats
+  // of each of two rows sharing every mask load) while a block of kProjCuts
+  // cuts streams past it. Each cut keeps a 16-lane partial sum per row (in
+  // L1) that is reduced once at the end.
+  const int64_t mw = (a.m + 31) / 32;
+  const int64_t full = a.m / kApplyTile;  // complete 256-float blocks
+  alignas(64) float partial0[kProjCuts * 16];
+  alignas(64) float partial1[kProjCuts * 16];
+  for (int64_t jb = j0; jb < j1; jb += kProjCuts) {
+    const int64_t je = std::min(j1, jb + kProjCuts);
+    int64_t r = 0;
+    for (; r + 1 < a.rows; r += 2) {
+      const float* x0 = a.x + r * a.m;
+      const float* x1 = x0 + a.m;
+      for (int64_t j = 0; j < je - jb; ++j) {
+        _mm512_store_ps(partial0 + 16 * j, _mm512_setzero_ps());
+        _mm512_store_ps(partial1 + 16 * j, _mm512_setzero_ps());
+      }
+      for (int64_t hb = 0; hb < 2 * full; ++hb) {  // 128-float half blocks
+        __m512 xr0[8], xr1[8];
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          xr0[q] = _mm512_loadu_ps(x0 + hb * 128 + 16 * q);
+          xr1[q] = _mm512_loadu_ps(x1 + hb * 128 + 16 * q);
+        }
+        for (int64_t j = jb; j < je; ++j) {
+          const uint32_t* bits = a.s_bits + j * mw + hb * 4;
+          __m512 e0 = _mm512_load_ps(partial0 + 16 * (j - jb)), o0 = _mm512_setzero_ps();
+          __m512 e1 = _mm512_load_ps(partial1 + 16 * (j - jb)), o1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+          for (int q = 0; q < 8; q += 2) {
+            const __mmask16 ke = Mask16(bits, q), ko = Mask16(bits, q + 1);
+            e0 = _mm512_mask_add_ps(e0, ke, e0, xr0[q]);
+            e1 = _mm512_mask_add_ps(e1, ke, e1, xr1[q]);
+            o0 = _mm512_mask_add_ps(o0, ko, o0, xr0[q + 1]);
+            o1 = _mm512_mask_add_ps(o1, ko, o1, xr1[q + 1]);
+          }
+          _mm512_store_ps(partial0 + 16 * (j - jb), _mm512_add_ps(e0, o0));
+          _mm512_store_ps(partial1 + 16 * (j - jb), _mm512_add_ps(e1, o1));
+        }
+      }
+      ProjectFinishRow(a, r, jb, je, partial0);
+      ProjectFinishRow(a, r + 1, jb, je, partial1);
+    }
+    for (; r < a.rows; ++r) {
+      const float* x = a.x + r * a.m;
+      for (int64_t j = 0; j < je - jb; ++j) _mm512_store_ps(partial0 + 16 * j, _mm512_setzero_ps());
+      for (int64_t xb = 0; xb < full; ++xb) {
+        __m512 xr[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) xr[q] = _mm512_loadu_ps(x + xb * kApplyTile + 16 * q);
+        for (int64_t j = jb; j < je; ++j) {
+          const uint32_t* bits = a.s_bits + j * mw + xb * (kApplyTile / 32);
+          __m512 e = _mm512_load_ps(partial0 + 16 * (j - jb)), o = _mm512_setzero_ps();
+#pragma GCC unroll 8
+          for (int q = 0; q < 16; q += 2) {
+            e = _mm512_mask_add_ps(e, Mask16(bits, q), e, xr[q]);
+            o = _mm512_mask_add_ps(o, Mask16(bits, q + 1), o, xr[q + 1]);
+          }
+          _mm512_store_ps(partial0 + 16 * (j - jb), _mm512_add_ps(e, o));
+        }
+      }
+      ProjectFinishRow(a, r, jb, je, partial0);
+    }
+  }
+}
+
+SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1,
+                                        float* y_out) {
   const int64_t nw = (a.n + 31) / 32;
-  for (int64_t t0 = i0; t0 < i1; t0 += kApplyTile) {
-    const int64_t cols = std::min(kApplyTile, i1 - t0);
-    const int64_t nq = (cols + 15) / 16;  // 16-lane chunks in this tile
-    const int64_t word0 = t0 / 32;
-    for (int64_t jb = 0; jb < a.w; jb += kCutBlock) {
-      const int64_t je = std::min(a.w, jb + kCutBlock);
-      for (int64_t r = 0; r < a.rows; ++r) {
-        float* y = a.y + r * a.n + t0;
+  const int64_t i0 = 0, i1 = a.n;
+  // Cut blocks outermost: one block of t_bits rows (kCutBlock · nw words) is
+  // streamed from memory once and then read tile by tile from L2; within a
+  // tile a cut's 16 masks are 32 bytes of one row.
+  for (int64_t jb = j0; jb < j1; jb += kCutBlock) {
+    const int64_t je = std::min(j1, jb + kCutBlock);
+    for (int64_t t0 = i0; t0 < i1; t0 += kApplyTile) {
+      const int64_t cols = std::min(kApplyTile, i1 - t0);
+      const int64_t nq = (cols + 15) / 16;  // 16-lane chunks in this tile
+      const int64_t word0 = t0 / 32;
+      int64_t r = 0;
+      if (nq == 16) {
+        // Two rows at a time, half a tile each pass: every mask load feeds two adds.
+        for (; r + 1 < a.rows; r += 2) {
+          const float* p0 = a.p + r * a.w;
+          const float* p1 = p0 + a.w;
+          for (int h = 0; h < 2; ++h) {
+            float* y0 = y_out + r * a.n + t0 + 128 * h;
+            float* y1 = y0 + a.n;
+            __m512 acc0[8], acc1[8];
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; ++q) {
+              acc0[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y0 + 16 * q);
+              acc1[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y1 + 16 * q);
+            }
+            for (int64_t j = jb; j < je; ++j) {
+              const __m512 pj0 = _mm512_set1_ps(p0[j]), pj1 = _mm512_set1_ps(p1[j]);
+              const uint32_t* bits = a.t_bits + j * nw + word0 + 4 * h;
+#pragma GCC unroll 8
+              for (int q = 0; q < 8; ++q) {
+                const __mmask16 k = Mask16(bits, q);
+                acc0[q] = _mm512_mask_add_ps(acc0[q], k, acc0[q], pj0);
+                acc1[q] = _mm512_mask_add_ps(acc1[q], k, acc1[q], pj1);
+              }
+            }
+#pragma GCC unroll 8
+            for (int q = 0; q < 8; ++q) {
+              _mm512_storeu_ps(y0 + 16 * q, acc0[q]);
+              _mm512_storeu_ps(y1 + 16 * q, acc1[q]);
+            }
+          }
+        }
+      }
+      for (; r < a.rows; ++r) {
+        float* y = y_out + r * a.n + t0;
         const float* p = a.p + r * a.w;
         if (nq == 16) {
           __m512 acc[16];
 #pragma GCC unroll 16
           for (int q = 0; q < 16; ++q)
-            acc[q] = jb == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * q);
+            acc[q] = jb == j0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * q);
           for (int64_t j = jb; j < je; ++j) {
             const __m512 pj = _mm512_set1_ps(p[j]);
             const uint32_t* bits = a.t_bits + j * nw + word0;
@@ -123,7 +197,7 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t 
           for (int64_t q = 0; q < nq; ++q) {
             const int64_t left = cols - 16 * q;
             const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-            __m512 acc = jb == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, y + 16 * q);
+            __m512 acc = jb == j0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, y + 16 * q);
             for (int64_t j = jb; j < je; ++j) {
               const uint32_t word = a.t_bits[j * nw + word0 + q / 2] >> (16 * (q % 2));
               acc = _mm512_mask_add_ps(acc, static_cast<__mmask16>(word) & valid, acc,
@@ -134,16 +208,18 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t 
         }
       }
     }
-    for (int64_t r = 0; r < a.rows; ++r) {
-      float* y = a.y + r * a.n + t0;
-      const __m512 ps = _mm512_set1_ps(a.p_sums[r]);
-      const __m512 two = _mm512_set1_ps(2.0f);
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t left = cols - 16 * q;
-        const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
-        const __m512 v = _mm512_maskz_loadu_ps(valid, y + 16 * q);
-        _mm512_mask_storeu_ps(y + 16 * q, valid, _mm512_fnmadd_ps(two, v, ps));
-      }
+  }
+  // y = Σ_j p_j − 2·(Σ of p_j over cuts with t_j[i] = −1).
+  const __m512 two = _mm512_set1_ps(2.0f);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float p_sum = 0.0f;
+    for (int64_t j = j0; j < j1; ++j) p_sum += a.p[r * a.w + j];
+    const __m512 ps = _mm512_set1_ps(p_sum);
+    for (int64_t i = i0; i < i1; i += 16) {
+      const int64_t left = i1 - i;
+      const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+      float* y = y_out + r * a.n + i;
+      _mm512_mask_storeu_ps(y, valid, _mm512_fnmadd_ps(two, _mm512_maskz_loadu_ps(valid, y), ps));
     }
   }
 }

@@ -14,6 +14,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "apply_kernel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,6 +32,16 @@ bool EnvForcesScalar() {
     return v != nullptr && std::strcmp(v, "scalar") == 0;
   }();
   return forced;
+}
+
+// CPUs this process may run on (the affinity mask, so that taskset and
+// container CPU sets are respected), at least 1.
+int UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 // Runs body(t) for t in [0, threads) on `threads` threads (the caller is one
@@ -51,11 +65,15 @@ void RunOnThreads(int threads, F body) {
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
                     bool force_scalar, int threads) {
-  std::vector<float> p, row_sums, p_sums;
+  if (threads <= 0) threads = UsableCpus();
+  // Below ~4M lane-adds a second thread costs more than it saves.
+  if (rows * w * (m + n) < (int64_t{1} << 22)) threads = 1;
+  threads = static_cast<int>(std::min<int64_t>(threads, w));
+  std::vector<float> p, row_sums, y_extra;
   try {
     p.resize(static_cast<size_t>(rows * w));
     row_sums.resize(static_cast<size_t>(rows));
-    p_sums.resize(static_cast<size_t>(rows));
+    y_extra.resize(static_cast<size_t>((threads - 1) * rows * n));
   } catch (const std::bad_alloc&) {
     return false;
   }
@@ -64,31 +82,25 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
     for (int64_t i = 0; i < m; ++i) s += x[r * m + i];
     row_sums[r] = s;
   }
-  ApplyArgs a{x, s_bits, t_bits, c, p.data(), y, row_sums.data(), p_sums.data(), rows, m, n, w};
+  const ApplyArgs a{x, s_bits, t_bits, c, p.data(), row_sums.data(), rows, m, n, w};
   const bool avx = !force_scalar && !EnvForcesScalar() && ApplyHasAvx512();
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  // Below ~1M masked lane-adds a second thread costs more than it saves.
-  const int64_t work = rows * w * (m + n);
-  if (work < (int64_t{1} << 22)) threads = 1;
-  threads = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, w)));
-
+  // Each thread projects and expands its own cuts into its own buffer: one
+  // fork/join per call. Thread 0 writes y itself.
   RunOnThreads(threads, [&](int t) {
     const int64_t j0 = w * t / threads, j1 = w * (t + 1) / threads;
-    if (avx) ApplyProjectAvx512(a, j0, j1); else ApplyProjectScalar(a, j0, j1);
+    float* out = t == 0 ? y : y_extra.data() + (t - 1) * rows * n;
+    if (avx) {
+      ApplyProjectAvx512(a, j0, j1);
+      ApplyExpandAvx512(a, j0, j1, out);
+    } else {
+      ApplyProjectScalar(a, j0, j1);
+      ApplyExpandScalar(a, j0, j1, out);
+    }
   });
-  for (int64_t r = 0; r < rows; ++r) {
-    float s = 0.0f;
-    for (int64_t j = 0; j < w; ++j) s += p[r * w + j];
-    p_sums[r] = s;
+  for (int t = 1; t < threads; ++t) {
+    const float* extra = y_extra.data() + (t - 1) * rows * n;
+    for (int64_t i = 0; i < rows * n; ++i) y[i] += extra[i];
   }
-  const int64_t tiles = (n + kApplyTile - 1) / kApplyTile;
-  const int et = static_cast<int>(std::min<int64_t>(threads, tiles));
-  RunOnThreads(et, [&](int t) {
-    const int64_t i0 = std::min(n, tiles * t / et * kApplyTile);
-    const int64_t i1 = std::min(n, tiles * (t + 1) / et * kApplyTile);
-    if (i0 >= i1) return;
-    if (avx) ApplyExpandAvx512(a, i0, i1); else ApplyExpandScalar(a, i0, i1);
-  });
   return true;
 }
 
@@ -109,9 +121,9 @@ std::string Dims(ffi::Span<const int64_t> dims) {
 }
 
 // x (..., m); s_bits (..., w, ceil(m/32)); t_bits (..., w, ceil(n/32)); c (..., w);
-// y (..., n). The factors' leading dims (G groups, size 1 when unbatched, as
-// vmap_method="expand_dims" hands them over) split x's leading dims into G
-// equal groups of rows.
+// y (..., n). All leading dims are batch dims. The factors' leading dims (G
+// matrices; size 1 when unbatched, as vmap_method="expand_dims" hands them
+// over) split y's rows into G equal groups.
 ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                      ffi::Buffer<ffi::U32> t_bits, ffi::Buffer<ffi::F32> c,
                      ffi::ResultBuffer<ffi::F32> y, int32_t force_scalar) {
@@ -134,18 +146,22 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
     return ffi::Error::InvalidArgument(
         "signedcut_apply: factor shapes do not match m = " + std::to_string(m) + ", n = " +
         std::to_string(n) + ": s_bits " + Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
-  for (size_t i = 0; i + 1 < xd.size(); ++i)
-    if (yd[i] != xd[i])
-      return ffi::Error::InvalidArgument("signedcut_apply: y " + Dims(yd) +
-                                         " does not have x's batch dims " + Dims(xd));
-  const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1);
-  if (groups == 0 || xrows % groups != 0)
-    return ffi::Error::InvalidArgument("signedcut_apply: x batch " + Dims(xd) +
+  // Rows of y are split into one group per factor matrix. x has either the
+  // same rows as y or, when only the factors are batched (vmap hands x over
+  // with size-1 leading dims), one group's rows shared by every group.
+  const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1),
+                yrows = Prod(yd, yd.size() - 1);
+  if (groups == 0 || yrows % groups != 0)
+    return ffi::Error::InvalidArgument("signedcut_apply: y batch " + Dims(yd) +
                                        " is not a multiple of the factor batch " + Dims(sd));
-  const int64_t rows = xrows / groups;
+  const int64_t rows = yrows / groups;
+  if (xrows != yrows && xrows != rows)
+    return ffi::Error::InvalidArgument("signedcut_apply: x " + Dims(xd) + " does not match y " +
+                                       Dims(yd) + " for factor batch " + Dims(sd));
+  const int64_t x_stride = xrows == yrows ? rows * m : 0;
   if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
   for (int64_t g = 0; g < groups; ++g) {
-    if (!signedcut::ApplySignedCut(x.typed_data() + g * rows * m,
+    if (!signedcut::ApplySignedCut(x.typed_data() + g * x_stride,
                                    s_bits.typed_data() + g * w * sd.back(),
                                    t_bits.typed_data() + g * w * td.back(),
                                    c.typed_data() + g * w, y->typed_data() + g * rows * n, rows,

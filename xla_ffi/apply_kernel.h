@@ -9,10 +9,9 @@
 //
 // Sign words use the library layout (element i = bit i % 32 of word i / 32,
 // bit 1 means −1, tail bits 0; tail bits are masked off here anyway). All
-// arrays are row-major and contiguous. Each phase works on a range (cuts for
-// project, output columns for expand) so that callers can split the work over
-// threads; every output element is written by exactly one call, so results do
-// not depend on how the work is split.
+// arrays are row-major and contiguous. Both phases work on a range of cuts
+// [j0, j1), so that each thread projects and expands its own cuts into its own
+// output buffer without waiting for the others; the caller sums the buffers.
 #ifndef JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
 #define JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
 
@@ -26,24 +25,23 @@ struct ApplyArgs {
   const uint32_t* t_bits;  // (w, ceil(n/32))
   const float* c;          // (w,)
   float* p;                // scratch (rows, w)
-  float* y;                // (rows, n)
-  const float* row_sums;   // (rows,) Σ_i x[r, i]   (read by project)
-  float* p_sums;           // (rows,) Σ_j p[r, j]   (written by the caller after project)
+  const float* row_sums;   // (rows,) Σ_i x[r, i]
   int64_t rows, m, n, w;
 };
 
-// Columns per expand tile of the AVX-512 core; expand ranges should start at
-// multiples of this so that both cores split identically.
+// Floats per register-resident block of the AVX-512 cores (16 registers).
 constexpr int64_t kApplyTile = 256;
 
+// Project writes p[r, j] for j in [j0, j1). Expand writes all of y (rows, n):
+// y[r, i] = Σ_{j in [j0, j1)} p[r, j] · t_j[i].
 // Portable cores.
 void ApplyProjectScalar(const ApplyArgs& a, int64_t j0, int64_t j1);
-void ApplyExpandScalar(const ApplyArgs& a, int64_t i0, int64_t i1);
+void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 
 // AVX-512 (F + BW) cores, compiled with per-function target attributes. Only
 // call them when ApplyHasAvx512() is true.
 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1);
-void ApplyExpandAvx512(const ApplyArgs& a, int64_t i0, int64_t i1);
+void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 bool ApplyHasAvx512();
 
 // The whole product on up to `threads` threads (0: hardware concurrency),

@@ -35,27 +35,27 @@ void ApplyProjectScalar(const ApplyArgs& a, int64_t j0, int64_t j1) {
   }
 }
 
-void ApplyExpandScalar(const ApplyArgs& a, int64_t i0, int64_t i1) {
+void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y_out) {
   const int64_t nw = (a.n + 31) / 32;
   const uint32_t tail = TailMask(a.n);
-  const int64_t k0 = i0 / 32, k1 = (i1 + 31) / 32;  // i0 is a multiple of 32
   for (int64_t r = 0; r < a.rows; ++r) {
-    float* y = a.y + r * a.n;
-    for (int64_t i = i0; i < i1; ++i) y[i] = 0.0f;
+    float* y = y_out + r * a.n;
+    for (int64_t i = 0; i < a.n; ++i) y[i] = 0.0f;
     const float* p = a.p + r * a.w;
-    for (int64_t j = 0; j < a.w; ++j) {
+    float p_sum = 0.0f;
+    for (int64_t j = j0; j < j1; ++j) {
       const float pj = p[j];
+      p_sum += pj;
       const uint32_t* bits = a.t_bits + j * nw;
-      for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t k = 0; k < nw; ++k) {
         uint32_t b = k == nw - 1 ? (bits[k] & tail) : bits[k];
-        if (k == k1 - 1 && i1 % 32 != 0) b &= (1u << (i1 % 32)) - 1u;
         while (b != 0) {
           y[k * 32 + __builtin_ctz(b)] += pj;  // Σ of p_j over cuts with t_j[i] = −1
           b &= b - 1;
         }
       }
     }
-    for (int64_t i = i0; i < i1; ++i) y[i] = a.p_sums[r] - 2.0f * y[i];
+    for (int64_t i = 0; i < a.n; ++i) y[i] = p_sum - 2.0f * y[i];
   }
 }
 

@@ -1,0 +1,151 @@
+"""SignedCutDense vs nnx.Linear on a 4096×4096 layer: time per call and parameter bytes.
+
+One run measures every layer, interleaved round by round so that machine load
+hits all of them alike, and reports medians and the ratio to the f32
+``nnx.Linear`` measured in the same run. Factors are random sign bits (any
+valid SignedCut costs the same to apply); no decomposition is run.
+
+Rows: the packed-apply CPU kernel (``impl="ffi"``, what ``"auto"`` picks on
+CPU below ``FFI_MAX_ROWS`` = 128 rows) and the pure-JAX blocked path
+(``impl="jnp"``, what other platforms and larger CPU batches use); below the
+table, the time of one expansion for ``dense=True`` and the batch from which
+it pays.
+
+Usage:
+  python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jax_signedcut as sc
+from jax_signedcut import _apply
+from jax_signedcut.nnx import SignedCutDense
+
+
+def _bytes(module) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module)))
+
+
+def _runner(module, impl=None):
+  graphdef, state = nnx.split(module)
+  if impl is None:
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  else:
+    def fn_(s, x):
+      layer = nnx.merge(graphdef, s)
+      return _apply.apply_signed_cut(x, layer.factors, layer.bias[...], impl=impl)
+    fn = jax.jit(fn_)
+  return lambda x: fn(state, x)
+
+
+def _time(run, x) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call.
+
+  CPU time (all threads, XLA's pool included) is less sensitive to other
+  processes than wall time on a shared machine, but counts any spinning of
+  XLA's worker threads too.
+  """
+  c = time.process_time()
+  t = time.perf_counter()
+  jax.block_until_ready(run(x))
+  return time.perf_counter() - t, time.process_time() - c
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--size", type=int, default=4096)
+  ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--batches", default="1,64")
+  ap.add_argument("--markdown", default=None, help="also write the table to this file")
+  args = ap.parse_args()
+  load = os.getloadavg()
+  m = n = args.size
+  batches = [int(b) for b in args.batches.split(",")]
+  rngs = nnx.Rngs(0)
+  layers = {
+      "nnx.Linear f32": (nnx.Linear(m, n, rngs=rngs), None),
+      "nnx.Linear bf16": (nnx.Linear(m, n, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                     rngs=rngs), None),
+  }
+  for rate in (0.5, 0.25):
+    w = sc.width_for_rate(m, n, rate)
+    layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
+    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi"] = (layer, "ffi")
+    layers[f"SignedCutDense rate {rate:g} (w={w}) jnp"] = (layer, "jnp")
+  rows = []
+  for batch in batches:
+    x = jax.random.normal(jax.random.key(2), (batch, m))
+    runs = {}
+    for name, (layer, impl) in layers.items():
+      if impl == "ffi" and not _apply._has_ffi_kernel():  # noqa: SLF001
+        continue
+      xin = x.astype(jnp.bfloat16) if "bf16" in name else x
+      run = _runner(layer, impl)
+      jax.block_until_ready(run(xin))  # compile
+      runs[name] = (run, xin)
+    times = {name: [] for name in runs}
+    rounds = args.rounds if batch <= 8 else max(3, args.rounds // 3)
+    for _ in range(rounds):
+      for name, (run, xin) in runs.items():
+        times[name].append(_time(run, xin))
+    base = statistics.median(t for t, _ in times["nnx.Linear f32"])
+    cbase = statistics.median(c for _, c in times["nnx.Linear f32"])
+    for name in runs:
+      med = statistics.median(t for t, _ in times[name])
+      cpu = statistics.median(c for _, c in times[name])
+      best = min(t for t, _ in times[name]) / min(t for t, _ in times["nnx.Linear f32"])
+      rows.append((batch, name, med * 1e3, med / base, best, cpu * 1e3, cpu / cbase,
+                   _bytes(layers[name][0])))
+
+  # dense=True pays for expanding the factors on every call: time it once at rate ½.
+  w = sc.width_for_rate(m, n, 0.5)
+  layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
+  expand = jax.jit(lambda f: sc.reconstruct(f))
+  jax.block_until_ready(expand(layer.factors))
+  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None)[0] for _ in range(2))
+
+  lines = [
+      f"SignedCutDense vs nnx.Linear, {m}x{n}; {platform.machine()} {os.cpu_count()} cores, "
+      f"jax {jax.__version__}, backend {jax.default_backend()}; medians of interleaved rounds",
+      "",
+      f"load average before the run: {' '.join(f'{v:.1f}' for v in load)}",
+      "",
+      "| batch | layer | wall ms (median) | × Linear f32 | × Linear f32 (best of each) "
+      "| CPU ms (median) | × Linear f32 (CPU) | param bytes |",
+      "|---:|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for batch, name, ms, ratio, best, cms, cratio, nbytes in rows:
+    lines.append(f"| {batch} | {name} | {ms:.2f} | {ratio:.2f} | {best:.2f} | {cms:.2f} | "
+                 f"{cratio:.2f} | {nbytes:,} |")
+  lines += ["", f"Expanding rate-½ factors to a dense kernel (dense=True, per call): "
+            f"{t_expand * 1e3:.0f} ms."]
+  per_row = {}
+  for batch, name, ms, *_ in rows:
+    if batch == max(batches):
+      per_row[name] = ms / batch
+  lin = per_row.get("nnx.Linear f32")
+  fac = per_row.get(f"SignedCutDense rate 0.5 (w={w}) ffi") or per_row.get(
+      f"SignedCutDense rate 0.5 (w={w}) jnp")
+  if lin is not None and fac is not None and fac > lin:
+    lines.append(f"dense=True beats the factored product from batch ≈ "
+                 f"{t_expand * 1e3 / (fac - lin):.0f} (expansion / (factored − dense) per row "
+                 f"at batch {max(batches)}).")
+  text = "\n".join(lines)
+  print(text)
+  if args.markdown:
+    with open(args.markdown, "w") as fh:
+      fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
