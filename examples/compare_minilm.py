@@ -30,7 +30,6 @@ the budget. Writes ``docs/minilm_comparison.md`` and ``docs/minilm_comparison.pn
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -46,7 +45,7 @@ from jax_signedcut.models import bert
 from jax_signedcut.models.eval_texts import SENTENCES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compress_minilm import load_factors  # noqa: E402
+from compress_minilm import flat_paths, load_factors  # noqa: E402
 
 BITS = (8, 7, 5, 4, 2)
 RATE_NAMES = {8: "rate ½", 7: "rate 7⁄16", 5: "rate 5⁄16", 4: "rate ¼", 2: "rate ⅛"}
@@ -137,14 +136,11 @@ def main(argv=None):
   model = bert.load_safetensors(num_layers=args.layers)
   tok = bert.load_tokenizer()
   params = nnx.state(model, nnx.Param)
-  flat = {sc._tree.leaf_path(kp): np.asarray(a)  # noqa: SLF001
-          for kp, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {p: np.asarray(a) for p, a in flat_paths(params).items()}
 
   def decompose(outliers):
-    f = sc.decompose_leafwise(params, key=key, bits_per_weight=max(BITS), outliers=outliers)
-    return {sc._tree.leaf_path(kp): x  # noqa: SLF001
-            for kp, x in jax.tree_util.tree_flatten_with_path(
-                f, is_leaf=lambda x: isinstance(x, sc.SignedCut))[0]}
+    return flat_paths(sc.decompose_leafwise(params, key=key, bits_per_weight=max(BITS),
+                                            outliers=outliers))
 
   if args.factors:
     factors, meta = load_factors(args.factors)

@@ -5,7 +5,8 @@ BERT of :mod:`jax_signedcut.models.bert`; decompose every 2-D weight (the six
 Linear kernels of each layer, the word and position embedding tables; the
 2×384 token-type table is below ``min_dim`` and stays dense) at one budget
 (default rate ½ of bf16, i.e. 8 bits per weight, with ``outliers="auto"``);
-write the compressed checkpoint; load it back into a model whose Linear
+write the compressed checkpoint (``jax_signedcut.save``: packed
+words, scales, sparse parts, CRCs); load it back into a model whose Linear
 layers are ``SignedCutDense`` (the embedding tables are reconstructed dense
 from their factors); print per-matrix errors, bytes, the embedding cosine to
 the original model over 50 sentences and a retrieval check (20 queries, 30
@@ -22,11 +23,9 @@ suite runs a one-layer version).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
-import tempfile
 import time
 
 import jax
@@ -37,63 +36,16 @@ import jax_signedcut as sc
 from jax_signedcut.models import bert
 from jax_signedcut.models.eval_texts import ANSWERS, DOCUMENTS, QUERIES, SENTENCES
 
-FORMAT = "jax_signedcut.signedcut-tree/1"
-_FIELDS = ("s_bits", "t_bits", "c", "num_cuts", "sparse_idx", "sparse_val", "num_sparse")
 
-
-def save_factors(path: str, tree, meta: dict) -> int:
-  """Writes a pytree with SignedCut leaves to safetensors; returns the file size.
-
-  Tensor ``p/s_bits`` … hold the factors of leaf ``p``, a dense leaf is stored
-  under its path; the header metadata records the format, each factor's (m, n)
-  and ``meta``. Written to a temporary name, then renamed.
-  """
-  from safetensors.numpy import save_file  # noqa: PLC0415
-
+def flat_paths(tree) -> dict:
+  """``{path: leaf}`` of a pytree with ``SignedCut`` leaves (paths as ``decompose`` names them)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, sc.SignedCut))
-  tensors, shapes = {}, {}
-  for kp, leaf in flat:
-    p = sc._tree.leaf_path(kp)  # noqa: SLF001
-    if isinstance(leaf, sc.SignedCut):
-      shapes[p] = list(leaf.shape)
-      for name in _FIELDS:
-        if getattr(leaf, name) is not None:
-          tensors[f"{p}/{name}"] = np.array(getattr(leaf, name), order="C")  # keeps 0-d
-    else:
-      tensors[p] = np.array(leaf, order="C")
-  header = {"format": FORMAT, "shapes": json.dumps(shapes), "meta": json.dumps(meta)}
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-  os.close(fd)
-  try:
-    save_file(tensors, tmp, metadata=header)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return os.path.getsize(path)
+  return {sc._tree.leaf_path(kp): leaf for kp, leaf in flat}  # noqa: SLF001
 
 
 def load_factors(path: str) -> tuple[dict, dict]:
-  """The flat ``{path: SignedCut | array}`` dict and the meta of :func:`save_factors`.
-
-  Raises:
-    ValueError: not a file of this format.
-  """
-  from safetensors import safe_open  # noqa: PLC0415
-
-  with safe_open(path, "numpy") as fh:
-    header = fh.metadata() or {}
-    if header.get("format") != FORMAT:
-      raise ValueError(f"{path}: not a {FORMAT} file (format {header.get('format')!r})")
-    arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-  shapes = json.loads(header["shapes"])
-  out = {p: a for p, a in arrays.items()
-         if not any(p.startswith(s + "/") for s in shapes)}
-  for p, (m, n) in shapes.items():
-    parts = {name: arrays.get(f"{p}/{name}") for name in _FIELDS}
-    out[p] = sc.SignedCut(shape=(m, n), **{k: None if v is None else jax.numpy.asarray(v)
-                                           for k, v in parts.items()})
-  return out, json.loads(header["meta"])
+  """The flat ``{path: SignedCut | array}`` dict of a checkpoint and its user metadata."""
+  return flat_paths(sc.load(path)), sc.load_info(path)["user"]
 
 
 def _cosine(a, b):
@@ -144,11 +96,7 @@ def main(argv=None) -> dict:
   t_decompose = time.perf_counter() - t0
 
   # 2. Errors and bytes.
-  flat_p = {sc._tree.leaf_path(kp): a  # noqa: SLF001
-            for kp, a in jax.tree_util.tree_flatten_with_path(params)[0]}
-  flat_f = {sc._tree.leaf_path(kp): f  # noqa: SLF001
-            for kp, f in jax.tree_util.tree_flatten_with_path(
-                factors, is_leaf=lambda x: isinstance(x, sc.SignedCut))[0]}
+  flat_p, flat_f = flat_paths(params), flat_paths(factors)
   rows = []
   for path, f in flat_f.items():
     if isinstance(f, sc.SignedCut):
@@ -164,8 +112,9 @@ def main(argv=None) -> dict:
 
   # 3. The checkpoint: write, then read back into a model with SignedCutDense layers.
   budget_text = f"rate {rate:g}" if rate is not None else f"{args.bits:g} bits/weight"
-  size = save_factors(args.out, factors, {"model": "all-MiniLM-L6-v2", "budget": budget_text,
-                                          "outliers": str(outliers), "seed": args.seed})
+  sc.save(args.out, factors, metadata={"model": "all-MiniLM-L6-v2", "budget": budget_text,
+                                       "outliers": str(outliers), "seed": args.seed})
+  size = os.path.getsize(args.out)
   loaded, _ = load_factors(args.out)
   compressed = bert.with_factors(bert.load_safetensors(model_dir, num_layers=args.layers), loaded)
   n_swapped = sum(isinstance(m, sc.nnx.SignedCutDense) for _, m in nnx.iter_modules(compressed))
