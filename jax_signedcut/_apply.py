@@ -82,7 +82,7 @@ def apply_jnp(x2: jax.Array, f: SignedCut, *, block: int = BLOCK) -> jax.Array:
     sb, tb, cb = blk_
     s = _packing.unpack_signs(sb, m)                       # (blk, m)
     t = _packing.unpack_signs(tb, n)                       # (blk, n)
-    p = jnp.matmul(x2, s.T, precision=_HI) * cb[None, :]  # (B, blk)
+    p = jnp.matmul(x2, s.T, precision=_HI) * cb[None, :]   # (B, blk)
     return y + jnp.matmul(p, t, precision=_HI), None
 
   y, _ = jax.lax.scan(step, jnp.zeros((x2.shape[0], n), jnp.float32), xs)
