@@ -105,6 +105,8 @@ class SignedCutDense(nnx.Module):
     self.t_bits = PackedFactor(t)
     self.c = PackedFactor(c)
     self.num_cuts = PackedFactor(jnp.asarray(width if rngs is not None else 0, jnp.int32))
+    # The sparse part of an outlier-aware decomposition (set by from_factors).
+    self.sparse_idx = self.sparse_val = self.num_sparse = nnx.data(None)
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
   @classmethod
@@ -127,6 +129,10 @@ class SignedCutDense(nnx.Module):
     layer.t_bits = PackedFactor(f.t_bits)
     layer.c = PackedFactor(f.c)
     layer.num_cuts = PackedFactor(f.num_cuts)
+    if f.sparse_idx is not None:
+      layer.sparse_idx = PackedFactor(f.sparse_idx)
+      layer.sparse_val = PackedFactor(f.sparse_val)
+      layer.num_sparse = PackedFactor(f.num_sparse)
     if bias is not None:
       layer.bias = nnx.Param(jnp.asarray(bias))
     return layer
@@ -169,8 +175,12 @@ class SignedCutDense(nnx.Module):
   @property
   def factors(self) -> SignedCut:
     """The held decomposition as a :class:`SignedCut`."""
+    sparse = {}
+    if self.sparse_idx is not None:
+      sparse = dict(sparse_idx=self.sparse_idx[...], sparse_val=self.sparse_val[...],
+                    num_sparse=self.num_sparse[...])
     return SignedCut(self.s_bits[...], self.t_bits[...], self.c[...], self.num_cuts[...],
-                     shape=(self.in_features, self.out_features))
+                     shape=(self.in_features, self.out_features), **sparse)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias[...]

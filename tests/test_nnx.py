@@ -60,7 +60,9 @@ def test_swap_selects_by_rules_and_filters():
   assert model.layers[1].width == sc.width_for_rate(48, 40, 0.5)
   assert type(model.head) is nnx.Linear
   packed = nnx.state(model, PackedFactor)
-  assert sorted(packed["layers"][0].keys()) == ["c", "num_cuts", "s_bits", "t_bits"]
+  # outliers="auto" (the default) also gives the layer the sparse part.
+  assert sorted(packed["layers"][0].keys()) == ["c", "num_cuts", "num_sparse", "s_bits",
+                                                 "sparse_idx", "sparse_val", "t_bits"]
   params = nnx.state(model, nnx.Param)
   assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params))
   assert "s_bits" not in params["layers"][0]

