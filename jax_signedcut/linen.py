@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from jax_signedcut import _packing, _tree
@@ -37,6 +38,7 @@ __all__ = ["COLLECTION", "SignedCutDense", "convert_params"]
 COLLECTION = "signed_cut"
 
 _FIELDS = ("s_bits", "t_bits", "c", "num_cuts")
+_SPARSE_FIELDS = ("sparse_idx", "sparse_val", "num_sparse")
 
 
 class SignedCutDense(nn.Module):
@@ -50,6 +52,10 @@ class SignedCutDense(nn.Module):
     in_features: optional input size m. Linen variables only record
       ceil(m/32) sign words, so without it an input of a different size with
       the same word count cannot be told apart; with it any other size raises.
+    sparse_slots: slots of the sparse part (``f.sparse_idx.shape[-1]`` of
+      factors decomposed with ``outliers``; 0: none). Factors with a sparse
+      part need it: ``convert_params(module=..., inputs=...)`` reports a
+      mismatch as missing or extra ``sparse_*`` leaves.
 
   ``init`` creates zero factors in the ``"signed_cut"`` collection; fill them
   with :func:`convert_params`.
@@ -60,6 +66,7 @@ class SignedCutDense(nn.Module):
   use_bias: bool = True
   dense: bool = False
   in_features: int | None = None
+  sparse_slots: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +90,14 @@ class SignedCutDense(nn.Module):
       raise ValueError(
           f"the factors of {self.name!r} (t_bits {t_bits.value.shape}, c {c.value.shape}) do "
           f"not match features={n}, width={w}")
-    f = SignedCut(s_bits.value, t_bits.value, c.value, num_cuts.value, shape=(m, n))
+    sparse = {}
+    if self.sparse_slots:
+      k = self.sparse_slots
+      sparse = dict(
+          sparse_idx=self.variable(COLLECTION, "sparse_idx", zeros((k,), jnp.int32)).value,
+          sparse_val=self.variable(COLLECTION, "sparse_val", zeros((k,), jnp.float32)).value,
+          num_sparse=self.variable(COLLECTION, "num_sparse", zeros((), jnp.int32)).value)
+    f = SignedCut(s_bits.value, t_bits.value, c.value, num_cuts.value, shape=(m, n), **sparse)
     bias = self.param("bias", nn.initializers.zeros_init(), (n,), jnp.float32) \
         if self.use_bias else None
     return apply_signed_cut(x, f, bias, dense=self.dense)
@@ -95,7 +109,9 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
   ``SignedCutDense`` (same submodule names) in place of the decomposed layers.
 
   Every ``SignedCut`` leaf at ``params/…/NAME/kernel`` becomes
-  ``signed_cut/…/NAME/{s_bits,t_bits,c,num_cuts}``; the bias and every other
+  ``signed_cut/…/NAME/{s_bits,t_bits,c,num_cuts}`` (plus
+  ``sparse_idx,sparse_val,num_sparse`` when it stores entries apart: declare
+  ``sparse_slots`` on that layer; an empty sparse part is dropped); the bias and every other
   leaf stay where they are. Stacked kernels (``nn.scan``) give stacked factors.
 
   Args:
@@ -133,13 +149,23 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
       if parts[-1] != "kernel" or parts[0] != "params":
         raise ValueError(f"a SignedCut at {'/'.join(parts)!r}: only params/…/kernel leaves "
                          "(nn.Dense kernels) can be converted")
-      for name in _FIELDS:
+      names = _FIELDS + (_SPARSE_FIELDS if _has_sparse(leaf) else ())
+      for name in names:
         _put(out, [COLLECTION, *parts[1:-1], name], getattr(leaf, name))
     else:
       _put(out, parts, leaf)
   if module is not None:
     _check_against(module, inputs, out)
   return out
+
+
+def _has_sparse(f: SignedCut) -> bool:
+  """Whether ``f`` stores entries apart (an empty sparse part is dropped)."""
+  if f.sparse_idx is None:
+    return False
+  if isinstance(f.num_sparse, jax.core.Tracer):
+    return True
+  return bool(np.any(np.asarray(f.num_sparse) > 0))
 
 
 def _put(d, parts, value):

@@ -111,3 +111,30 @@ def test_bad_input():
   with pytest.raises(ValueError, match="only params/…/kernel"):
     convert_params({"params": {"emb": {"embedding": f["params"]["inp"]["kernel"]}}},
                    {"params": {"emb": {"embedding": f["params"]["inp"]["kernel"]}}})
+
+
+def test_sparse_part_of_heavy_tailed_kernels():
+  """Factors that store entries apart need sparse_slots; the output then equals x·reconstruct."""
+  class One(nn.Module):
+    compressed: bool
+    slots: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+      if self.compressed:
+        return SignedCutDense(D, width=W_IN, sparse_slots=self.slots, name="fc")(x)
+      return nn.Dense(D, name="fc")(x)
+
+  x0 = jnp.ones((3, 33))
+  variables = One(False).init(jax.random.key(0), x0)
+  kernel = variables["params"]["fc"]["kernel"]
+  heavy = kernel.at[3, 7].set(50.0).at[20, 1].set(-40.0)
+  variables = {"params": {"fc": {"kernel": heavy, "bias": variables["params"]["fc"]["bias"]}}}
+  f = sc.decompose(variables, key=KEY, width=W_IN)
+  assert int(f["params"]["fc"]["kernel"].num_sparse) == 2
+  slots = f["params"]["fc"]["kernel"].sparse_idx.shape[-1]
+  with pytest.raises(ValueError, match="sparse_idx"):
+    convert_params(variables, f, module=One(True), inputs=x0)
+  new = convert_params(variables, f, module=One(True, slots), inputs=x0)
+  x = jax.random.normal(jax.random.key(1), (3, 33))
+  _close(One(True, slots).apply(new, x), x @ sc.reconstruct(f)["params"]["fc"]["kernel"])
