@@ -80,26 +80,15 @@ def extract(a: jax.Array, mode, k_max: int):
     thresh = AUTO_Z * sigma
     # A matrix whose MAD is 0 (e.g. mostly zeros) has no robust scale: no outliers.
     over = (score > thresh) & (sigma > 0)
-    count = jnp.sum(over, dtype=jnp.int32)
-
-    def by_threshold(_):
-      # The usual case: nonzero() lists the selected entries in ascending
-      # order, without sorting or a top-k over all m·n scores.
-      (idx,) = jnp.nonzero(over, size=k_max, fill_value=0)
-      return idx.astype(jnp.int32)
-
-    def largest(_):
-      # More than the cap: the k_max largest scores, ascending by index.
-      return jnp.sort(jax.lax.top_k(score, k_max)[1]).astype(jnp.int32)
-
-    idx = jax.lax.cond(count <= k_max, by_threshold, largest, None)
-    count = jnp.minimum(count, k_max)
+    count = jnp.minimum(jnp.sum(over, dtype=jnp.int32), k_max)
   else:
+    score = jnp.abs(x)
     count = jnp.int32(k_max)
-    idx = jnp.sort(jax.lax.top_k(jnp.abs(x), k_max)[1]).astype(jnp.int32)
+  # The k_max largest scores, of which the first `count` are taken.
+  _, top = jax.lax.top_k(score, k_max)
   used = jnp.arange(k_max) < count
-  idx = jnp.where(used, idx, 0)
-  val = jnp.where(used, x[idx], 0).astype(jnp.float32)
-  keep = jnp.where(used, 0.0, 1.0).astype(x.dtype)
-  remainder = x.at[idx].multiply(keep)
+  order = jnp.argsort(jnp.where(used, top, jnp.int32(2**31 - 1)))
+  idx = jnp.where(used[order], top[order], 0).astype(jnp.int32)
+  val = jnp.where(used[order], x[idx], 0).astype(jnp.float32)
+  remainder = x.at[idx].multiply(jnp.where(used[order], 0.0, 1.0).astype(x.dtype))
   return remainder.reshape(m, n), idx, val, count
