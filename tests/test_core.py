@@ -292,9 +292,10 @@ def test_eager_calls_do_not_recompile():
   assert not compiles, [r.getMessage() for r in compiles]
 
 
-def test_non_finite_under_jit_is_visible():
+@pytest.mark.parametrize("backend", ["jnp", "ffi"])
+def test_non_finite_under_jit_is_visible(backend):
   a = gaussian((8, 8)).at[2, 3].set(jnp.nan)
-  f = jax.jit(lambda x: sc.decompose(x, key=jax.random.key(0), width=3, backend="jnp"))(a)
+  f = jax.jit(lambda x: sc.decompose(x, key=jax.random.key(0), width=3, backend=backend))(a)
   assert np.all(np.isnan(np.asarray(f.c))) and int(f.num_cuts) == 0
 
 
@@ -311,9 +312,10 @@ def test_non_finite_under_jit_is_visible():
     (np.array([[1.0, np.nan], [0.0, 1.0]], np.float32), ValueError, r"a\[0, 1\] = nan"),
     (np.array([[1.0, 2.0], [np.inf, 1.0]], np.float32), ValueError, "non-finite"),
 ])
-def test_bad_matrix(a, exc, match):
+@pytest.mark.parametrize("backend", ["jnp", "ffi", "auto"])
+def test_bad_matrix(a, exc, match, backend):
   with pytest.raises(exc, match=match):
-    sc.decompose(a, key=jax.random.key(0), width=2)
+    sc.decompose(a, key=jax.random.key(0), width=2, backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -329,9 +331,11 @@ def test_bad_matrix(a, exc, match):
     (dict(max_error=0.1), ValueError, "got none"),
     (dict(width=3, backend="cuda"), ValueError, "backend must be one of"),
 ])
-def test_bad_config(kwargs, exc, match):
+@pytest.mark.parametrize("backend", ["jnp", "ffi"])
+def test_bad_config(kwargs, exc, match, backend):
   with pytest.raises(exc, match=match):
-    sc.decompose(np.ones((16, 16), np.float32), key=jax.random.key(0), **kwargs)
+    sc.decompose(np.ones((16, 16), np.float32), key=jax.random.key(0),
+                 **{"backend": backend, **kwargs})
 
 
 def test_bad_key():
