@@ -1,18 +1,26 @@
 """SignedCutDense vs nnx.Linear on a 4096×4096 layer: time per call and parameter bytes.
 
-One run measures every layer, interleaved round by round so that machine load
-hits all of them alike, and reports medians and the ratio to the f32
-``nnx.Linear`` measured in the same run. Factors are random sign bits (any
-valid SignedCut costs the same to apply); no decomposition is run.
+Two regimes, both measured in one run with the layers interleaved round by
+round (so machine load hits all of them alike), reported as medians and as
+ratios to the f32 ``nnx.Linear`` of the same regime and run:
 
-Rows: the packed-apply CPU kernel (``impl="ffi"``, what ``"auto"`` picks on
-CPU below ``FFI_MAX_ROWS`` = 128 rows) and the pure-JAX blocked path
-(``impl="jnp"``, what other platforms and larger CPU batches use); below the
-table, the time of one expansion for ``dense=True`` and the batch from which
-it pays.
+* **warm**: the layer is called again right after its previous call, so its
+  parameters may sit in the CPU caches (this VM reports a large shared L3);
+* **cold**: before every timed call a read-only pass over a 1 GiB numpy array
+  pushes the parameters out of the caches, as in a model whose weights do not
+  fit in cache, where every layer's weights come from DRAM. The flush only
+  reads, so it leaves no dirty lines to write back and no XLA threads busy.
+
+Factors are random sign bits (any valid SignedCut costs the same to apply); no
+decomposition is run. Rows: the packed-apply CPU kernel (``impl="ffi"``, what
+``"auto"`` picks on CPU below ``FFI_MAX_ROWS`` = 128 rows) and the pure-JAX
+blocked path (``impl="jnp"``, what other platforms and larger CPU batches
+use); below the table, the time of one expansion for ``dense=True`` and the
+batch from which it pays.
 
 Usage:
-  python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--markdown FILE]
+  python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--batches 1,64]
+                                       [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jax_signedcut as sc
@@ -48,17 +57,22 @@ def _runner(module, impl=None):
   return lambda x: fn(state, x)
 
 
-def _time(run, x) -> tuple[float, float]:
-  """(wall seconds, process CPU seconds) of one call.
-
-  CPU time (all threads, XLA's pool included) is less sensitive to other
-  processes than wall time on a shared machine, but counts any spinning of
-  XLA's worker threads too.
-  """
-  c = time.process_time()
+def _time(run, x) -> float:
+  """Wall seconds of one call."""
   t = time.perf_counter()
   jax.block_until_ready(run(x))
-  return time.perf_counter() - t, time.process_time() - c
+  return time.perf_counter() - t
+
+
+_FLUSH = None
+
+
+def _flush() -> None:
+  """Reads 1 GiB (more than this VM's reported L3) so that the next call starts cold."""
+  global _FLUSH  # noqa: PLW0603
+  if _FLUSH is None:
+    _FLUSH = np.ones(1 << 28, np.float32)
+  _FLUSH.sum()
 
 
 def main():
@@ -93,18 +107,20 @@ def main():
       run = _runner(layer, impl)
       jax.block_until_ready(run(xin))  # compile
       runs[name] = (run, xin)
-    times = {name: [] for name in runs}
+    warm = {name: [] for name in runs}
+    cold = {name: [] for name in runs}
     rounds = args.rounds if batch <= 8 else max(3, args.rounds // 3)
     for _ in range(rounds):
       for name, (run, xin) in runs.items():
-        times[name].append(_time(run, xin))
-    base = statistics.median(t for t, _ in times["nnx.Linear f32"])
-    cbase = statistics.median(c for _, c in times["nnx.Linear f32"])
+        _time(run, xin)
+        warm[name].append(_time(run, xin))
+        _flush()
+        cold[name].append(_time(run, xin))
+    wbase = statistics.median(warm["nnx.Linear f32"])
+    cbase = statistics.median(cold["nnx.Linear f32"])
     for name in runs:
-      med = statistics.median(t for t, _ in times[name])
-      cpu = statistics.median(c for _, c in times[name])
-      best = min(t for t, _ in times[name]) / min(t for t, _ in times["nnx.Linear f32"])
-      rows.append((batch, name, med * 1e3, med / base, best, cpu * 1e3, cpu / cbase,
+      wmed, cmed = statistics.median(warm[name]), statistics.median(cold[name])
+      rows.append((batch, name, wmed * 1e3, wmed / wbase, cmed * 1e3, cmed / cbase,
                    _bytes(layers[name][0])))
 
   # dense=True pays for expanding the factors on every call: time it once at rate ½.
@@ -112,25 +128,25 @@ def main():
   layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
   expand = jax.jit(lambda f: sc.reconstruct(f))
   jax.block_until_ready(expand(layer.factors))
-  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None)[0] for _ in range(2))
+  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None) for _ in range(2))
 
   lines = [
       f"SignedCutDense vs nnx.Linear, {m}x{n}; {platform.machine()} {os.cpu_count()} cores, "
-      f"jax {jax.__version__}, backend {jax.default_backend()}; medians of interleaved rounds",
+      f"jax {jax.__version__}, backend {jax.default_backend()}; medians of interleaved rounds, warm and cold (see the docstring)",
       "",
       f"load average before the run: {' '.join(f'{v:.1f}' for v in load)}",
       "",
-      "| batch | layer | wall ms (median) | × Linear f32 | × Linear f32 (best of each) "
-      "| CPU ms (median) | × Linear f32 (CPU) | param bytes |",
-      "|---:|---|---:|---:|---:|---:|---:|---:|",
+      "| batch | layer | warm ms | × Linear f32 (warm) | cold ms | × Linear f32 (cold) "
+      "| param bytes |",
+      "|---:|---|---:|---:|---:|---:|---:|",
   ]
-  for batch, name, ms, ratio, best, cms, cratio, nbytes in rows:
-    lines.append(f"| {batch} | {name} | {ms:.2f} | {ratio:.2f} | {best:.2f} | {cms:.2f} | "
-                 f"{cratio:.2f} | {nbytes:,} |")
+  for batch, name, wms, wratio, cms, cratio, nbytes in rows:
+    lines.append(f"| {batch} | {name} | {wms:.2f} | {wratio:.2f} | {cms:.2f} | {cratio:.2f} "
+                 f"| {nbytes:,} |")
   lines += ["", f"Expanding rate-½ factors to a dense kernel (dense=True, per call): "
             f"{t_expand * 1e3:.0f} ms."]
   per_row = {}
-  for batch, name, ms, *_ in rows:
+  for batch, name, _, _, ms, *_ in rows:
     if batch == max(batches):
       per_row[name] = ms / batch
   lin = per_row.get("nnx.Linear f32")

@@ -16,6 +16,7 @@
 #define JAX_SIGNEDCUT_XLA_FFI_APPLY_KERNEL_H_
 
 #include <cstdint>
+#include <functional>
 
 namespace signedcut {
 
@@ -32,8 +33,9 @@ struct ApplyArgs {
 // Floats per register-resident block of the AVX-512 cores (16 registers).
 constexpr int64_t kApplyTile = 256;
 
-// Project writes p[r, j] for j in [j0, j1). Expand writes all of y (rows, n):
-// y[r, i] = Σ_{j in [j0, j1)} p[r, j] · t_j[i].
+// Project writes p[r, j] for j in [j0, j1). Expand adds to y (rows, n) the
+// negative part of those cuts: y[r, i] += Σ_{j in [j0, j1), bit i of t_j set} p[r, j];
+// the product is then Σ_j p[r, j] − 2·y[r, i] (ApplySignedCut does that).
 // Portable cores.
 void ApplyProjectScalar(const ApplyArgs& a, int64_t j0, int64_t j1);
 void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
@@ -44,13 +46,23 @@ void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1);
 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 bool ApplyHasAvx512();
 
-// The whole product on up to `threads` threads (0: hardware concurrency),
-// AVX-512 when available and not `force_scalar` (or the environment variable
-// JAX_SIGNEDCUT_APPLY_IMPL=scalar, read once). Returns false if the scratch
-// could not be allocated.
+// Runs a task on another thread, now or later, or inline. ApplySignedCut never
+// waits for a task to start (only for work a task has claimed), so tasks that
+// start late, or never, cost nothing but balance; this is what XLA's intra-op
+// thread pool (ffi::ThreadPool) promises.
+using TaskRunner = std::function<void(std::function<void()>)>;
+
+// The whole product. The cuts are split into a number of partitions that
+// depends only on the shape (so the result is the same bit for bit however
+// the work is scheduled); up to `threads` workers (0: the usable CPUs) claim
+// partitions one at a time, so a worker that is held up by another process
+// leaves its share to the others. The caller is one worker; `spawn` starts
+// the others (empty: std::thread). AVX-512 when available and not
+// `force_scalar` (or the environment variable JAX_SIGNEDCUT_APPLY_IMPL=scalar,
+// read once). Returns false if the scratch could not be allocated.
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
-                    bool force_scalar, int threads);
+                    bool force_scalar, int threads, const TaskRunner& spawn = {});
 
 }  // namespace signedcut
 

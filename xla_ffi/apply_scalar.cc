@@ -40,12 +40,9 @@ void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y_out)
   const uint32_t tail = TailMask(a.n);
   for (int64_t r = 0; r < a.rows; ++r) {
     float* y = y_out + r * a.n;
-    for (int64_t i = 0; i < a.n; ++i) y[i] = 0.0f;
     const float* p = a.p + r * a.w;
-    float p_sum = 0.0f;
     for (int64_t j = j0; j < j1; ++j) {
       const float pj = p[j];
-      p_sum += pj;
       const uint32_t* bits = a.t_bits + j * nw;
       for (int64_t k = 0; k < nw; ++k) {
         uint32_t b = k == nw - 1 ? (bits[k] & tail) : bits[k];
@@ -55,7 +52,6 @@ void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y_out)
         }
       }
     }
-    for (int64_t i = 0; i < a.n; ++i) y[i] = p_sum - 2.0f * y[i];
   }
 }
 
