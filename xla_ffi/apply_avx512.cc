@@ -233,6 +233,120 @@ SIGNEDCUT_AVX512 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t 
   }
 }
 
+int64_t ApplyTablesFloats(int64_t m) { return (m + 31) / 32 * 8 * 16; }
+
+SIGNEDCUT_AVX512 void ApplyBuildTablesAvx512(const ApplyArgs& a, float* tables) {
+  // Lane v of table g holds Σ_{k < 4, bit k of v set} x[4g + k] (x is zero past
+  // m, so stray tail bits pick zeros). Bit k of the lane index is set in the
+  // lanes of these masks:
+  constexpr __mmask16 kBit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  const int64_t groups = ApplyTablesFloats(a.m) / 16;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* x = a.x + r * a.m;
+    float* tab = tables + r * groups * 16;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 t = _mm512_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        const int64_t i = 4 * g + k;
+        if (i < a.m) t = _mm512_mask_add_ps(t, kBit[k], t, _mm512_set1_ps(x[i]));
+      }
+      _mm512_storeu_ps(tab + 16 * g, t);
+    }
+  }
+}
+
+namespace {
+
+// In-register transpose of a 16×16 block of 32-bit words: r[i] word e ↔ r[e] word i.
+SIGNEDCUT_AVX512 inline void Transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Now 128-bit lane L of u[4i + e] holds word 4L + e of rows 4i..4i+3.
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x88);
+    const __m512i a1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xDD);
+    const __m512i b0 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x88);
+    const __m512i b1 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+    r[e + 4] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+    r[e + 8] = _mm512_shuffle_i32x4(a0, b0, 0xDD);
+    r[e + 12] = _mm512_shuffle_i32x4(a1, b1, 0xDD);
+  }
+}
+
+}  // namespace
+
+SIGNEDCUT_AVX512 void ApplyProjectLutAvx512(const ApplyArgs& a, const float* tables,
+                                            int64_t j0, int64_t j1) {
+  // kLutGroups groups of 16 cuts share each table load (the tables of a
+  // 4096-wide x are 64 KiB, more than L1: loading one per lookup made the L2
+  // the bottleneck).
+  constexpr int kLutGroups = 4;
+  const int64_t mw = (a.m + 31) / 32;
+  const int64_t groups = mw * 8;
+  alignas(64) uint32_t cols[kLutGroups][16][16];
+  for (int64_t jb = j0; jb < j1; jb += 16 * kLutGroups) {
+    const uint32_t* base = a.s_bits + jb * mw;
+    const int64_t cnt = std::min<int64_t>(16 * kLutGroups, j1 - jb);
+    const int ng = static_cast<int>((cnt + 15) / 16);
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const float* tab = tables + r * groups * 16;
+      __m512 acc[kLutGroups][2];
+      for (int g = 0; g < kLutGroups; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+      for (int64_t q0 = 0; q0 < mw; q0 += 16) {
+        // Words q0..q0+15 of each cut (one 64-byte line), transposed so that
+        // cols[g][e] holds word q0 + e of the 16 cuts of group g, one per lane.
+        const int64_t nq = std::min<int64_t>(16, mw - q0);
+        const __mmask16 words = nq == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nq) - 1u);
+        for (int g = 0; g < ng; ++g) {
+          __m512i v[16];
+          for (int i = 0; i < 16; ++i) {
+            const int64_t cut = 16 * g + i;
+            v[i] = cut < cnt ? _mm512_maskz_loadu_epi32(words, base + cut * mw + q0)
+                             : _mm512_setzero_si512();
+            if (r == 0 && jb + 16 * kLutGroups + cut < a.w)
+              Prefetch(base + (16 * kLutGroups + cut) * mw + q0);
+          }
+          Transpose16(v);
+          for (int e = 0; e < 16; ++e) _mm512_store_si512(cols[g][e], v[e]);
+        }
+        for (int64_t e = 0; e < nq; ++e) {
+          const float* tq = tab + 8 * 16 * (q0 + e);
+          __m512i w[kLutGroups];
+          for (int g = 0; g < ng; ++g) w[g] = _mm512_load_si512(cols[g][e]);
+#pragma GCC unroll 8
+          for (int k = 0; k < 8; ++k) {
+            const __m512 t = _mm512_loadu_ps(tq + 16 * k);
+            for (int g = 0; g < ng; ++g) {
+              // vpermps reads the low four bits of each index: nibble k of the word.
+              const __m512i idx = k == 0 ? w[g] : _mm512_srli_epi32(w[g], 4 * k);
+              acc[g][k & 1] = _mm512_add_ps(acc[g][k & 1], _mm512_permutexvar_ps(idx, t));
+            }
+          }
+        }
+      }
+      for (int g = 0; g < ng; ++g) {
+        const int64_t left = cnt - 16 * g;
+        const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
+        const __m512 neg = _mm512_add_ps(acc[g][0], acc[g][1]);
+        const __m512 pv = _mm512_mul_ps(
+            _mm512_maskz_loadu_ps(valid, a.c + jb + 16 * g),
+            _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), neg, _mm512_set1_ps(a.row_sums[r])));
+        _mm512_mask_storeu_ps(a.p + r * a.w + jb + 16 * g, valid, pv);
+      }
+    }
+  }
+}
+
 bool ApplyHasAvx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");

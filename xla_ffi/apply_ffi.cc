@@ -61,6 +61,11 @@ int64_t Partitions(int64_t rows, int64_t m, int64_t n, int64_t w) {
   return parts;
 }
 
+// Up to this many rows the projection looks its sums up in tables of x (the
+// tables take 32 bytes per entry of x and row; the lookups do the work of four
+// masked adds each, but are repeated per row).
+constexpr int64_t kLutMaxRows = 4;
+
 // Shared between the caller and the workers it spawned. A worker that starts
 // after every partition has been claimed touches only this (kept alive by
 // shared_ptr), never the caller's buffers.
@@ -70,6 +75,7 @@ struct ApplyJob {
   int64_t parts;
   float* y;                    // partition 0's buffer (the output)
   std::vector<float> extra;    // partitions 1.. (parts − 1) · rows · n
+  std::vector<float> tables;  // lookup tables of x (few rows), else empty
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -78,7 +84,11 @@ struct ApplyJob {
       const int64_t j0 = a.w * k / parts, j1 = a.w * (k + 1) / parts;
       float* out = k == 0 ? y : extra.data() + (k - 1) * a.rows * a.n;
       if (avx) {
-        ApplyProjectAvx512(a, j0, j1);
+        if (tables.empty()) {
+          ApplyProjectAvx512(a, j0, j1);
+        } else {
+          ApplyProjectLutAvx512(a, tables.data(), j0, j1);
+        }
         ApplyExpandAvx512(a, j0, j1, out);
       } else {
         ApplyProjectScalar(a, j0, j1);
@@ -115,6 +125,14 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
   std::fill(y, y + rows * n, 0.0f);
   job->a = ApplyArgs{x, s_bits, t_bits, c, p.data(), row_sums.data(), rows, m, n, w};
   job->avx = !force_scalar && !EnvForcesScalar() && ApplyHasAvx512();
+  if (job->avx && rows <= kLutMaxRows) {
+    try {
+      job->tables.resize(static_cast<size_t>(rows * ApplyTablesFloats(m)));
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+    ApplyBuildTablesAvx512(job->a, job->tables.data());
+  }
   job->parts = parts;
   job->y = y;
 

@@ -43,6 +43,14 @@ void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 // AVX-512 (F + BW) cores, compiled with per-function target attributes. Only
 // call them when ApplyHasAvx512() is true.
 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1);
+// The same projection by table lookup, for few rows: for every group of four
+// entries of x, a 16-float table of its partial sums (one per sign pattern),
+// and the four sign bits of 16 cuts at once pick 16 entries with one vpermps
+// (64 sign-multiply-adds per instruction instead of 16 for a masked add).
+// ApplyTablesFloats(m) floats per row of x; BuildTables fills them.
+int64_t ApplyTablesFloats(int64_t m);
+void ApplyBuildTablesAvx512(const ApplyArgs& a, float* tables);
+void ApplyProjectLutAvx512(const ApplyArgs& a, const float* tables, int64_t j0, int64_t j1);
 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 bool ApplyHasAvx512();
 
