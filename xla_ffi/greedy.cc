@@ -192,6 +192,9 @@ struct Chunks {
 };
 
 // The greedy on one matrix; the calling thread leads `pool`'s team.
+// See CutsDone().
+std::atomic<int64_t> g_cuts_done{0};
+
 class Greedy {
  public:
   Greedy(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem& pb, Workspace& ws,
@@ -418,6 +421,7 @@ class Greedy {
   }
 
   void Record(int64_t j, const uint32_t* s, const uint32_t* t, float c) {
+    g_cuts_done.fetch_add(1, std::memory_order_relaxed);
     std::copy(s, s + ws_.mw, pb_.s_bits + j * ws_.mw);
     std::copy(t, t + ws_.nw, pb_.t_bits + j * ws_.nw);
     std::copy(s, s + ws_.mw, ws_.ps.begin() + p_ * ws_.mw);
@@ -510,6 +514,8 @@ class Greedy {
 };
 
 }  // namespace
+
+int64_t CutsDone() { return g_cuts_done.load(std::memory_order_relaxed); }
 
 std::string GreedyBatch(const Kernels& k, const GreedyConfig& cfg, const GreedyProblem* problems,
                         int64_t count) {

@@ -37,6 +37,8 @@ NB_MODULE(_signedcut_ffi, m) {
       },
       nb::arg("impl") = 0,
       "Name of the kernel implementation `impl` (0 auto, 1 scalar, 2 avx512) resolves to.");
+  m.def("cuts_done", &signedcut::CutsDone,
+        "Cuts recorded by the greedy kernel in this process so far (for progress bars).");
   m.def("avx512_supported", &signedcut::Avx512Supported,
         "Whether this CPU runs the AVX-512 kernel.");
 #ifdef SIGNEDCUT_JAXLIB_VERSION
