@@ -9,12 +9,15 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   otherwise expand them before the GEMM at batch ≥ 8 (SPEC §5);
 * on CPU, the ``signedcut_apply`` XLA FFI kernel (``xla_ffi/apply_*.cc``),
   which reads the sign bits directly: ``x·s_j = Σx − 2·Σ_{bit i set} x_i``
-  with AVX-512 masked adds, then ``y += c_j p_j t_j`` the same way, on all
-  usable cores (each thread takes a share of the cuts). ``impl="auto"`` picks
-  it with ``jax.lax.platform_dependent`` for fewer than ``FFI_MAX_ROWS`` rows
-  when the extension provides it. It is differentiable in x and c
-  (``jax.custom_vjp``: the x-cotangent is the same kernel on the transposed
-  factors).
+  (for up to 4 rows by table lookup: a 16-entry table of partial sums per four
+  entries of x, indexed by the sign nibbles of 16 cuts at once with one
+  vpermps; for more rows with AVX-512 masked adds), then ``y += c_j p_j t_j``
+  with masked adds. The cuts are split into a fixed number of partitions that
+  the caller and XLA's intra-op threads claim one at a time, so the result does
+  not depend on the schedule. ``impl="auto"`` picks it with
+  ``jax.lax.platform_dependent`` for fewer than ``FFI_MAX_ROWS`` rows when the
+  extension provides it. It is differentiable in x and c (``jax.custom_vjp``:
+  the x-cotangent is the same kernel on the transposed factors).
 
 Activations may be f32, bf16 or f16: everything accumulates in f32 and the
 result has ``x.dtype``.

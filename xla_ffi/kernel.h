@@ -114,14 +114,14 @@ struct GreedyConfig {
 // once) if set, else all hardware threads over whole matrices only.
 void ResolveThreads(int64_t requested, GreedyConfig* cfg);
 
-// Decomposes `count` independent matrices, spreading them over threads (or
-// the threads over one matrix when there are fewer matrices than threads).
-// Returns an empty string on success, else the reason (allocation failure).
 // Cuts recorded by every GreedyBatch of this process so far (all matrices,
 // all threads; relaxed, monotonic). A caller that reads it before and while a
 // decomposition runs can show its progress.
 int64_t CutsDone();
 
+// Decomposes `count` independent matrices, spreading them over threads (or
+// the threads over one matrix when there are fewer matrices than threads).
+// Returns an empty string on success, else the reason (allocation failure).
 std::string GreedyBatch(const Kernels& k, const GreedyConfig& cfg,
                         const GreedyProblem* problems, int64_t count);
 
