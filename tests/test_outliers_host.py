@@ -51,14 +51,11 @@ def cauchy(shape, seed, rounded=False):
 CASES = [
     # (matrix, budget)
     (student_t((37, 53), 0), {"width": 6}),
-    (student_t((64, 33), 1), {"rate": 0.5}),
     (student_t((3, 40, 31), 2), {"bits_per_weight": 4}),
     (student_t((50, 70), 3), {"width": 300, "max_error": 0.2}),
-    (cauchy((61, 45), 4), {"width": 8}),
     (cauchy((97, 130), 5), {"rate": 0.5, "max_error": 0.05}),
     (cauchy((2, 33, 65), 6, rounded=True), {"width": 7}),
     (cauchy((40, 41), 7, rounded=True), {"width": 5, "outliers": 0.05}),
-    (student_t((33, 47), 8), {"width": 5, "outliers": 0.3}),
 ]
 
 
@@ -72,13 +69,12 @@ def test_leaf_split_equals_jitted_decompose(a, budget):
   assert_bit_identical(want, got)
 
 
-def test_leaf_split_jnp_backend_batched_keys_and_bf16():
+def test_leaf_split_batched_keys_and_bf16():
   a = jnp.asarray(cauchy((2, 30, 37), 9), jnp.bfloat16)
   keys = jax.random.split(jax.random.key(3), 2)
-  for backend in ("jnp", "auto"):
-    want = jax.jit(lambda x: sc.decompose(x, key=keys, width=6, backend=backend))(a)
-    got = _decompose._decompose_leaf(a, key=keys, width=6, backend=backend)  # noqa: SLF001
-    assert_bit_identical(want, got)
+  want = jax.jit(lambda x: sc.decompose(x, key=keys, width=6))(a)
+  got = _decompose._decompose_leaf(a, key=keys, width=6)  # noqa: SLF001
+  assert_bit_identical(want, got)
 
 
 def test_donate_overwrites_only_when_asked():
@@ -94,10 +90,13 @@ def test_donate_overwrites_only_when_asked():
   assert_bit_identical(want, got)
 
 
-@given(m=st.integers(1, 40), n=st.integers(1, 40), seed=st.integers(0, 10**6),
-       levels=st.sampled_from([0, 2, 5]), mode=st.sampled_from(["auto", 0.02, 0.4]))
-@settings(derandomize=True, deadline=None, max_examples=40)
-def test_select_host_is_extracts_choice(m, n, seed, levels, mode):
+@given(shape=st.sampled_from([(1, 1), (31, 17), (64, 40)]),
+       seed=st.integers(0, 10**6), levels=st.sampled_from([0, 2, 5]),
+       mode=st.sampled_from(["auto", 0.02, 0.4]))
+@settings(derandomize=True, deadline=None, max_examples=20)
+def test_select_host_is_extracts_choice(shape, seed, levels, mode):
+  # Few shapes, so that the jitted extract compiles a dozen times at most.
+  m, n = shape
   a = cauchy((m, n), seed)
   if levels:  # few distinct values: ties everywhere, a zero MAD now and then
     a = np.round(a * levels / 4) / levels
