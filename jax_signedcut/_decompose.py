@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import math
@@ -339,6 +340,18 @@ def _on_cpu(x) -> bool:
       all(d.platform == "cpu" for d in x.devices())
 
 
+def _release_heap() -> None:
+  """Hands the heap's free pages back to the OS before the kernel runs (glibc only).
+
+  The selection's and the compiler's freed temporaries otherwise stay resident
+  under the kernel's peak (measured on one 4096² f32 matrix: +15 MiB, about 0.25x of it).
+  """
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_error=None,
                     outliers="auto", backend="auto", donate=False):
   """``decompose`` of one matrix (or batch) for the leaf-by-leaf paths, at lower peak memory.
@@ -371,6 +384,7 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
         f"got key shape {key.shape}")
 
   if mode == 0 or not _on_cpu(a):
+    _release_heap()
     return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
                       outliers=mode, budget=budget)
   own = donate or not isinstance(a, jax.Array)
@@ -394,6 +408,7 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   if num.any():
     factor = np.where(np.arange(k_max) < num[:, None], np.float32(0), np.float32(1))
     x = (_zero_entries_in_place if own else _zero_entries_copy)(x, idx, factor)
+  _release_heap()
   shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
   return _decompose_split(x, key, shape(idx), shape(val), shape(num), full2, finite,
                           width=w, max_error=max_error, backend=backend, budget=budget)
