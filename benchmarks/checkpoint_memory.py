@@ -10,8 +10,8 @@ temporary directory, compresses it through the installed console script under
   working set".
 
 The width is kept small (``--width 64`` by default) so that the run is quick:
-the peak is set by the buffers of one matrix (input, device copy, remainder,
-outlier scores), not by the number of cuts, whose factors take
+the peak is set by the buffers of one matrix (input, the kernel's R and Rᵀ),
+not by the number of cuts, whose factors take
 ``w*(m+n)/8`` bytes (64 KiB at w = 64). Matrices are read, compressed and
 written one at a time, so the peak must not grow with N: the script also runs
 N = 1 to show it.

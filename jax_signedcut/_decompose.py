@@ -185,7 +185,9 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   Not for use under ``jax.jit``: each selected leaf is decomposed by its own
   jitted call (compiled once per shape and budget) and waited for before the
   next starts, so peak memory stays near one leaf's working set. The factors
-  are the same as ``jax.jit(lambda t: decompose(t, ...))(tree)`` gives.
+  are the same as ``jax.jit(lambda t: decompose(t, ...))(tree)`` gives. On CPU
+  the outliers are chosen on the host and zeroed in a copy of the leaf (only
+  when it has some), not by full-size temporaries inside the jitted call.
 
   Args:
     tree: a pytree of arrays (see :func:`decompose`).

@@ -122,7 +122,8 @@ def select_host(x: np.ndarray, mode, k_max: int, *, chunk: int = 1 << 20) -> np.
     The chosen flat indices, int64 ascending; ``extract``'s ``count`` is their number.
   """
   if mode == "auto":
-    med, thresh, sigma = (np.asarray(v) for v in _robust_scale_jit(jnp.asarray(x[::_stride(x.size)])))
+    sample = jnp.asarray(x[::_stride(x.size)])
+    med, thresh, sigma = (np.asarray(v) for v in _robust_scale_jit(sample))
     if not sigma > 0:
       return np.zeros((0,), np.int64)
     found, total = [], 0
@@ -133,7 +134,7 @@ def select_host(x: np.ndarray, mode, k_max: int, *, chunk: int = 1 << 20) -> np.
         break
       found.append(hit + i)
     else:
-      # Fewer than k_max scores exceed the threshold: they are the top ones.
+      # At most k_max scores exceed the threshold: they are the top ones.
       return np.concatenate(found) if found else np.zeros((0,), np.int64)
 
     def score(c):
