@@ -10,13 +10,14 @@ temporary directory, compresses it through the installed console script under
   working set".
 
 The width is kept small (``--width 64`` by default) so that the run is quick:
-the peak is set by the buffers of one matrix (input, device copy, remainder,
-outlier scores), not by the number of cuts, whose factors take
+the peak is set by the buffers of one matrix (input, the kernel's R and Rᵀ),
+not by the number of cuts, whose factors take
 ``w*(m+n)/8`` bytes (64 KiB at w = 64). Matrices are read, compressed and
 written one at a time, so the peak must not grow with N: the script also runs
 N = 1 to show it.
 
 Usage: python benchmarks/checkpoint_memory.py [--count 4] [--size 4096] [--width 64]
+       [--dist normal|planted|t2]
 """
 
 from __future__ import annotations
@@ -45,13 +46,19 @@ def max_rss_mib(cmd: list[str]) -> tuple[float, float]:
   return int(rss.group(1)) / 1024, seconds
 
 
-def write_checkpoint(path: str, count: int, size: int) -> None:
+def write_checkpoint(path: str, count: int, size: int, dist: str = "normal") -> None:
   from safetensors.numpy import save_file  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
   tensors = {}
   for i in range(count):
-    tensors[f"layers.{i}.weight"] = rng.standard_normal((size, size), dtype=np.float32)
+    if dist == "t2":  # heavy tails: the 0.5 % cap of the outlier rule binds
+      w = rng.standard_t(2, (size, size)).astype(np.float32)
+    else:
+      w = rng.standard_normal((size, size), dtype=np.float32)
+      if dist == "planted":  # a few hundred huge entries: selected, under the cap
+        w.reshape(-1)[rng.choice(w.size, 300, replace=False)] = 100.0
+    tensors[f"layers.{i}.weight"] = w
     tensors[f"layers.{i}.bias"] = np.zeros(size, np.float32)
   save_file(tensors, path)
 
@@ -61,6 +68,9 @@ def main() -> None:
   p.add_argument("--count", type=int, default=4)
   p.add_argument("--size", type=int, default=4096)
   p.add_argument("--width", type=int, default=64)
+  p.add_argument("--dist", choices=("normal", "planted", "t2"), default="normal",
+                 help="entries: Gaussian (auto selects none), Gaussian with 300 planted "
+                 "outliers, or Student-t with 2 degrees of freedom (auto hits its 0.5 %% cap)")
   args = p.parse_args()
   if not os.path.exists("/usr/bin/time"):
     sys.exit("needs GNU time: apt-get install -y time")
@@ -77,15 +87,15 @@ def main() -> None:
     rows = []
     for count in sorted({1, args.count}):
       src = os.path.join(d, f"in{count}.safetensors")
-      write_checkpoint(src, count, args.size)
+      write_checkpoint(src, count, args.size, args.dist)
       for outliers in ("auto", "0"):
         rss, wall = max_rss_mib([exe, "compress", src, os.path.join(d, "out.safetensors"),
                                  "--width", str(args.width), "--outliers", outliers, "-q"])
         rows.append((count, outliers, rss, wall))
       os.unlink(src)
   print(f"jax-signedcut compress --width {args.width}: {args.size}x{args.size} f32 matrices "
-        f"({matrix_mib:.0f} MiB each); baseline process (import jax + jax_signedcut, one tiny "
-        f"decompose): {baseline:.0f} MiB max RSS")
+        f"({matrix_mib:.0f} MiB each, {args.dist} entries); baseline process (import jax + "
+        f"jax_signedcut, one tiny decompose): {baseline:.0f} MiB max RSS")
   header = ("matrices", "outliers", "max RSS MiB", "minus baseline", "in matrices",
             "wall s")
   print("  ".join(f"{h:>14}" for h in header))

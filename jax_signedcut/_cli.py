@@ -474,10 +474,11 @@ def _compress(args) -> int:
           del a
           outliers = args.outliers if job.outliers is None else job.outliers
           try:
-            f = _decompose.decompose(
+            # x is ours: the outliers are zeroed in its buffer (no remainder copy).
+            f = _decompose._decompose_leaf(  # noqa: SLF001
                 x, key=_tree.leaf_key(key, path), width=job.width, rate=job.rate,
                 bits_per_weight=job.bits_per_weight, max_error=job.max_error,
-                outliers=outliers, backend=args.backend)
+                outliers=outliers, backend=args.backend, donate=True)
           except (ValueError, TypeError) as e:
             raise _Error(f"leaf {path!r} of shape {_shape_str(shape)}: {e}") from None
           f = jax.block_until_ready(f)

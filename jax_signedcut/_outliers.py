@@ -30,6 +30,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AUTO_Z = 6.0
 AUTO_CAP = 0.005
@@ -61,6 +62,20 @@ def max_count(mode, m: int, n: int) -> int:
              max(1, round(frac * m * n)))
 
 
+def _stride(size: int) -> int:
+  return max(1, -(-size // _SAMPLE))
+
+
+def robust_scale(sample):
+  """(median, threshold AUTO_Z·σ̂, σ̂) of the "auto" rule from the strided sample."""
+  med = jnp.median(sample)
+  sigma = 1.4826 * jnp.median(jnp.abs(sample - med))
+  return med, AUTO_Z * sigma, sigma
+
+
+_robust_scale_jit = jax.jit(robust_scale)
+
+
 def extract(a: jax.Array, mode, k_max: int):
   """Splits one matrix (m, n) into a remainder and a sparse part.
 
@@ -72,12 +87,8 @@ def extract(a: jax.Array, mode, k_max: int):
   m, n = a.shape
   x = a.reshape(-1)
   if mode == "auto":
-    stride = max(1, -(-x.size // _SAMPLE))
-    sample = x[::stride]
-    med = jnp.median(sample)
-    sigma = 1.4826 * jnp.median(jnp.abs(sample - med))
+    med, thresh, sigma = robust_scale(x[::_stride(x.size)])
     score = jnp.abs(x - med)
-    thresh = AUTO_Z * sigma
     # A matrix whose MAD is 0 (e.g. mostly zeros) has no robust scale: no outliers.
     over = (score > thresh) & (sigma > 0)
     count = jnp.minimum(jnp.sum(over, dtype=jnp.int32), k_max)
@@ -92,3 +103,61 @@ def extract(a: jax.Array, mode, k_max: int):
   val = jnp.where(used[order], x[idx], 0).astype(jnp.float32)
   remainder = x.at[idx].multiply(jnp.where(used[order], 0.0, 1.0).astype(x.dtype))
   return remainder.reshape(m, n), idx, val, count
+
+
+def select_host(x: np.ndarray, mode, k_max: int, *, chunk: int = 1 << 20) -> np.ndarray:
+  """The entries :func:`extract` takes from one flattened float32 matrix, found on the host.
+
+  The same choice as ``extract`` (ties included) with small temporaries: the
+  scores are made a chunk at a time, and the full score array exists only when
+  the cap binds (then the ``k_max`` largest scores, equal ones by lower index
+  first, as ``lax.top_k`` orders them). The input must be finite.
+
+  Args:
+    x: float32 (m·n,), read only.
+    mode, k_max: as for :func:`extract`.
+    chunk: entries scored at a time.
+
+  Returns:
+    The chosen flat indices, int64 ascending; ``extract``'s ``count`` is their number.
+  """
+  if mode == "auto":
+    sample = jnp.asarray(x[::_stride(x.size)])
+    med, thresh, sigma = (np.asarray(v) for v in _robust_scale_jit(sample))
+    if not sigma > 0:
+      return np.zeros((0,), np.int64)
+    found, total = [], 0
+    for i in range(0, x.size, chunk):
+      hit = np.flatnonzero(np.abs(x[i:i + chunk] - med) > thresh)
+      total += hit.size
+      if total > k_max:
+        break
+      found.append(hit + i)
+    else:
+      # At most k_max scores exceed the threshold: they are the top ones.
+      return np.concatenate(found) if found else np.zeros((0,), np.int64)
+
+    def score(c):
+      return np.abs(c - med)
+  else:
+    score = np.abs
+  # The cap binds: the k_max largest scores, ties broken by the lower index.
+  s = np.empty_like(x)
+  for i in range(0, x.size, chunk):
+    s[i:i + chunk] = score(x[i:i + chunk])
+  s.partition(x.size - k_max)
+  v = s[x.size - k_max]
+  del s
+  above, ties, need = [], [], k_max
+  for i in range(0, x.size, chunk):
+    c = score(x[i:i + chunk])
+    gt = np.flatnonzero(c > v)
+    above.append(gt + i)
+    need -= gt.size
+  for i in range(0, x.size, chunk):
+    if need <= 0:
+      break
+    eq = np.flatnonzero(score(x[i:i + chunk]) == v)[:need]
+    ties.append(eq + i)
+    need -= eq.size
+  return np.sort(np.concatenate(above + ties))

@@ -269,7 +269,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_interrupt_leaves_no_output(small, tmp_path, capsys, monkeypatch):
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
-  monkeypatch.setattr(_decompose, "decompose", interrupted)
+  monkeypatch.setattr(_decompose, "_decompose_leaf", interrupted)
   out = tmp_path / "o.safetensors"
   code, _, err = run(capsys, "compress", small, out, "--width", "4")
   assert code == 130 and "interrupted" in err
