@@ -478,7 +478,8 @@ def _compress(args) -> int:
             f = _decompose._decompose_leaf(  # noqa: SLF001
                 x, key=_tree.leaf_key(key, path), width=job.width, rate=job.rate,
                 bits_per_weight=job.bits_per_weight, max_error=job.max_error,
-                outliers=outliers, backend=args.backend, donate=True)
+                outliers=outliers, backend=args.backend, donate=True,
+                progress_desc=None if args.quiet else path)
           except (ValueError, TypeError) as e:
             raise _Error(f"leaf {path!r} of shape {_shape_str(shape)}: {e}") from None
           f = jax.block_until_ready(f)

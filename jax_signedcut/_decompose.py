@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _factors, _oracle, _outliers, _start, _tree
+from jax_signedcut import _budget, _factors, _oracle, _outliers, _progress, _start, _tree
 from jax_signedcut._factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
@@ -355,7 +355,7 @@ def _release_heap() -> None:
 
 
 def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_error=None,
-                    outliers="auto", backend="auto", donate=False):
+                    outliers="auto", backend="auto", donate=False, progress_desc=None):
   """``decompose`` of one matrix (or batch) for the leaf-by-leaf paths, at lower peak memory.
 
   Same arguments, checks and factors (bit for bit) as :func:`decompose` of an
@@ -363,6 +363,9 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   ``_outliers.select_host``) and zeroed in place instead of by ``extract``'s
   full-size temporaries inside the jitted call. ``donate=True`` lets it
   overwrite a float32 ``jax.Array`` input (the caller must not use it after).
+  ``progress_desc``: a label to show a per-matrix bar under (cuts found so far,
+  read from the kernel's counter while the call runs) when the matrix is large
+  (``_progress.MIN_WORK``); the result is returned ready either way.
   """
   if not _tree.is_single_array(a):
     raise TypeError(f"a must be an array, got {type(a).__name__}")
@@ -385,16 +388,22 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
         f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
         f"got key shape {key.shape}")
 
+  count = math.prod(batch)
+
+  def run(call):
+    big = progress_desc is not None and count * m * n * w >= _progress.MIN_WORK
+    return _progress.run_with_progress(call, total_cuts=count * w, desc=str(progress_desc),
+                                       enabled=big)
+
   if mode == 0 or not _on_cpu(a):
     _release_heap()
-    return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
-                      outliers=mode, budget=budget)
+    return run(lambda: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
+                                  backend=backend, outliers=mode, budget=budget))
   own = donate or not isinstance(a, jax.Array)
   x = jnp.asarray(a)
   if x.dtype != jnp.float32:
     x, own = x.astype(jnp.float32), True
   del a
-  count = math.prod(batch)
   k_max = _outliers.max_count(mode, m, n)
   idx = np.zeros((count, k_max), np.int32)
   val = np.zeros((count, k_max), np.float32)
@@ -412,5 +421,6 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
     x = (_zero_entries_in_place if own else _zero_entries_copy)(x, idx, factor)
   _release_heap()
   shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
-  return _decompose_split(x, key, shape(idx), shape(val), shape(num), full2, finite,
-                          width=w, max_error=max_error, backend=backend, budget=budget)
+  return run(lambda: _decompose_split(x, key, shape(idx), shape(val), shape(num), full2, finite,
+                                     width=w, max_error=max_error, backend=backend,
+                                     budget=budget))

@@ -276,9 +276,12 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
     b = p.jobs[i]
     if bar is not None:
       bar.set_postfix_str(f"{p.paths[i]} {tuple(leaves[i].shape)}")
+    # With a bar, a big leaf also gets a bar of its own (cuts found so far).
+    extra = {"progress_desc": p.paths[i]} if progress else {}
     f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
                       bits_per_weight=b.bits_per_weight, max_error=b.max_error,
-                      outliers=outliers if b.outliers is None else b.outliers, backend=backend)
+                      outliers=outliers if b.outliers is None else b.outliers, backend=backend,
+                      **extra)
     if progress:
       # One leaf at a time: wait, so that only one leaf's working set is alive.
       f = jax.block_until_ready(f)
