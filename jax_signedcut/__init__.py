@@ -7,6 +7,7 @@ from jax_signedcut._attention import attention_loss as attention_loss
 from jax_signedcut._attention import attention_loss_kron as attention_loss_kron
 from jax_signedcut._attention import attention_probs as attention_probs
 from jax_signedcut._attention import fit_attention as fit_attention
+from jax_signedcut._backfit import backfit as backfit
 from jax_signedcut._budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._budget import width_for_bits as width_for_bits
 from jax_signedcut._budget import width_for_rate as width_for_rate
@@ -53,6 +54,7 @@ __all__ = [
     "Budget",
     "SignedCut",
     "apply_signed_cut",
+    "backfit",
     "bytes_per_cut",
     "decompose",
     "decompose_leafwise",
