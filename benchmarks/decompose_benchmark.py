@@ -131,8 +131,9 @@ BATCH_WIDTH = 963
 
 def bench_batch(repeats):
   a = jax.random.normal(jax.random.key(2), (64, 256, 256), jnp.float32)
-  # Rate ½ of a 256² matrix (963 cuts). At w = 128 a run takes ~2.5 ms per
-  # matrix and the 2-thread batch measured no faster (unexplained so far).
+  # Rate ½ of a 256² matrix (963 cuts). At w = 128 (~3 ms per matrix) two
+  # threads gain as much (1.98× quiet); with another job holding one of the two
+  # cores they gain nothing, so run this on an idle machine.
   words = _start.start_words(jax.random.key(0), BATCH_WIDTH, 256)
   res = {}
   for th in (1, 2):
