@@ -34,19 +34,17 @@ STDCXX_LIB=$(gcc -print-file-name=libstdc++.so)
 cd "$WORK"
 # Python itself is not instrumented: leak checking would report the
 # interpreter's own allocations, so it is off; everything else aborts.
-env LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" \
-  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0 \
-  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$WORK/site:$SITE" \
-  "$PY" -S -m pytest -q -p no:cacheprovider tests/test_ffi_kernel.py \
-    -k "bit_identical or threads or fixed_point or odd_shapes or zero or max_error or extension"
+sanitized_pytest() {
+  env LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" \
+    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0 \
+    UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+    PYTHONPATH="$WORK/site:$SITE" \
+    "$PY" -S -m pytest -q -p no:cacheprovider "$@"
+}
+sanitized_pytest tests/test_ffi_kernel.py \
+  -k "bit_identical or threads or fixed_point or odd_shapes or zero or max_error or extension"
 echo "sanitize.sh: kernel tests passed under ASan+UBSan with no report"
 # The packed-apply kernel: every core against the oracle (odd shapes, the
 # table-lookup projection's partial blocks, threads), stray tail bits.
-env LD_PRELOAD="$ASAN_LIB $STDCXX_LIB" \
-  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_odr_violation=0 \
-  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$WORK/site:$SITE" \
-  "$PY" -S -m pytest -q -p no:cacheprovider tests/test_apply.py \
-    -k "oracle or tail_bits or equals_scalar"
+sanitized_pytest tests/test_apply.py -k "oracle or tail_bits or equals_scalar"
 echo "sanitize.sh: apply kernel tests passed under ASan+UBSan with no report"
