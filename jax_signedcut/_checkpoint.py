@@ -805,6 +805,65 @@ def load_orbax(directory, *, like=None):
   return _from_orbax_tree(tree, directory)
 
 
+def orbax_leaf_specs(directory):
+  """The leaves of a dense orbax checkpoint, read from its metadata (no array is loaded).
+
+  Returns:
+    ``(specs, tree)``: ``specs`` is ``[(key components, shape, numpy dtype)]`` in
+    ``flatten`` order, ``tree`` the metadata tree that :func:`restore_orbax_leaf`
+    takes.
+
+  Raises:
+    CheckpointError: an unreadable checkpoint, or one that already holds
+      signed cuts (``save_orbax`` of a compressed tree).
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  directory = os.path.abspath(os.fspath(directory))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(directory).item_metadata.tree
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    specs = [(key_components(kp), tuple(int(d) for d in x.shape), np.dtype(x.dtype))
+             for kp, x in flat]
+  except Exception as e:  # noqa: BLE001  (orbax raises many types)
+    raise CheckpointError(f"{directory}: cannot read the orbax checkpoint's metadata: "
+                          f"{_one_line(e)[:300]}") from None
+  for comps, _, _ in specs:
+    if any(c[1] == _MARK for c in comps):
+      raise CheckpointError(f"{directory}: is already a jax_signedcut (compressed) checkpoint; "
+                            "use 'expand', or load_orbax it")
+  return specs, tree
+
+
+def restore_orbax_leaf(directory, tree, index: int) -> np.ndarray:
+  """Restores only leaf ``index`` (in ``orbax_leaf_specs`` order) of an orbax checkpoint.
+
+  An orbax partial restore: the other leaves are not read, so a checkpoint can
+  be processed one matrix at a time in the memory of one.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  directory = os.path.abspath(os.fspath(directory))
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  item = jax.tree_util.tree_unflatten(treedef, [
+      jax.ShapeDtypeStruct(x.shape, x.dtype) if i == index else None
+      for i, x in enumerate(leaves)])
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=args, partial_restore=True))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"{directory}: cannot restore leaf {index} of the orbax checkpoint: "
+                          f"{_one_line(e)[:300]}") from None
+  got = [x for x in jax.tree_util.tree_leaves(out) if x is not None]
+  if len(got) != 1 or tuple(got[0].shape) != tuple(leaves[index].shape):
+    raise CheckpointError(f"{directory}: leaf {index} came back as "
+                          f"{[tuple(np.shape(x)) for x in got]}, expected {tuple(leaves[index].shape)}")
+  return np.asarray(got[0])
+
+
 def is_orbax_dir(path) -> bool:
   """Whether ``path`` looks like an orbax checkpoint directory."""
   path = os.fspath(path)

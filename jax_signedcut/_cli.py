@@ -67,7 +67,7 @@ inputs and outputs:
   checkpoint directory. OUT is a .safetensors file (jax_signedcut format,
   readable with jax_signedcut.load). Matrices are read, compressed and
   written one at a time, so memory stays near one matrix's working set (an
-  orbax input is restored whole). The output appears only when complete.
+  orbax input leaf by leaf too). The output appears only when complete.
 
 examples:
   jax-signedcut compress model.safetensors out.safetensors --rate 0.5
@@ -279,20 +279,21 @@ class _SafetensorsSource(_Source):
     self._files = []
 
 
-class _TreeSource(_Source):
+class _OrbaxSource(_Source):
+  """An orbax checkpoint read one leaf at a time (partial restores)."""
 
-  def __init__(self, tree):
+  def __init__(self, directory):
     from jax_signedcut import _checkpoint  # noqa: PLC0415
 
-    self._leaves = []
-    self.entries = []
-    for comps, leaf in _checkpoint.flatten(tree):
-      a = np.asarray(leaf)
-      self._leaves.append(a)
-      self.entries.append((comps, _checkpoint.path_of(comps), a.shape, a.dtype))
+    self._dir = directory
+    specs, self._tree = _checkpoint.orbax_leaf_specs(directory)
+    self.entries = [(comps, _checkpoint.path_of(comps), shape, dtype)
+                    for comps, shape, dtype in specs]
 
   def get(self, i):
-    return self._leaves[i]
+    from jax_signedcut import _checkpoint  # noqa: PLC0415
+
+    return _checkpoint.restore_orbax_leaf(self._dir, self._tree, i)
 
 
 def _open_source(path) -> _Source:
@@ -302,7 +303,7 @@ def _open_source(path) -> _Source:
     raise _Error(f"{path}: no such file or directory")
   if os.path.isdir(path):
     if _checkpoint.is_orbax_dir(path):
-      return _TreeSource(_checkpoint.load_orbax(path))
+      return _OrbaxSource(path)
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not shards:
       raise _Error(f"{path}: a directory with neither .safetensors shards nor an orbax "

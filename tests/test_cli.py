@@ -182,6 +182,49 @@ def test_orbax_linen_model(tmp_path, capsys):
   assert code == 1 and "exists" in err
 
 
+def test_orbax_input_is_read_leaf_by_leaf(tmp_path, capsys, monkeypatch):
+  """An orbax input is restored one leaf at a time (partial restores), never whole."""
+  import ml_dtypes  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from jax_signedcut import _checkpoint  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  tree = {"enc": {"kernel": rng.standard_normal((64, 48)).astype(np.float32),
+                  "bias": np.zeros(48, np.float32)},
+          "blocks": [rng.standard_normal((32, 40)).astype(ml_dtypes.bfloat16),
+                     np.arange(6, dtype=np.int32)]}
+  with ocp.StandardCheckpointer() as ck:
+    ck.save(tmp_path / "ckpt", tree)
+  specs, meta = _checkpoint.orbax_leaf_specs(tmp_path / "ckpt")
+  whole = _checkpoint.flatten(sc.load_orbax(tmp_path / "ckpt"))
+  assert [c for c, _, _ in specs] == [c for c, _ in whole]
+  for i, ((comps, shape, dtype), (_, leaf)) in enumerate(zip(specs, whole)):
+    got = _checkpoint.restore_orbax_leaf(tmp_path / "ckpt", meta, i)
+    assert got.shape == shape == np.shape(leaf) and got.dtype == dtype == np.asarray(leaf).dtype
+    np.testing.assert_array_equal(got, np.asarray(leaf))
+
+  calls = []
+  real = _checkpoint.restore_orbax_leaf
+  monkeypatch.setattr(_checkpoint, "restore_orbax_leaf",
+                      lambda d, t, i: calls.append(i) or real(d, t, i))
+  monkeypatch.setattr(_checkpoint, "load_orbax", lambda *a, **k: pytest.fail("restored whole"))
+  code, _, err = run(capsys, "compress", tmp_path / "ckpt", tmp_path / "c.safetensors",
+                     "--width", "20", "-q")
+  assert code == 0, err
+  assert sorted(calls) == list(range(len(specs)))
+  f = sc.load(tmp_path / "c.safetensors")
+  want = _decompose.decompose(jnp.asarray(tree["enc"]["kernel"]), key=_tree.leaf_key(
+      jax.random.key(0), "enc/kernel"), width=20)
+  assert_same_factors(want, f["enc"]["kernel"])
+  np.testing.assert_array_equal(f["blocks"][1], tree["blocks"][1])
+
+  # A compressed orbax checkpoint is not a compress input: a one-line error.
+  sc.save_orbax(tmp_path / "packed", f)
+  code, _, err = run(capsys, "compress", tmp_path / "packed", tmp_path / "d.safetensors",
+                     "--width", "8")
+  assert code == 1 and "already a jax_signedcut" in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------
 # Errors: one line on stderr, non-zero exit, no traceback
 
