@@ -197,3 +197,30 @@ def test_env_var_forces_the_scalar_core(tmp_path):
   got = np.load(tmp_path / "out.npy")
   np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f,
                                                                  force_scalar=True)))
+
+
+@needs_ffi
+def test_result_does_not_depend_on_the_thread_count(tmp_path):
+  """The cuts are split into partitions fixed by the shape: one CPU or two, same bits."""
+  import os  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs taskset and at least two usable CPUs to compare one with several")
+  m, n, w = 1024, 1000, 1500  # rows·w·(m+n) large enough for several partitions
+  f = _random_factors(m, n, w, seed=5)
+  x = np.random.default_rng(1).standard_normal((3, m), np.float32)
+  np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
+  code = (
+      "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
+      "from jax_signedcut import _apply\n"
+      f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
+      "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
+      f" jnp.int32({w}), shape=({m}, {n}))\n"
+      f"np.save({str(tmp_path / 'one.npy')!r}, np.asarray(_apply.apply_ffi(jnp.asarray(d['x']), f)))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-c", code],
+                 env=env, check=True)
+  np.testing.assert_array_equal(np.load(tmp_path / "one.npy"),
+                                np.asarray(_apply.apply_ffi(jnp.asarray(x), f)))
