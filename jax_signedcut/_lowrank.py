@@ -14,10 +14,13 @@ The SVD is ``jnp.linalg.svd`` (deterministic, works under ``jit`` and
 ``vmap``); it costs about ``m·n·min(m, n)`` flops per matrix, small next to
 the greedy's cuts for the shapes of a transformer layer.
 
-Measured (all-MiniLM-L6-v2, 2 bits per weight, ``examples/compare_minilm.py``):
-see the module doc of ``examples/compare_minilm.py`` and the README. On
-well-behaved (full-rank) kernels a low-rank part costs accuracy (query kernel:
-rank 4 → 0.406 vs 0.369), so it is opt-in per leaf.
+Measured (all-MiniLM-L6-v2, 2 bits per weight, outliers "auto",
+``examples/compare_minilm.py --lowrank --layers 1 --bits 2``): the 512×384
+position-embedding table goes from 0.150 relative error (cuts only) to 0.098
+with rank 16 (truncated SVD with bf16 factors: 0.122, LPLR: 0.111); measured
+before with numpy: rank 8 → 0.134, 12 → 0.130, 20 → 0.101. On well-behaved
+(full-rank) kernels a low-rank part costs accuracy (query kernel: rank 4 →
+0.406 vs 0.369 without), so it is opt-in per leaf.
 """
 
 from __future__ import annotations
