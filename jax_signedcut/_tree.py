@@ -286,10 +286,17 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
       bar.set_postfix_str(f"{p.paths[i]} {tuple(leaves[i].shape)}")
     # With a bar, a big leaf also gets a bar of its own (cuts found so far).
     extra = {"progress_desc": p.paths[i]} if progress else {}
-    f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
-                      bits_per_weight=b.bits_per_weight, max_error=b.max_error,
-                      outliers=outliers if b.outliers is None else b.outliers, backend=backend,
-                      lowrank=lowrank if b.lowrank is None else b.lowrank, **extra)
+    rank = lowrank if b.lowrank is None else b.lowrank
+    try:
+      f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
+                        bits_per_weight=b.bits_per_weight, max_error=b.max_error,
+                        outliers=outliers if b.outliers is None else b.outliers,
+                        backend=backend, lowrank=rank, **extra)
+    except ValueError as e:
+      if not rank:
+        raise
+      # A rank the leaf's shape or budget cannot hold: say which leaf.
+      raise ValueError(f"leaf {p.paths[i]!r} of shape {tuple(leaves[i].shape)}: {e}") from None
     if progress:
       # One leaf at a time: wait, so that only one leaf's working set is alive.
       f = jax.block_until_ready(f)

@@ -194,6 +194,9 @@ def test_bad_lowrank_in_rules_and_cli():
   with pytest.raises(ValueError, match="rule.*lowrank must be an int >= 0"):
     sc.decompose({"w": np.ones((40, 30), np.float32)}, key=jax.random.key(0),
                  rules=[("w", {"rate": 0.5, "lowrank": -2})])
+  with pytest.raises(ValueError, match=r"leaf 'w' of shape \(40, 30\): lowrank=20 needs"):
+    sc.decompose({"w": np.ones((40, 30), np.float32)}, key=jax.random.key(0),
+                 rules=[("w", {"bits_per_weight": 2, "lowrank": 20})])
   assert _cli.parse_budget("bits=2,lowrank=16") == sc.Budget(bits_per_weight=2.0, lowrank=16)
   with pytest.raises(Exception, match="lowrank must be an int >= 0"):
     _cli.parse_budget("bits=2,lowrank=x")
