@@ -149,12 +149,14 @@ _BUDGET_KEYS = {"rate": "rate", "bits": "bits_per_weight", "bits_per_weight": "b
 
 
 def _lowrank_arg(s):
+  if s == "auto":
+    return s
   try:
     v = int(s)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0, got {s!r}") from None
+    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0 or auto, got {s!r}") from None
   if v < 0:
-    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0, got {s!r}")
+    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0 or auto, got {s!r}")
   return v
 
 
@@ -672,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the cuts (default 0)")
   c.add_argument("--outliers", type=_outliers_arg, default="auto", metavar="auto|0|FRACTION",
                  help="entries stored apart (default auto)")
-  c.add_argument("--lowrank", type=_lowrank_arg, default=0, metavar="R",
-                 help="rank of a bf16 low-rank part paid from the budget (default 0: none)")
+  c.add_argument("--lowrank", type=_lowrank_arg, default=0, metavar="R|auto",
+                 help="rank of a bf16 low-rank part paid from the budget (default 0: none; "
+                 "auto: the best of 0, 4, 8, 16, 32 per matrix, one decomposition each)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
                  help="compress only matrices with both dims >= N (default 16)")
   c.add_argument("--backend", default="auto", choices=("auto", "jnp", "ffi"),

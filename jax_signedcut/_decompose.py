@@ -81,7 +81,10 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       from the median (at most 0.5 % of them) and picks none on well-behaved
       (e.g. Gaussian) matrices; see ``jax_signedcut._outliers``. A fraction
       takes that share of the largest-magnitude entries.
-    lowrank: rank r >= 0 of an optional low-rank part (default 0: none).
+    lowrank: rank r >= 0 of an optional low-rank part (default 0: none), or
+      ``"auto"`` (outside ``jax.jit`` only): the rank of 0, 4, 8, 16, 32 that
+      fits the budget and gives the smallest error, at the cost of one
+      decomposition per candidate.
       After the outlier split, the rank-r truncated SVD of the remainder is
       stored as bf16 factors ``U`` (..., m, r), ``V`` (..., n, r) (fields
       ``lr_u``, ``lr_v``) and subtracted before the cuts are made. Its
@@ -162,13 +165,34 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     raise ValueError(
         f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
         f"got key shape {key.shape}")
+  if lowrank == "auto":
+    return _pick_rank(lambda r: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
+                                           backend=backend, outliers=mode, budget=budget,
+                                           lowrank=r), a, m, n, budget)
   return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
                     outliers=mode, budget=budget, lowrank=lowrank)
+
+
+def _pick_rank(run, a, m, n, budget):
+  """``lowrank="auto"``: ``run(r)`` for each candidate rank; the one of least ‖A − Â‖_F."""
+  if isinstance(a, jax.core.Tracer):
+    raise ValueError("lowrank='auto' picks the rank from the data, so it cannot run under "
+                     "jax.jit / vmap; give an int rank there")
+  x = jnp.asarray(a, jnp.float32)
+  best = None
+  for r in _lowrank.candidates(m, n, budget):
+    f = run(r)
+    err = float(jnp.sum(jnp.square(x - _factors.reconstruct(f))))
+    if best is None or err < best[0]:
+      best = (err, f)
+  return best[1]
 
 
 def _check_lowrank(lowrank, m, n, budget):
   """Validates ``lowrank`` for (m, n) matrices and a byte budget (or None)."""
   r = _lowrank.check_rank(lowrank, (m, n))
+  if r == "auto":
+    return r
   if budget is not None and _lowrank.nbytes_for(r, m, n) > budget:
     raise ValueError(
         f"lowrank={r} needs {_lowrank.nbytes_for(r, m, n)} bytes (r·(m+n)·2 for shape "
@@ -442,6 +466,11 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
         f"got key shape {key.shape}")
 
   count = math.prod(batch)
+  if lowrank == "auto":
+    return _pick_rank(lambda r: _decompose_leaf(
+        a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+        max_error=max_error, outliers=outliers, backend=backend, donate=False,
+        progress_desc=progress_desc, lowrank=r), a, m, n, budget)
 
   def run(call):
     big = progress_desc is not None and count * m * n * w >= _progress.MIN_WORK

@@ -10,6 +10,12 @@ and stored (2 bytes per entry, ``r·(m+n)·2`` bytes paid from a rate/bits
 budget like the sparse part), and the cuts are made on
 ``remainder − bf16(U)·bf16(V)ᵀ`` (the product computed in float32).
 
+``lowrank="auto"`` (eager only: the rank is a static shape) decomposes with
+each rank of ``AUTO_CANDIDATES`` = 0, 4, 8, 16, 32 that the shape and budget
+allow and keeps the one with the smallest ‖A − Â‖_F (summed over a batch; ties
+go to the lower rank): the decomposition's own objective, at up to five
+decompositions' cost.
+
 The SVD is ``jnp.linalg.svd`` (deterministic, works under ``jit`` and
 ``vmap``); it costs about ``m·n·min(m, n)`` flops per matrix, small next to
 the greedy's cuts for the shapes of a transformer layer.
@@ -32,17 +38,27 @@ import jax.numpy as jnp
 
 BYTES_PER_ENTRY = 2            # bfloat16
 DTYPE = jnp.bfloat16
+#: The ranks ``lowrank="auto"`` tries (those the shape and budget allow).
+AUTO_CANDIDATES = (0, 4, 8, 16, 32)
 
 
-def check_rank(lowrank, shape=None) -> int:
-  """Validates ``lowrank``: an int >= 0, at most ``min(m, n)`` when a shape is given."""
+def check_rank(lowrank, shape=None):
+  """Validates ``lowrank``: ``"auto"`` or an int >= 0 (at most ``min(m, n)`` given a shape)."""
+  if isinstance(lowrank, str) and lowrank == "auto":
+    return "auto"
   if isinstance(lowrank, bool) or not isinstance(lowrank, numbers.Integral) or lowrank < 0:
-    raise ValueError(f"lowrank must be an int >= 0, got {lowrank!r}")
+    raise ValueError(f"lowrank must be an int >= 0 or 'auto', got {lowrank!r}")
   r = int(lowrank)
   if shape is not None and r > min(shape):
     raise ValueError(f"lowrank={r} exceeds min(m, n) = {min(shape)} for matrices of shape "
                      f"{tuple(shape)}")
   return r
+
+
+def candidates(m: int, n: int, budget: float | None) -> tuple[int, ...]:
+  """The ranks of ``AUTO_CANDIDATES`` that fit (m, n) and a byte budget (or None)."""
+  return tuple(r for r in AUTO_CANDIDATES
+               if r <= min(m, n) and (budget is None or nbytes_for(r, m, n) <= budget))
 
 
 def nbytes_for(r: int, m: int, n: int) -> int:

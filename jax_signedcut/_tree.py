@@ -64,7 +64,7 @@ class Budget(NamedTuple):
   bits_per_weight: float | None = None
   max_error: float | None = None
   outliers: Any = None      # None: decompose's own ``outliers`` argument
-  lowrank: int | None = None  # None: decompose's own ``lowrank`` argument
+  lowrank: Any = None       # None: decompose's own ``lowrank`` argument (int or "auto")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jax_signedcut as sc
-from jax_signedcut import _budget, _checkpoint, _cli, _decompose, _oracle, _start
+from jax_signedcut import _budget, _cli, _decompose, _lowrank, _oracle, _start
 from jax_signedcut.linen import SignedCutDense as LinenDense
 from jax_signedcut.linen import convert_params
 from jax_signedcut.nnx import SignedCutDense, swap_linears
@@ -33,8 +33,8 @@ def smooth(shape, seed, heavy=0):
   return np.asarray(a, np.float32)
 
 
-def oracle(a, key, r, width, budget, sparse):
-  """The decomposition spelled out: A − P − bf16(U)bf16(V)ᵀ, then the plain greedy."""
+def oracle(a, r, sparse):
+  """(A − P, the rank-r truncated SVD of A − P (float64), number of sparse entries)."""
   m, n = a.shape
   rem = np.array(a, np.float32)
   num_sparse = 0
@@ -57,7 +57,7 @@ def test_matches_the_oracle(shape, r, bits, heavy):
   assert f.rank == r
   sparse = None if f.sparse_idx is None else (f.sparse_idx, f.sparse_val, f.num_sparse)
   assert (f.num_sparse is not None and int(f.num_sparse) > 0) == bool(heavy)
-  rem, low, k_sparse = oracle(a, key, r, f.width, None, sparse)
+  rem, low, k_sparse = oracle(a, r, sparse)
   uv = np.asarray(f.lr_u, np.float32) @ np.asarray(f.lr_v, np.float32).T
   # The stored part is the bf16 rounding of the rank-r SVD of A − P.
   assert np.linalg.norm(uv - low) <= 1e-2 * np.linalg.norm(low)
@@ -177,10 +177,11 @@ def test_backfit_keeps_the_low_rank_part():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(lowrank=-1), "lowrank must be an int >= 0, got -1"),
-    (dict(lowrank=1.5), "lowrank must be an int >= 0, got 1.5"),
-    (dict(lowrank=True), "lowrank must be an int >= 0, got True"),
+    (dict(lowrank=-1), "lowrank must be an int >= 0 or .auto., got -1"),
+    (dict(lowrank=1.5), "lowrank must be an int >= 0 or .auto., got 1.5"),
+    (dict(lowrank=True), "lowrank must be an int >= 0 or .auto., got True"),
     (dict(lowrank="2"), "lowrank must be an int >= 0"),
+    (dict(lowrank="Auto"), "lowrank must be an int >= 0"),
     (dict(lowrank=31), r"lowrank=31 exceeds min\(m, n\) = 30"),
     (dict(lowrank=30, bits_per_weight=2), r"lowrank=30 needs 4200 bytes .* budget is 300 bytes"),
 ])
@@ -315,3 +316,23 @@ def test_cli_lowrank_rule(tmp_path):
   assert _cli.main(["compress", str(src), str(tmp_path / "o2.safetensors"), "--bits", "4",
                     "--lowrank", "2", "-q"]) == 0
   assert all(f.rank == 2 for f in sc.load(tmp_path / "o2.safetensors").values())
+
+
+def test_auto_picks_the_rank_of_least_error():
+  key = jax.random.key(3)
+  a = smooth((128, 96), 15)
+  f = sc.decompose(a, key=key, bits_per_weight=4, lowrank="auto")
+  assert _lowrank.candidates(128, 96, 4 * 128 * 96 / 8) == (0, 4, 8)   # 16·224·2 > 6144
+  errs = {r: float(sc.relative_error(a, sc.decompose(a, key=key, bits_per_weight=4, lowrank=r)))
+          for r in (0, 4, 8)}
+  best = min(errs, key=errs.get)
+  assert best > 0 and f.rank == best
+  chex.assert_trees_all_equal(f, sc.decompose(a, key=key, bits_per_weight=4, lowrank=best))
+  # A Gaussian matrix keeps no low-rank part; the leaf path and the CLI's rule agree.
+  g = np.asarray(jax.random.normal(jax.random.key(5), (64, 48)))
+  assert sc.decompose(g, key=key, bits_per_weight=2, lowrank="auto").lr_u is None
+  fl = _decompose._decompose_leaf(a, key=key, bits_per_weight=4, lowrank="auto")  # noqa: SLF001
+  chex.assert_trees_all_equal(fl, f)
+  assert _cli.parse_budget("bits=2,lowrank=auto").lowrank == "auto"
+  with pytest.raises(ValueError, match="cannot run under jax.jit"):
+    jax.jit(lambda x: sc.decompose(x, key=key, bits_per_weight=2, lowrank="auto"))(a)
