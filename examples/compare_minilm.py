@@ -18,7 +18,7 @@ sentence-embedding cosine of the whole model to the original (50 sentences):
   chosen per matrix and budget from ``LOWRANK_CANDIDATES`` = 0, 4, 8, 16, 32
   (those the budget pays for): the one whose decomposition has the lowest
   relative error ‖A − Â‖/‖A‖ — the decomposition's own objective, nothing
-  else is looked at. It costs one decomposition per candidate (each made once
+  else is looked at (what ``decompose(..., lowrank="auto")`` does). It costs one decomposition per candidate (each made once
   at the largest budget of the run and truncated, as cuts stay
   prefix-consistent with a low-rank part).
 * RTN int-b, per row: b = the budget, one f32 absmax scale per output
