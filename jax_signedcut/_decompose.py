@@ -55,7 +55,7 @@ def _check_max_error(max_error):
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
               outliers="auto", backend: str = "auto", rules=None, skip=(),
-              min_dim: int = _tree.MIN_DIM, lowrank: int = 0) -> SignedCut:
+              min_dim: int = _tree.MIN_DIM, lowrank: int | str = 0) -> SignedCut:
   """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix, a batch or a pytree.
 
   Cuts are built one at a time on the remainder; each starts from key-derived
@@ -225,7 +225,7 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
                        bits_per_weight: float | None = None, max_error: float | None = None,
                        outliers="auto", backend: str = "auto", rules=None, skip=(),
                        min_dim: int = _tree.MIN_DIM, progress: bool = True,
-                       lowrank: int = 0):
+                       lowrank: int | str = 0):
   """``decompose`` of a pytree one leaf at a time, with a progress bar.
 
   Not for use under ``jax.jit``: each selected leaf is decomposed by its own
