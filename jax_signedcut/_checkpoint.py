@@ -6,7 +6,9 @@ The safetensors file (format ``jax_signedcut``, version 1)
 A plain safetensors file (``safetensors.safe_open`` reads it) whose
 ``__metadata__`` header holds two string entries:
 
-* ``"format": "jax_signedcut"`` and ``"format_version": "1"``;
+* ``"format": "jax_signedcut"`` and ``"format_version": "1"`` (``"2"`` when a
+  leaf has a low-rank part, so that a reader of version 1, which would drop
+  it, refuses the file);
 * ``"jax_signedcut"``: JSON with ``{"version", "leaves": [...], "crc32":
   {tensor: crc}, "user": {...}}``. One entry per leaf, in tree order, with its
   key path (``"key"``: a list of ``["d", dict key]`` / ``["i", sequence
@@ -61,7 +63,7 @@ from jax_signedcut import _factors, _packing
 from jax_signedcut._factors import SignedCut
 
 FORMAT = "jax_signedcut"
-VERSION = 1
+VERSION = 2          # the newest version read; files without a low-rank part are written as 1
 
 _CUT_FIELDS = ("s_bits", "t_bits", "c", "num_cuts")
 _SPARSE_FIELDS = ("sparse_idx", "sparse_val", "num_sparse")
@@ -313,8 +315,9 @@ def _umask() -> int:
 
 def header_metadata(leaves: list[dict], crc32: dict, user: dict | None) -> dict[str, str]:
   """The ``__metadata__`` strings of a jax_signedcut file."""
-  body = {"version": VERSION, "leaves": leaves, "crc32": crc32, "user": user or {}}
-  return {"format": FORMAT, "format_version": str(VERSION),
+  version = 2 if any(e.get("lowrank") is not None for e in leaves) else 1
+  body = {"version": version, "leaves": leaves, "crc32": crc32, "user": user or {}}
+  return {"format": FORMAT, "format_version": str(version),
           FORMAT: json.dumps(body, separators=(",", ":"))}
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
 
 import jax_signedcut as sc
 from jax_signedcut import _budget, _cli, _decompose, _lowrank, _oracle, _start
@@ -210,6 +211,8 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
           "stack": sc.decompose(np.stack([a, -a]), key=jax.random.key(1), width=9, lowrank=2)}
   path = tmp_path / "f.safetensors"
   sc.save(path, tree)
+  with safe_open(str(path), framework="numpy") as fh:
+    assert fh.metadata()["format_version"] == "2"   # a version-1 reader would drop lr_u/lr_v
   back = sc.load(path)
   for k in tree:
     chex.assert_trees_all_equal(back[k], tree[k])
