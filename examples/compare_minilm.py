@@ -13,6 +13,14 @@ sentence-embedding cosine of the whole model to the original (50 sentences):
 * signed cuts + backfit (``--backfit P …``): those factors after P passes of
   ``sc.backfit`` (each cut re-optimised against all the others; opt-in, as it
   gives up prefix consistency: run on the truncated factors of each budget).
+* signed cuts + low rank (auto) (``--lowrank``): ``decompose(..., lowrank=r)``
+  (a bf16 rank-r part U·Vᵀ paid from the same budget, cuts on the rest) with r
+  chosen per matrix and budget from ``LOWRANK_CANDIDATES`` = 0, 4, 8, 16, 32
+  (those the budget pays for): the one whose decomposition has the lowest
+  relative error ‖A − Â‖/‖A‖ — the decomposition's own objective, nothing
+  else is looked at (what ``decompose(..., lowrank="auto")`` does). It costs one decomposition per candidate (each made once
+  at the largest budget of the run and truncated, as cuts stay
+  prefix-consistent with a low-rank part).
 * RTN int-b, per row: b = the budget, one f32 absmax scale per output
   channel (row of the PyTorch (out, in) weight); the scales add 32/in bits.
 * RTN int-b, groups of 64: the largest b whose codes plus one f32 scale per
@@ -53,6 +61,7 @@ from compress_minilm import flat_paths, load_factors  # noqa: E402
 
 BITS = (8, 7, 5, 4, 2)
 RATE_NAMES = {8: "rate ½", 7: "rate 7⁄16", 5: "rate 5⁄16", 4: "rate ¼", 2: "rate ⅛"}
+LOWRANK_CANDIDATES = (0, 4, 8, 16, 32)
 KINDS = ("query", "key", "value", "attention_out", "intermediate", "output", "word embeddings",
          "position embeddings")
 
@@ -70,9 +79,12 @@ def _rel(a, b):
 class Methods:
   """Each method maps (path, a, bits) -> (dense reconstruction, stored bits per weight) or None."""
 
-  def __init__(self, factors, plain_factors, key):
+  def __init__(self, factors, plain_factors, key, top_bits=max(BITS)):
     self.factors, self.plain, self.key = factors, plain_factors, key
+    self.top_bits = top_bits
     self._svd = {}
+    self._lowrank = {}
+    self.chosen_rank = {}   # (path, bits) -> r picked by signed_cuts_lowrank_auto
 
   @staticmethod
   def _torch_layout(path, a):
@@ -89,6 +101,28 @@ class Methods:
   def signed_cuts_backfit(self, path, a, bits, passes):
     g = sc.backfit(sc.truncate(self.factors[path], bits_per_weight=bits), a, passes=passes)
     return np.asarray(sc.reconstruct(g)), 8 * sc.nbytes(g) / a.size
+
+  def signed_cuts_lowrank_auto(self, path, a, bits):
+    m, n = a.shape
+    best = None
+    for r in LOWRANK_CANDIDATES:
+      if r > min(m, n) or 2 * r * (m + n) > bits * m * n / 8:
+        continue
+      if r == 0:
+        f = self.factors[path]
+      else:
+        if (path, r) not in self._lowrank:
+          self._lowrank[(path, r)] = sc.decompose(
+              a, key=jax.random.fold_in(self.key, r), bits_per_weight=self.top_bits,
+              lowrank=r)
+        f = self._lowrank[(path, r)]
+      g = sc.truncate(f, bits_per_weight=bits)
+      rec = np.asarray(sc.reconstruct(g))
+      e = _rel(a, rec)
+      if best is None or e < best[0]:
+        best = (e, r, rec, 8 * sc.nbytes(g) / a.size)
+    self.chosen_rank[(path, bits)] = best[1]
+    return best[2], best[3]
 
   def rtn_row(self, path, a, bits):
     t = self._torch_layout(path, a)
@@ -141,6 +175,8 @@ def main(argv=None):
   p.add_argument("--backfit", type=int, nargs="*", default=[], metavar="PASSES",
                  help="also signed cuts after this many backfitting passes (sc.backfit); "
                  "one line per value")
+  p.add_argument("--lowrank", action="store_true",
+                 help="also signed cuts + a low-rank part of automatically chosen rank")
   p.add_argument("--bits", type=int, nargs="+", default=BITS, choices=BITS,
                  help="only these budgets (quick runs)")
   args = p.parse_args(argv)
@@ -162,13 +198,15 @@ def main(argv=None):
   else:
     factors = decompose("auto")
   paths = [pth for pth, f in factors.items() if isinstance(f, sc.SignedCut) and pth in flat]
-  methods = Methods(factors, decompose(0) if args.plain else None, key)
+  methods = Methods(factors, decompose(0) if args.plain else None, key, max(args.bits))
   table = [("signed cuts (outliers auto)", methods.signed_cuts)]
   if args.plain:
     table.append(("signed cuts (no outliers)", methods.signed_cuts_plain))
   for passes in args.backfit:
     table.append((f"signed cuts + backfit ({passes} pass{'es' if passes > 1 else ''})",
                   functools.partial(methods.signed_cuts_backfit, passes=passes)))
+  if args.lowrank:
+    table.append(("signed cuts + low rank (auto)", methods.signed_cuts_lowrank_auto))
   table += [("RTN int-b, per row", methods.rtn_row), ("RTN int-b, groups of 64", methods.rtn_group),
             ("truncated SVD, bf16", methods.svd_bf16), ("LPLR", methods.lplr)]
 
@@ -204,7 +242,8 @@ def main(argv=None):
         bert._variable(model, keys).set_value(jnp.asarray(flat[path]))  # noqa: SLF001
 
   os.makedirs(args.out, exist_ok=True)
-  md = _markdown(results, table, paths, time.perf_counter() - t_start, args)
+  md = _markdown(results, table, paths, time.perf_counter() - t_start, args,
+                 methods.chosen_rank)
   with open(os.path.join(args.out, "minilm_comparison.md"), "w", encoding="utf-8") as fh:
     fh.write(md)
   _plot(results, table, os.path.join(args.out, "minilm_comparison.png"))
@@ -212,7 +251,7 @@ def main(argv=None):
   return results
 
 
-def _markdown(results, table, paths, seconds, args):
+def _markdown(results, table, paths, seconds, args, chosen_rank=None):
   names = [n for n, _ in table]
   kinds = [k for k in KINDS if any(_kind(p) == k for p in paths)]
   out = ["# all-MiniLM-L6-v2: signed cuts vs other methods at equal storage", "",
@@ -220,6 +259,7 @@ def _markdown(results, table, paths, seconds, args):
          + (f" --factors {os.path.basename(args.factors)}" if args.factors else "")
          + (" --plain" if args.plain else "")
          + (" --backfit " + " ".join(map(str, args.backfit)) if args.backfit else "")
+         + (" --lowrank" if args.lowrank else "")
          + (f" --layers {args.layers}" if args.layers else "")
          + (" --bits " + " ".join(map(str, args.bits)) if tuple(args.bits) != BITS else "")
          + f"` ({seconds / 60:.0f} min on 2 CPU cores). "
@@ -258,6 +298,17 @@ def _markdown(results, table, paths, seconds, args):
              f"{results[(n, bits)]['cosine']:.4f} (min {results[(n, bits)]['cosine_min']:.4f})"
              for n in names]
     out.append("| **embedding cosine** | " + " | ".join(cells) + " |")
+  if chosen_rank:
+    out += ["", "## Ranks chosen by signed cuts + low rank (auto)", "",
+            "| bits per weight | matrix type: rank (matrices) |", "|---|---|"]
+    for bits in budgets:
+      per = {}
+      for (p, b), r in chosen_rank.items():
+        if b == bits:
+          per.setdefault(_kind(p), []).append(r)
+      out.append(f"| {bits} | " + "; ".join(
+          f"{k}: " + ", ".join(f"{r}×{v.count(r)}" for r in sorted(set(v)))
+          for k, v in per.items()) + " |")
   return "\n".join(out) + "\n"
 
 

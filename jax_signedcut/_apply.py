@@ -101,6 +101,12 @@ def apply_sparse(x2: jax.Array, f: SignedCut) -> jax.Array:
   return jnp.zeros((x2.shape[0], n), jnp.float32).at[:, cols].add(contrib)
 
 
+def apply_lowrank(x2: jax.Array, f: SignedCut) -> jax.Array:
+  """``(x2·U)·Vᵀ`` (B, n) in f32 for the low-rank part U·Vᵀ of ``f``."""
+  p = jnp.matmul(x2, f.lr_u.astype(jnp.float32), precision=_HI)          # (B, r)
+  return jnp.matmul(p, f.lr_v.astype(jnp.float32).T, precision=_HI)
+
+
 @functools.cache
 def _has_ffi_kernel() -> bool:
   try:
@@ -211,6 +217,8 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
     y = jax.lax.platform_dependent(x2, f, cpu=apply_ffi, default=apply_jnp)
   if not dense and f.sparse_idx is not None:
     y = y + apply_sparse(x2, f)
+  if not dense and f.lr_u is not None:
+    y = y + apply_lowrank(x2, f)
   if bias is not None:
     y = y + jnp.asarray(bias).astype(jnp.float32)[None, :]
   return y.reshape(*batch, n).astype(x.dtype)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _factors, _oracle, _packing
+from jax_signedcut import _factors, _lowrank, _oracle, _packing
 from jax_signedcut._factors import SignedCut
 
 
@@ -50,7 +50,8 @@ def backfit(f: SignedCut, a, *, passes: int = 1) -> SignedCut:
   :mod:`jax_signedcut._backfit`): for each used cut k in order, the cut is put
   back into the remainder, the greedy's alternating sign search is rerun from
   its own column signs, and the result (with its exact scale) is taken out
-  again. The error never increases; ``num_cuts`` and the sparse part are kept.
+  again. The error never increases; ``num_cuts``, the sparse part and the
+  low-rank part are kept.
 
   The result is **not prefix-consistent**: ``truncate(backfit(f, a), k)`` is
   not a width-k decomposition of anything in particular. Truncate to the
@@ -106,9 +107,12 @@ def _backfit_one(f, a, *, passes):
   """One matrix: ``passes`` backfitting passes (f unbatched, a (m, n) f32)."""
   m, n = f.shape
   mn = jnp.float32(m * n)
-  cuts = dataclasses.replace(f, sparse_idx=None, sparse_val=None, num_sparse=None)
+  cuts = dataclasses.replace(f, sparse_idx=None, sparse_val=None, num_sparse=None, lr_u=None,
+                             lr_v=None)
   if f.sparse_idx is not None:   # Unused slots hold index 0 and value 0.
     a = a.reshape(-1).at[f.sparse_idx].add(-f.sparse_val).reshape(m, n)
+  if f.lr_u is not None:         # The low-rank part stays as it is.
+    a = a - _lowrank.product(f.lr_u, f.lr_v)
 
   def one(k, st):
     r, s_bits, t_bits, c = st

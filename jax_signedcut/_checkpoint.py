@@ -6,7 +6,9 @@ The safetensors file (format ``jax_signedcut``, version 1)
 A plain safetensors file (``safetensors.safe_open`` reads it) whose
 ``__metadata__`` header holds two string entries:
 
-* ``"format": "jax_signedcut"`` and ``"format_version": "1"``;
+* ``"format": "jax_signedcut"`` and ``"format_version": "1"`` (``"2"`` when a
+  leaf has a low-rank part, so that a reader of version 1, which would drop
+  it, refuses the file);
 * ``"jax_signedcut"``: JSON with ``{"version", "leaves": [...], "crc32":
   {tensor: crc}, "user": {...}}``. One entry per leaf, in tree order, with its
   key path (``"key"``: a list of ``["d", dict key]`` / ``["i", sequence
@@ -17,8 +19,9 @@ A plain array leaf is one tensor named by its path, so a file of dense leaves
 reads like any other safetensors checkpoint. A :class:`SignedCut` leaf at path
 ``p`` is stored as the tensors ``p/s_bits``, ``p/t_bits``, ``p/c``,
 ``p/num_cuts`` (and ``p/sparse_idx``, ``p/sparse_val``, ``p/num_sparse`` when
-it has a sparse part), with its static shape (m, n), batch shape and width in
-the leaf entry.
+it has a sparse part; ``p/lr_u``, ``p/lr_v`` (bf16) and ``"lowrank": r`` in
+the entry when it has a low-rank part), with its static shape (m, n), batch
+shape and width in the leaf entry.
 
 Only the used cuts are written: the cut slots are trimmed to ``max(num_cuts)``
 over the batch and the sparse slots to ``max(num_sparse)``. Slots past those
@@ -60,10 +63,11 @@ from jax_signedcut import _factors, _packing
 from jax_signedcut._factors import SignedCut
 
 FORMAT = "jax_signedcut"
-VERSION = 1
+VERSION = 2          # the newest version read; files without a low-rank part are written as 1
 
 _CUT_FIELDS = ("s_bits", "t_bits", "c", "num_cuts")
 _SPARSE_FIELDS = ("sparse_idx", "sparse_val", "num_sparse")
+_LOWRANK_FIELDS = ("lr_u", "lr_v")
 
 # safetensors dtype codes.
 _DTYPES = {
@@ -194,6 +198,10 @@ def encode_leaf(comps, leaf, *, extra: dict | None = None) -> tuple[list, dict]:
         arrays["sparse_idx"] = np.asarray(leaf.sparse_idx[..., :k], np.int32)
         arrays["sparse_val"] = np.asarray(leaf.sparse_val[..., :k], np.float32)
       entry.update(sparse_slots=slots, stored_sparse=k)
+    if leaf.lr_u is not None:
+      arrays["lr_u"] = np.asarray(leaf.lr_u).astype(jnp.bfloat16)
+      arrays["lr_v"] = np.asarray(leaf.lr_v).astype(jnp.bfloat16)
+      entry["lowrank"] = int(leaf.rank)
     entry["tensors"] = {f: f"{path}/{f}" for f in arrays}
     tensors = [(f"{path}/{f}", a) for f, a in arrays.items()]
   else:
@@ -307,8 +315,9 @@ def _umask() -> int:
 
 def header_metadata(leaves: list[dict], crc32: dict, user: dict | None) -> dict[str, str]:
   """The ``__metadata__`` strings of a jax_signedcut file."""
-  body = {"version": VERSION, "leaves": leaves, "crc32": crc32, "user": user or {}}
-  return {"format": FORMAT, "format_version": str(VERSION),
+  version = 2 if any(e.get("lowrank") is not None for e in leaves) else 1
+  body = {"version": version, "leaves": leaves, "crc32": crc32, "user": user or {}}
+  return {"format": FORMAT, "format_version": str(version),
           FORMAT: json.dumps(body, separators=(",", ":"))}
 
 
@@ -586,6 +595,20 @@ class Reader:
       f = dataclasses.replace(f, sparse_idx=idx, sparse_val=val, num_sparse=num_sparse)
     elif any(x in names for x in _SPARSE_FIELDS):
       raise err("sparse tensors present but sparse_slots is null")
+    rank = e.get("lowrank")
+    if rank is not None:
+      if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(m, n) \
+          or any(x not in names for x in _LOWRANK_FIELDS):
+        raise err(f"lowrank {rank!r} is not an int in 0..{min(m, n)} or no lr_u/lr_v tensors")
+      bf16 = np.dtype(jnp.bfloat16)
+      lr_u = self.tensor(names["lr_u"], bf16, (*batch, m, rank), f" of {path!r}")
+      lr_v = self.tensor(names["lr_v"], bf16, (*batch, n, rank), f" of {path!r}")
+      if not (np.all(np.isfinite(lr_u.astype(np.float32)))
+              and np.all(np.isfinite(lr_v.astype(np.float32)))):
+        raise err("the low-rank factors lr_u/lr_v contain NaN/Inf")
+      f = dataclasses.replace(f, lr_u=lr_u, lr_v=lr_v)
+    elif any(x in names for x in _LOWRANK_FIELDS):
+      raise err("low-rank tensors present but lowrank is null")
     return _to_jax(f, width=width if full_width else k, slots=slots if full_width else None)
 
   def tree(self, *, full_width: bool = True):
@@ -721,7 +744,8 @@ def _to_orbax_tree(tree):
   def enc(x):
     if not isinstance(x, SignedCut):
       return x
-    d = {f: getattr(x, f) for f in _CUT_FIELDS + _SPARSE_FIELDS if getattr(x, f) is not None}
+    d = {f: getattr(x, f) for f in _CUT_FIELDS + _SPARSE_FIELDS + _LOWRANK_FIELDS
+         if getattr(x, f) is not None}
     d["shape"] = np.asarray(x.shape, np.int64)
     return {_MARK: d}
   return jax.tree.map(enc, tree, is_leaf=lambda x: isinstance(x, SignedCut))
@@ -734,7 +758,8 @@ def _from_orbax_tree(tree, where):
       try:
         m, n = (int(v) for v in np.asarray(d["shape"]))
         f = SignedCut(**{k: jnp.asarray(d[k]) for k in _CUT_FIELDS}, shape=(m, n),
-                      **{k: jnp.asarray(d[k]) for k in _SPARSE_FIELDS if k in d})
+                      **{k: jnp.asarray(d[k]) for k in _SPARSE_FIELDS if k in d},
+                      **{k: jnp.asarray(d[k], jnp.bfloat16) for k in _LOWRANK_FIELDS if k in d})
       except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: a signed cut entry is malformed ({e!r})") from None
       wm, wn = _packing.num_words(m), _packing.num_words(n)
@@ -742,6 +767,13 @@ def _from_orbax_tree(tree, where):
           f.s_bits.shape[:-1] != f.c.shape or f.t_bits.shape[:-1] != f.c.shape:
         raise CheckpointError(f"{where}: signed cut word arrays {f.s_bits.shape}, "
                               f"{f.t_bits.shape} disagree with shape {(m, n)} / c {f.c.shape}")
+      if (f.lr_u is None) != (f.lr_v is None) or (f.lr_u is not None and (
+          f.lr_u.shape[:-2] != f.c.shape[:-1] or f.lr_u.shape[-2] != m
+          or f.lr_v.shape != (*f.c.shape[:-1], n, f.lr_u.shape[-1]))):
+        raise CheckpointError(
+            f"{where}: low-rank factors {None if f.lr_u is None else f.lr_u.shape}, "
+            f"{None if f.lr_v is None else f.lr_v.shape} disagree with shape {(m, n)} / "
+            f"c {f.c.shape}")
       return f
     return {k: _from_orbax_tree(v, where) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):

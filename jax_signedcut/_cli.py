@@ -48,7 +48,8 @@ budgets:
   --rule REGEX=BUDGET picks a budget per leaf: the first rule whose regex
   matches (re.search) the leaf's name wins. BUDGET is one of
     rate=0.25   bits=4   width=128   max_error=0.05   dense
-  or several joined by commas (e.g. 'rate=0.5,max_error=0.01,outliers=0').
+  or several joined by commas (e.g. 'rate=0.5,max_error=0.01,outliers=0';
+  'pos=bits=2,lowrank=16' adds a rank-16 bf16 part paid from the budget).
   Leaves no rule matches get the default budget (--rate/--bits/--width/
   --max-error); without one they are kept as they are.
 
@@ -144,7 +145,19 @@ def _outliers_arg(s):
 
 _BUDGET_KEYS = {"rate": "rate", "bits": "bits_per_weight", "bits_per_weight": "bits_per_weight",
                 "width": "width", "max_error": "max_error", "max-error": "max_error",
-                "outliers": "outliers"}
+                "outliers": "outliers", "lowrank": "lowrank"}
+
+
+def _lowrank_arg(s):
+  if s == "auto":
+    return s
+  try:
+    v = int(s)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0 or auto, got {s!r}") from None
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"lowrank must be an int >= 0 or auto, got {s!r}")
+  return v
 
 
 def parse_budget(text: str):
@@ -162,8 +175,8 @@ def parse_budget(text: str):
           f"bad budget {text!r}: expected e.g. rate=0.25, bits=4, width=128, max_error=0.05 "
           "or dense")
     name = _BUDGET_KEYS[key]
-    conv = _outliers_arg if name == "outliers" else _positive(
-        "width" if name == "width" else key)
+    conv = _outliers_arg if name == "outliers" else _lowrank_arg if name == "lowrank" else \
+        _positive("width" if name == "width" else key)
     try:
       fields[name] = conv(value)
     except argparse.ArgumentTypeError as e:
@@ -360,6 +373,8 @@ def _row(entry, err=None):
     stored = f"cuts {entry['stored_width']}/{entry['width']}"
     if entry.get("stored_sparse"):
       stored += f" +{entry['stored_sparse']} sparse"
+    if entry.get("lowrank"):
+      stored += f" +rank {entry['lowrank']}"
     bits = 8 * after / max(1, int(np.prod(shape)))
     if err is None:
       err = entry.get("rel_error_est")
@@ -411,6 +426,15 @@ def _rel_error_estimate(a2: float, f) -> float:
                                                                            np.float64))))
   c2 = float(np.sum(np.square(np.asarray(f.c, np.float64))))
   r2 = max(0.0, a2 - sp2 - m * n * c2)
+  return math.sqrt(r2 / a2) if a2 > 0 else 0.0
+
+
+def _rel_error_exact(a2: float, a, f) -> float:
+  """‖A − reconstruct(f)‖/‖A‖ by reconstruction (factors with a low-rank part)."""
+  from jax_signedcut import _factors  # noqa: PLC0415
+
+  r = np.asarray(a, np.float32) - np.asarray(_factors.reconstruct(f))
+  r2 = float(np.sum(np.square(r, dtype=np.float64)))
   return math.sqrt(r2 / a2) if a2 > 0 else 0.0
 
 
@@ -474,21 +498,26 @@ def _compress(args) -> int:
           x = jax.numpy.asarray(a)
           del a
           outliers = args.outliers if job.outliers is None else job.outliers
+          lowrank = args.lowrank if job.lowrank is None else job.lowrank
           try:
-            # x is ours: the outliers are zeroed in its buffer (no remainder copy).
+            # x is ours: the outliers are zeroed in its buffer (no remainder copy);
+            # with a low-rank part it is kept to measure the error exactly.
             f = _decompose._decompose_leaf(  # noqa: SLF001
                 x, key=_tree.leaf_key(key, path), width=job.width, rate=job.rate,
                 bits_per_weight=job.bits_per_weight, max_error=job.max_error,
-                outliers=outliers, backend=args.backend, donate=True,
-                progress_desc=None if args.quiet else path)
+                outliers=outliers, backend=args.backend, donate=not lowrank,
+                progress_desc=None if args.quiet else path, lowrank=lowrank)
           except (ValueError, TypeError) as e:
             raise _Error(f"leaf {path!r} of shape {_shape_str(shape)}: {e}") from None
           f = jax.block_until_ready(f)
+          err = _rel_error_estimate(a2, f) if not lowrank else _rel_error_exact(a2, x, f)
           del x
           budget = {k: v for k, v in job._asdict().items() if v is not None}
           budget.setdefault("outliers", outliers)
+          if lowrank:
+            budget.setdefault("lowrank", lowrank)
           tensors, entry = _checkpoint.encode_leaf(comps, f, extra={
-              "source": source, "budget": budget, "rel_error_est": _rel_error_estimate(a2, f)})
+              "source": source, "budget": budget, "rel_error_est": err})
           del f
         for name, t in tensors:
           writer.add(name, t)
@@ -505,6 +534,8 @@ def _compress(args) -> int:
             "rules": [[r, None if b is None else {k: v for k, v in b._asdict().items()
                                                   if v is not None}] for r, b in rules],
             "skip": list(args.skip or []), "outliers": args.outliers, "min_dim": args.min_dim}
+    if args.lowrank:
+      user["lowrank"] = args.lowrank
     writer.finish(_checkpoint.header_metadata(entries, writer.crc32, user))
   if not args.quiet:
     _summary(entries)
@@ -644,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the cuts (default 0)")
   c.add_argument("--outliers", type=_outliers_arg, default="auto", metavar="auto|0|FRACTION",
                  help="entries stored apart (default auto)")
+  c.add_argument("--lowrank", type=_lowrank_arg, default=0, metavar="R|auto",
+                 help="rank of a bf16 low-rank part paid from the budget (default 0: none; "
+                 "auto: the best of 0, 4, 8, 16, 32 per matrix, one decomposition each)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
                  help="compress only matrices with both dims >= N (default 16)")
   c.add_argument("--backend", default="auto", choices=("auto", "jnp", "ffi"),

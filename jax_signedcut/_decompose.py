@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _factors, _oracle, _outliers, _progress, _start, _tree
+from jax_signedcut import (_budget, _factors, _lowrank, _oracle, _outliers, _progress, _start,
+                           _tree)
 from jax_signedcut._factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
@@ -54,7 +55,7 @@ def _check_max_error(max_error):
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
               outliers="auto", backend: str = "auto", rules=None, skip=(),
-              min_dim: int = _tree.MIN_DIM) -> SignedCut:
+              min_dim: int = _tree.MIN_DIM, lowrank: int | str = 0) -> SignedCut:
   """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix, a batch or a pytree.
 
   Cuts are built one at a time on the remainder; each starts from key-derived
@@ -80,6 +81,17 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       from the median (at most 0.5 % of them) and picks none on well-behaved
       (e.g. Gaussian) matrices; see ``jax_signedcut._outliers``. A fraction
       takes that share of the largest-magnitude entries.
+    lowrank: rank r >= 0 of an optional low-rank part (default 0: none), or
+      ``"auto"`` (outside ``jax.jit`` only): the rank of 0, 4, 8, 16, 32 that
+      fits the budget and gives the smallest error, at the cost of one
+      decomposition per candidate.
+      After the outlier split, the rank-r truncated SVD of the remainder is
+      stored as bf16 factors ``U`` (..., m, r), ``V`` (..., n, r) (fields
+      ``lr_u``, ``lr_v``) and subtracted before the cuts are made. Its
+      ``r·(m+n)·2`` bytes are paid from a rate/bits budget like the sparse part
+      (fewer cuts; a budget too small for it is an error); with ``width`` it
+      comes on top. Helps smooth, nearly low-rank matrices (position
+      embeddings); hurts well-behaved kernels. See ``jax_signedcut._lowrank``.
     backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
       kernel, CPU only) or ``"auto"`` (the C++ kernel when the computation is
       lowered for CPU, the jnp oracle on other platforms).
@@ -130,7 +142,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     return _decompose_pytree(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                              max_error=max_error, outliers=outliers, backend=backend,
                              rules=rules, skip=skip, min_dim=min_dim, progress=False,
-                             leafwise=False)
+                             leafwise=False, lowrank=lowrank)
   if rules is not None or (skip != () and skip):
     raise ValueError("rules and skip apply to pytrees of parameters; a bare array is one "
                      f"matrix (or a batch), got rules={rules!r}, skip={skip!r}")
@@ -144,6 +156,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     budget = rate * 2 * m * n
   elif bits_per_weight is not None:
     budget = bits_per_weight * m * n / 8
+  lowrank = _check_lowrank(lowrank, m, n, budget)
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   key = _start.as_key(key)
@@ -152,13 +165,45 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     raise ValueError(
         f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
         f"got key shape {key.shape}")
+  if lowrank == "auto":
+    return _pick_rank(lambda r: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
+                                           backend=backend, outliers=mode, budget=budget,
+                                           lowrank=r), a, m, n, budget)
   return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
-                    outliers=mode, budget=budget)
+                    outliers=mode, budget=budget, lowrank=lowrank)
+
+
+def _pick_rank(run, a, m, n, budget):
+  """``lowrank="auto"``: ``run(r)`` for each candidate rank; the one of least ‖A − Â‖_F."""
+  if isinstance(a, jax.core.Tracer):
+    raise ValueError("lowrank='auto' picks the rank from the data, so it cannot run under "
+                     "jax.jit / vmap; give an int rank there")
+  x = jnp.asarray(a, jnp.float32)
+  best = None
+  for r in _lowrank.candidates(m, n, budget):
+    f = run(r)
+    err = float(jnp.sum(jnp.square(x - _factors.reconstruct(f))))
+    if best is None or err < best[0]:
+      best = (err, f)
+  return best[1]
+
+
+def _check_lowrank(lowrank, m, n, budget):
+  """Validates ``lowrank`` for (m, n) matrices and a byte budget (or None)."""
+  r = _lowrank.check_rank(lowrank, (m, n))
+  if r == "auto":
+    return r
+  if budget is not None and _lowrank.nbytes_for(r, m, n) > budget:
+    raise ValueError(
+        f"lowrank={r} needs {_lowrank.nbytes_for(r, m, n)} bytes (r·(m+n)·2 for shape "
+        f"{(m, n)}) but the rate/bits budget is {budget:g} bytes")
+  return r
 
 
 def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, outliers, backend,
-                      rules, skip, min_dim, progress, leafwise):
+                      rules, skip, min_dim, progress, leafwise, lowrank=0):
   _outliers.check_mode(outliers)
+  _lowrank.check_rank(lowrank)
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if (width, rate, bits_per_weight) == (None, None, None):
@@ -173,13 +218,14 @@ def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, out
   return _tree.decompose_tree(tree, key=key, default=default, backend=backend, rules=rules,
                               skip=skip, min_dim=min_dim,
                               decompose_one=_decompose_leaf if leafwise else decompose,
-                              progress=progress, outliers=outliers)
+                              progress=progress, outliers=outliers, lowrank=lowrank)
 
 
 def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | None = None,
                        bits_per_weight: float | None = None, max_error: float | None = None,
                        outliers="auto", backend: str = "auto", rules=None, skip=(),
-                       min_dim: int = _tree.MIN_DIM, progress: bool = True):
+                       min_dim: int = _tree.MIN_DIM, progress: bool = True,
+                       lowrank: int | str = 0):
   """``decompose`` of a pytree one leaf at a time, with a progress bar.
 
   Not for use under ``jax.jit``: each selected leaf is decomposed by its own
@@ -192,7 +238,7 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   Args:
     tree: a pytree of arrays (see :func:`decompose`).
     key, width, rate, bits_per_weight, max_error, outliers, backend, rules,
-      skip, min_dim: as for :func:`decompose`.
+      skip, min_dim, lowrank: as for :func:`decompose`.
     progress: show a tqdm bar (if tqdm is installed).
 
   Returns:
@@ -210,7 +256,8 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
                     f"array, got {type(tree).__name__}")
   return _decompose_pytree(tree, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                            max_error=max_error, outliers=outliers, backend=backend, rules=rules,
-                           skip=skip, min_dim=min_dim, progress=progress, leafwise=True)
+                           skip=skip, min_dim=min_dim, progress=progress, leafwise=True,
+                           lowrank=lowrank)
 
 
 @functools.cache
@@ -223,9 +270,9 @@ def _ffi_available() -> bool:
   return True
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("width", "max_error", "backend", "outliers", "budget"))
-def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None):
+@functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "outliers", "budget",
+                                             "lowrank"))
+def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None, lowrank=0):
   batch = a.shape[:-2]
   m, n = a.shape[-2:]
   count = math.prod(batch)
@@ -236,9 +283,18 @@ def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None):
   if k_max:
     a, *sparse = jax.vmap(
         functools.partial(_outliers.extract, mode=outliers, k_max=k_max))(a)
-  finite, full2 = _full_stats(a_full, with_norm=bool(k_max) and max_error is not None)
+  finite, full2 = _full_stats(a_full, with_norm=bool(k_max or lowrank) and max_error is not None)
+  a, lowpart = _split_lowrank(a, lowrank)
   return _cuts(a, key, sparse, full2, finite, batch=batch, width=width, max_error=max_error,
-               backend=backend, budget=budget)
+               backend=backend, budget=budget, lowpart=lowpart)
+
+
+def _split_lowrank(a, lowrank):
+  """(a − U·Vᵀ, (U, V)) of the remainders a (N, m, n), or (a, None) for rank 0."""
+  if not lowrank:
+    return a, None
+  a, lr_u, lr_v = jax.vmap(functools.partial(_lowrank.extract, r=lowrank))(a)
+  return a, (lr_u, lr_v)
 
 
 def _full_stats(a, *, with_norm):
@@ -247,8 +303,9 @@ def _full_stats(a, *, with_norm):
   return finite, jnp.sum(jnp.square(a), axis=(-2, -1)) if with_norm else None
 
 
-def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, budget):
-  """The cuts of the remainders a (N, m, n), then the sparse part's accounting."""
+def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, budget,
+          lowpart=None):
+  """The cuts of the remainders a (N, m, n), then the sparse and low-rank parts' accounting."""
   count, m, n = a.shape
   if key.shape == ():
     words = _start.start_words(key, width, n)
@@ -289,8 +346,23 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
       needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
                        dtype=jnp.int32)
       f = _factors.limit_cuts(f, jnp.where(num_sparse > 0, needed, num_cuts))
-    if budget is not None:
+    if budget is not None and lowpart is None:
       f = _factors.limit_cuts(f, _factors.budget_limit(budget, m, n, num_sparse, width))
+  if lowpart is not None:
+    lr_u, lr_v = lowpart
+    f = dataclasses.replace(f, lr_u=lr_u, lr_v=lr_v)
+    if max_error is not None:
+      # As for the sparse part: stop at max_error·‖A‖, with ‖R_k‖² =
+      # ‖A − sparse − U·Vᵀ‖² − mn Σ_{j<k} c_j² (the backend stopped no earlier).
+      rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
+      r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
+      needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
+                       dtype=jnp.int32)
+      f = _factors.limit_cuts(f, needed)
+    if budget is not None:
+      f = _factors.limit_cuts(f, _factors.budget_limit(
+          budget, m, n, f.num_sparse, width,
+          lowrank_bytes=_lowrank.nbytes_for(lr_u.shape[-1], m, n)))
 
   # Under jit the NaN/Inf check cannot raise; make the failure visible instead.
   f = dataclasses.replace(f, c=jnp.where(finite[:, None], f.c, jnp.nan),
@@ -321,18 +393,21 @@ _zero_entries_copy = jax.jit(_zero_entries)
 _zero_entries_in_place = jax.jit(_zero_entries, donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "budget"))
+@functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "budget",
+                                             "lowrank"))
 def _decompose_split(rem, key, sparse_idx, sparse_val, num_sparse, full2, finite, *, width,
-                     max_error, backend, budget):
+                     max_error, backend, budget, lowrank=0):
   batch = rem.shape[:-2]
   m, n = rem.shape[-2:]
   count = math.prod(batch)
   k_max = sparse_idx.shape[-1]
   sparse = (sparse_idx.reshape(count, k_max), sparse_val.reshape(count, k_max),
             num_sparse.reshape(count))
-  return _cuts(rem.reshape(count, m, n), key, sparse,
+  rem, lowpart = _split_lowrank(rem.reshape(count, m, n), lowrank)
+  return _cuts(rem, key, sparse,
                None if full2 is None else full2.reshape(count), finite.reshape(count),
-               batch=batch, width=width, max_error=max_error, backend=backend, budget=budget)
+               batch=batch, width=width, max_error=max_error, backend=backend, budget=budget,
+               lowpart=lowpart)
 
 
 def _on_cpu(x) -> bool:
@@ -355,7 +430,8 @@ def _release_heap() -> None:
 
 
 def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_error=None,
-                    outliers="auto", backend="auto", donate=False, progress_desc=None):
+                    outliers="auto", backend="auto", donate=False, progress_desc=None,
+                    lowrank=0):
   """``decompose`` of one matrix (or batch) for the leaf-by-leaf paths, at lower peak memory.
 
   Same arguments, checks and factors (bit for bit) as :func:`decompose` of an
@@ -379,6 +455,7 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
     budget = rate * 2 * m * n
   elif bits_per_weight is not None:
     budget = bits_per_weight * m * n / 8
+  lowrank = _check_lowrank(lowrank, m, n, budget)
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   key = _start.as_key(key)
@@ -389,6 +466,11 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
         f"got key shape {key.shape}")
 
   count = math.prod(batch)
+  if lowrank == "auto":
+    return _pick_rank(lambda r: _decompose_leaf(
+        a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+        max_error=max_error, outliers=outliers, backend=backend, donate=False,
+        progress_desc=progress_desc, lowrank=r), a, m, n, budget)
 
   def run(call):
     big = progress_desc is not None and count * m * n * w >= _progress.MIN_WORK
@@ -398,7 +480,8 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   if mode == 0 or not _on_cpu(a):
     _release_heap()
     return run(lambda: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
-                                  backend=backend, outliers=mode, budget=budget))
+                                  backend=backend, outliers=mode, budget=budget,
+                                  lowrank=lowrank))
   own = donate or not isinstance(a, jax.Array)
   x = jnp.asarray(a)
   if x.dtype != jnp.float32:
@@ -423,4 +506,4 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
   return run(lambda: _decompose_split(x, key, shape(idx), shape(val), shape(num), full2, finite,
                                      width=w, max_error=max_error, backend=backend,
-                                     budget=budget))
+                                     budget=budget, lowrank=lowrank))

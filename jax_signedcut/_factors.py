@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _outliers, _packing
+from jax_signedcut import _budget, _lowrank, _outliers, _packing
 
 
 @jax.tree_util.register_dataclass
@@ -30,6 +30,9 @@ class SignedCut:
     sparse_val: float32 (..., k) their values. Slots past ``num_sparse`` hold
       index 0 and value 0.
     num_sparse: int32 (...) entries actually stored apart.
+    lr_u: bfloat16 (..., m, r): the low-rank part's left factor ``U`` (``A ≈
+      U·Vᵀ + cuts + sparse``); ``None`` when there is no low-rank part.
+    lr_v: bfloat16 (..., n, r): its right factor ``V``.
   """
 
   s_bits: jax.Array
@@ -40,11 +43,18 @@ class SignedCut:
   sparse_idx: jax.Array | None = None
   sparse_val: jax.Array | None = None
   num_sparse: jax.Array | None = None
+  lr_u: jax.Array | None = None
+  lr_v: jax.Array | None = None
 
   @property
   def width(self) -> int:
     """Number of cut slots w (static)."""
     return self.c.shape[-1]
+
+  @property
+  def rank(self) -> int:
+    """Rank r of the low-rank part (static; 0 when there is none)."""
+    return 0 if self.lr_u is None else self.lr_u.shape[-1]
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
@@ -114,6 +124,8 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
     val = f.sparse_val.reshape(idx.shape)
     flat = jax.vmap(lambda o, i, v: o.at[i].add(v))(flat, idx, val)
     out = flat.reshape(out.shape)
+  if f.lr_u is not None:
+    out = out + _lowrank.product(f.lr_u, f.lr_v)
   return out.astype(dtype)
 
 
@@ -123,13 +135,15 @@ def truncate(f: SignedCut, k: int | None = None, *, rate: float | None = None,
 
   Give either ``k`` (keep the first k cut slots) or a smaller budget (``rate``
   or ``bits_per_weight``, as in :func:`decompose`): then the sparse part is
-  kept and the cuts are cut to what the rest of the budget pays for, so that
+  kept (and the low-rank part) and the cuts are cut to what the rest of the
+  budget pays for, so that
   ``truncate(decompose(a, rate=0.5, ...), rate=0.25)`` equals
   ``decompose(a, rate=0.25, ...)`` with the same key.
 
   Raises:
     ValueError: if ``k`` is not in ``1..f.width``, or not exactly one of k /
-      rate / bits_per_weight is given.
+      rate / bits_per_weight is given, or the budget does not pay for the
+      low-rank part.
   """
   _check_factor(f)
   given = [x is not None for x in (k, rate, bits_per_weight)]
@@ -142,7 +156,12 @@ def truncate(f: SignedCut, k: int | None = None, *, rate: float | None = None,
     m, n = f.shape
     k = min(f.width, _budget.resolve_width(m, n, rate=rate, bits_per_weight=bits_per_weight))
     budget = (rate * 2 * m * n) if rate is not None else bits_per_weight * m * n / 8
-    limit = budget_limit(budget, m, n, f.num_sparse, k)
+    lr_bytes = _lowrank.nbytes_for(f.rank, m, n)
+    if lr_bytes > budget:
+      raise ValueError(
+          f"the budget ({budget:g} bytes) does not pay for the low-rank part of f "
+          f"(lowrank={f.rank}: {lr_bytes} bytes for shape {(m, n)})")
+    limit = budget_limit(budget, m, n, f.num_sparse, k, lowrank_bytes=lr_bytes)
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= f.width:
     raise ValueError(f"k must be an int in 1..{f.width} (the width of f), got {k!r}")
   g = dataclasses.replace(
@@ -155,10 +174,13 @@ def truncate(f: SignedCut, k: int | None = None, *, rate: float | None = None,
   return g if limit is None else limit_cuts(g, limit)
 
 
-def budget_limit(budget_bytes: float, m: int, n: int, num_sparse, width: int) -> jax.Array:
-  """Cuts that a byte budget pays for after the sparse part (int32, per matrix)."""
+def budget_limit(budget_bytes: float, m: int, n: int, num_sparse, width: int, *,
+                 lowrank_bytes: int = 0) -> jax.Array:
+  """Cuts that a byte budget pays for after the sparse and low-rank parts (int32, per matrix)."""
   sparse = 0 if num_sparse is None else num_sparse * _outliers.BYTES_PER_OUTLIER
   left = jnp.float32(budget_bytes) - jnp.asarray(sparse, jnp.float32)
+  if lowrank_bytes:
+    left = left - jnp.float32(lowrank_bytes)
   cuts = jnp.floor(left / _budget.bytes_per_cut(m, n)).astype(jnp.int32)
   return jnp.clip(cuts, 0, width)
 
@@ -190,12 +212,13 @@ def relative_error(a: jax.Array, f: SignedCut) -> jax.Array:
 
 
 def nbytes(f: SignedCut) -> int:
-  """Bytes of packed storage that ``f`` needs: its used cuts and sparse entries.
+  """Bytes of packed storage that ``f`` needs: its used cuts, sparse entries and low-rank part.
 
   Each used cut takes its sign words (uint32) and one f32 scale; each stored
   sparse entry 8 bytes (int32 index + f32 value). Unused slots (after a
   ``max_error`` stop, or when the sparse part took part of the budget) are not
-  counted. Needs concrete factors (call it outside ``jax.jit``).
+  counted. A low-rank part takes 2 bytes (bf16) per entry of U and V. Needs
+  concrete factors (call it outside ``jax.jit``).
   """
   _check_factor(f)
   if isinstance(f.num_cuts, jax.core.Tracer):
@@ -205,4 +228,6 @@ def nbytes(f: SignedCut) -> int:
   total = int(np.sum(np.asarray(f.num_cuts, np.int64))) * per_cut
   if f.num_sparse is not None:
     total += int(np.sum(np.asarray(f.num_sparse, np.int64))) * _outliers.BYTES_PER_OUTLIER
+  if f.lr_u is not None:
+    total += (int(f.lr_u.size) + int(f.lr_v.size)) * _lowrank.BYTES_PER_ENTRY
   return total

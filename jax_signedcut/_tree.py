@@ -56,7 +56,7 @@ class Budget(NamedTuple):
 
   Example:
     >>> Budget(rate=0.25)
-    Budget(width=None, rate=0.25, bits_per_weight=None, max_error=None, outliers=None)
+    Budget(width=None, rate=0.25, bits_per_weight=None, max_error=None, outliers=None, lowrank=None)
   """
 
   width: int | None = None
@@ -64,6 +64,7 @@ class Budget(NamedTuple):
   bits_per_weight: float | None = None
   max_error: float | None = None
   outliers: Any = None      # None: decompose's own ``outliers`` argument
+  lowrank: Any = None       # None: decompose's own ``lowrank`` argument (int or "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,12 @@ def _check_budget(b, where: str) -> Budget:
     from jax_signedcut import _outliers  # noqa: PLC0415
     try:
       _outliers.check_mode(b.outliers)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+  if b.lowrank is not None:
+    from jax_signedcut import _lowrank  # noqa: PLC0415
+    try:
+      _lowrank.check_rank(b.lowrank)
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
   return b
@@ -253,7 +260,8 @@ def _check_finite(leaf, path):
 
 
 def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, skip,
-                   min_dim, decompose_one, progress: bool = False, outliers="auto"):
+                   min_dim, decompose_one, progress: bool = False, outliers="auto",
+                   lowrank: int = 0):
   """Decomposes the leaves of ``tree`` selected by the rules (see module doc)."""
   p, leaves = plan(tree, rules=rules, skip=skip, min_dim=min_dim, default=default)
   for path, job, leaf in zip(p.paths, p.jobs, leaves):
@@ -278,10 +286,17 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
       bar.set_postfix_str(f"{p.paths[i]} {tuple(leaves[i].shape)}")
     # With a bar, a big leaf also gets a bar of its own (cuts found so far).
     extra = {"progress_desc": p.paths[i]} if progress else {}
-    f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
-                      bits_per_weight=b.bits_per_weight, max_error=b.max_error,
-                      outliers=outliers if b.outliers is None else b.outliers, backend=backend,
-                      **extra)
+    rank = lowrank if b.lowrank is None else b.lowrank
+    try:
+      f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
+                        bits_per_weight=b.bits_per_weight, max_error=b.max_error,
+                        outliers=outliers if b.outliers is None else b.outliers,
+                        backend=backend, lowrank=rank, **extra)
+    except ValueError as e:
+      if not rank:
+        raise
+      # A rank the leaf's shape or budget cannot hold: say which leaf.
+      raise ValueError(f"leaf {p.paths[i]!r} of shape {tuple(leaves[i].shape)}: {e}") from None
     if progress:
       # One leaf at a time: wait, so that only one leaf's working set is alive.
       f = jax.block_until_ready(f)

@@ -39,6 +39,7 @@ COLLECTION = "signed_cut"
 
 _FIELDS = ("s_bits", "t_bits", "c", "num_cuts")
 _SPARSE_FIELDS = ("sparse_idx", "sparse_val", "num_sparse")
+_LOWRANK_FIELDS = ("lr_u", "lr_v")
 
 
 class SignedCutDense(nn.Module):
@@ -56,6 +57,8 @@ class SignedCutDense(nn.Module):
       factors decomposed with ``outliers``; 0: none). Factors with a sparse
       part need it: ``convert_params(module=..., inputs=...)`` reports a
       mismatch as missing or extra ``sparse_*`` leaves.
+    lowrank: rank r of the low-rank part (``f.rank`` of factors decomposed
+      with ``lowrank=r``; 0: none): bf16 ``lr_u`` (m, r) and ``lr_v`` (n, r).
 
   ``init`` creates zero factors in the ``"signed_cut"`` collection; fill them
   with :func:`convert_params`.
@@ -67,6 +70,7 @@ class SignedCutDense(nn.Module):
   dense: bool = False
   in_features: int | None = None
   sparse_slots: int = 0
+  lowrank: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,6 +101,11 @@ class SignedCutDense(nn.Module):
           sparse_idx=self.variable(COLLECTION, "sparse_idx", zeros((k,), jnp.int32)).value,
           sparse_val=self.variable(COLLECTION, "sparse_val", zeros((k,), jnp.float32)).value,
           num_sparse=self.variable(COLLECTION, "num_sparse", zeros((), jnp.int32)).value)
+    if self.lowrank:
+      r = self.lowrank
+      sparse.update(
+          lr_u=self.variable(COLLECTION, "lr_u", zeros((m, r), jnp.bfloat16)).value,
+          lr_v=self.variable(COLLECTION, "lr_v", zeros((n, r), jnp.bfloat16)).value)
     f = SignedCut(s_bits.value, t_bits.value, c.value, num_cuts.value, shape=(m, n), **sparse)
     bias = self.param("bias", nn.initializers.zeros_init(), (n,), jnp.float32) \
         if self.use_bias else None
@@ -111,7 +120,8 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
   Every ``SignedCut`` leaf at ``params/…/NAME/kernel`` becomes
   ``signed_cut/…/NAME/{s_bits,t_bits,c,num_cuts}`` (plus
   ``sparse_idx,sparse_val,num_sparse`` when it stores entries apart: declare
-  ``sparse_slots`` on that layer; an empty sparse part is dropped); the bias and every other
+  ``sparse_slots`` on that layer; an empty sparse part is dropped; plus ``lr_u,lr_v`` with a
+  low-rank part: declare ``lowrank``); the bias and every other
   leaf stay where they are. Stacked kernels (``nn.scan``) give stacked factors.
 
   Args:
@@ -149,7 +159,8 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
       if parts[-1] != "kernel" or parts[0] != "params":
         raise ValueError(f"a SignedCut at {'/'.join(parts)!r}: only params/…/kernel leaves "
                          "(nn.Dense kernels) can be converted")
-      names = _FIELDS + (_SPARSE_FIELDS if _has_sparse(leaf) else ())
+      names = _FIELDS + (_SPARSE_FIELDS if _has_sparse(leaf) else ()) + \
+          (_LOWRANK_FIELDS if leaf.lr_u is not None else ())
       for name in names:
         _put(out, [COLLECTION, *parts[1:-1], name], getattr(leaf, name))
     else:

@@ -107,6 +107,8 @@ class SignedCutDense(nnx.Module):
     self.num_cuts = PackedFactor(jnp.asarray(width if rngs is not None else 0, jnp.int32))
     # The sparse part of an outlier-aware decomposition (set by from_factors).
     self.sparse_idx = self.sparse_val = self.num_sparse = nnx.data(None)
+    # The low-rank part U·Vᵀ (bf16, set by from_factors).
+    self.lr_u = self.lr_v = nnx.data(None)
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
   @classmethod
@@ -133,6 +135,9 @@ class SignedCutDense(nnx.Module):
       layer.sparse_idx = PackedFactor(f.sparse_idx)
       layer.sparse_val = PackedFactor(f.sparse_val)
       layer.num_sparse = PackedFactor(f.num_sparse)
+    if f.lr_u is not None:
+      layer.lr_u = PackedFactor(f.lr_u)
+      layer.lr_v = PackedFactor(f.lr_v)
     if bias is not None:
       layer.bias = nnx.Param(jnp.asarray(bias))
     return layer
@@ -179,6 +184,8 @@ class SignedCutDense(nnx.Module):
     if self.sparse_idx is not None:
       sparse = dict(sparse_idx=self.sparse_idx[...], sparse_val=self.sparse_val[...],
                     num_sparse=self.num_sparse[...])
+    if self.lr_u is not None:
+      sparse.update(lr_u=self.lr_u[...], lr_v=self.lr_v[...])
     return SignedCut(self.s_bits[...], self.t_bits[...], self.c[...], self.num_cuts[...],
                      shape=(self.in_features, self.out_features), **sparse)
 

@@ -180,8 +180,8 @@ def test_garbage_header(saved):
 
 
 def test_newer_version(saved):
-  rewrite(saved, meta=lambda md: md.update(format_version="2"))
-  with pytest.raises(ValueError, match="format version 2 is newer"):
+  rewrite(saved, meta=lambda md: md.update(format_version="3"))
+  with pytest.raises(ValueError, match="format version 3 is newer"):
     sc.load(saved)
 
 
