@@ -146,6 +146,23 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
   if rules is not None or (skip != () and skip):
     raise ValueError("rules and skip apply to pytrees of parameters; a bare array is one "
                      f"matrix (or a batch), got rules={rules!r}, skip={skip!r}")
+  a, key, w, max_error, mode, budget, lowrank = _check_single(
+      a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank)
+  m, n = a.shape[-2:]
+  if lowrank == "auto":
+    return _pick_rank(lambda r: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
+                                           backend=backend, outliers=mode, budget=budget,
+                                           lowrank=r), a, m, n, budget)
+  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
+                    outliers=mode, budget=budget, lowrank=lowrank)
+
+
+def _check_single(a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank):
+  """The checks of ``decompose`` on one array (or batch): what ``_decompose`` needs.
+
+  Returns:
+    ``(a, key, width, max_error, outlier mode, byte budget or None, lowrank)``.
+  """
   a = _check_matrix(a)
   m, n = a.shape[-2:]
   w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
@@ -165,12 +182,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     raise ValueError(
         f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
         f"got key shape {key.shape}")
-  if lowrank == "auto":
-    return _pick_rank(lambda r: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
-                                           backend=backend, outliers=mode, budget=budget,
-                                           lowrank=r), a, m, n, budget)
-  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
-                    outliers=mode, budget=budget, lowrank=lowrank)
+  return a, key, w, max_error, mode, budget, lowrank
 
 
 def _pick_rank(run, a, m, n, budget):
@@ -445,25 +457,10 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   """
   if not _tree.is_single_array(a):
     raise TypeError(f"a must be an array, got {type(a).__name__}")
-  a = _check_matrix(a)
-  mode = _outliers.check_mode(outliers)
+  a, key, w, max_error, mode, budget, lowrank = _check_single(
+      a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank)
   m, n = a.shape[-2:]
-  w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
-  max_error = _check_max_error(max_error)
-  budget = None
-  if rate is not None:
-    budget = rate * 2 * m * n
-  elif bits_per_weight is not None:
-    budget = bits_per_weight * m * n / 8
-  lowrank = _check_lowrank(lowrank, m, n, budget)
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  key = _start.as_key(key)
   batch = tuple(a.shape[:-2])
-  if key.shape not in ((), batch):
-    raise ValueError(
-        f"key must have shape () or the batch shape {batch} of a (shape {a.shape}), "
-        f"got key shape {key.shape}")
 
   count = math.prod(batch)
   if lowrank == "auto":

@@ -176,25 +176,31 @@ def test_vmap_over_factors_only(impl):
   _close(got[1], _oracle(x, fb))
 
 
-@needs_ffi
-def test_env_var_forces_the_scalar_core(tmp_path):
-  """JAX_SIGNEDCUT_APPLY_IMPL=scalar (read once by the extension) == force_scalar=True."""
+def _apply_in_subprocess(tmp_path, f, x, *, env=None, prefix=()):
+  """apply_ffi(x, f) in a fresh Python process (env vars read once, a CPU set), as numpy."""
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  f = _random_factors(300, 257, 70)
-  x = np.random.default_rng(0).standard_normal((3, 300), np.float32)
   np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
+  (m, n), w = f.shape, f.width
   code = (
       "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
       "from jax_signedcut import _apply\n"
       f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
       "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
-      " jnp.int32(70), shape=(300, 257))\n"
+      f" jnp.int32({w}), shape=({m}, {n}))\n"
       f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(_apply.apply_ffi(jnp.asarray(d['x']), f)))\n")
-  env = dict(os.environ, JAX_SIGNEDCUT_APPLY_IMPL="scalar", JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", code], env=env, check=True)
-  got = np.load(tmp_path / "out.npy")
+  subprocess.run([*prefix, sys.executable, "-c", code],
+                 env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})), check=True)
+  return np.load(tmp_path / "out.npy")
+
+
+@needs_ffi
+def test_env_var_forces_the_scalar_core(tmp_path):
+  """JAX_SIGNEDCUT_APPLY_IMPL=scalar (read once by the extension) == force_scalar=True."""
+  f = _random_factors(300, 257, 70)
+  x = np.random.default_rng(0).standard_normal((3, 300), np.float32)
+  got = _apply_in_subprocess(tmp_path, f, x, env={"JAX_SIGNEDCUT_APPLY_IMPL": "scalar"})
   np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f,
                                                                  force_scalar=True)))
 
@@ -204,23 +210,10 @@ def test_result_does_not_depend_on_the_thread_count(tmp_path):
   """The cuts are split into partitions fixed by the shape: one CPU or two, same bits."""
   import os  # noqa: PLC0415
   import shutil  # noqa: PLC0415
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
   if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
     pytest.skip("needs taskset and at least two usable CPUs to compare one with several")
-  m, n, w = 1024, 1000, 1500  # rows·w·(m+n) large enough for several partitions
-  f = _random_factors(m, n, w, seed=5)
-  x = np.random.default_rng(1).standard_normal((3, m), np.float32)
-  np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
-  code = (
-      "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
-      "from jax_signedcut import _apply\n"
-      f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
-      "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
-      f" jnp.int32({w}), shape=({m}, {n}))\n"
-      f"np.save({str(tmp_path / 'one.npy')!r}, np.asarray(_apply.apply_ffi(jnp.asarray(d['x']), f)))\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run(["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-c", code],
-                 env=env, check=True)
-  np.testing.assert_array_equal(np.load(tmp_path / "one.npy"),
-                                np.asarray(_apply.apply_ffi(jnp.asarray(x), f)))
+  f = _random_factors(1024, 1000, 1500, seed=5)  # rows·w·(m+n): several partitions
+  x = np.random.default_rng(1).standard_normal((3, 1024), np.float32)
+  got = _apply_in_subprocess(tmp_path, f, x,
+                             prefix=("taskset", "-c", str(min(os.sched_getaffinity(0)))))
+  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f)))
