@@ -205,6 +205,13 @@ def relative_error(a: jax.Array, f: SignedCut) -> jax.Array:
     raise ValueError(
         f"a has shape {a.shape} but f decomposes matrices of shape "
         f"{f.batch_shape + tuple(f.shape)}")
+  return _relative_error(a, f)
+
+
+@jax.jit
+def _relative_error(a, f):
+  # One compiled program (cached per shape): eagerly, the reconstruction's
+  # blocks otherwise dispatch op by op (~0.1 s per call on small matrices).
   a = a.astype(jnp.float32)
   num = jnp.sqrt(jnp.sum(jnp.square(a - reconstruct(f)), axis=(-2, -1)))
   den = jnp.sqrt(jnp.sum(jnp.square(a), axis=(-2, -1)))
