@@ -21,6 +21,7 @@
 #endif
 
 #include "apply_kernel.h"
+#include "ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -177,12 +178,6 @@ int64_t Prod(ffi::Span<const int64_t> dims, size_t upto) {
   return p;
 }
 
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
 // x (..., m); s_bits (..., w, ceil(m/32)); t_bits (..., w, ceil(n/32)); c (..., w);
 // y (..., n). All leading dims are batch dims. The factors' leading dims (G
 // matrices; size 1 when unbatched, as vmap_method="expand_dims" hands them
@@ -197,31 +192,31 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
       cd.size() + 1 != sd.size())
     return ffi::Error::InvalidArgument(
         "signedcut_apply: expected x (..., m), s_bits (..., w, mw), t_bits (..., w, nw), "
-        "c (..., w), y (..., n); got x " + Dims(xd) + ", s_bits " + Dims(sd) + ", t_bits " +
-        Dims(td) + ", c " + Dims(cd) + ", y " + Dims(yd));
+        "c (..., w), y (..., n); got x " + signedcut::DimsToString(xd) + ", s_bits " + signedcut::DimsToString(sd) + ", t_bits " +
+        signedcut::DimsToString(td) + ", c " + signedcut::DimsToString(cd) + ", y " + signedcut::DimsToString(yd));
   const int64_t m = xd.back(), n = yd.back(), w = sd[sd.size() - 2];
   const size_t fl = sd.size() - 2;  // factor leading dims
   for (size_t i = 0; i < fl; ++i)
     if (td[i] != sd[i] || cd[i] != sd[i])
       return ffi::Error::InvalidArgument("signedcut_apply: factor batch dims differ: s_bits " +
-                                         Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
+                                         signedcut::DimsToString(sd) + ", t_bits " + signedcut::DimsToString(td) + ", c " + signedcut::DimsToString(cd));
   if (sd.back() != (m + 31) / 32 || td.back() != (n + 31) / 32 || td[td.size() - 2] != w ||
       cd.back() != w)
     return ffi::Error::InvalidArgument(
         "signedcut_apply: factor shapes do not match m = " + std::to_string(m) + ", n = " +
-        std::to_string(n) + ": s_bits " + Dims(sd) + ", t_bits " + Dims(td) + ", c " + Dims(cd));
+        std::to_string(n) + ": s_bits " + signedcut::DimsToString(sd) + ", t_bits " + signedcut::DimsToString(td) + ", c " + signedcut::DimsToString(cd));
   // Rows of y are split into one group per factor matrix. x has either the
   // same rows as y or, when only the factors are batched (vmap hands x over
   // with size-1 leading dims), one group's rows shared by every group.
   const int64_t groups = Prod(sd, fl), xrows = Prod(xd, xd.size() - 1),
                 yrows = Prod(yd, yd.size() - 1);
   if (groups == 0 || yrows % groups != 0)
-    return ffi::Error::InvalidArgument("signedcut_apply: y batch " + Dims(yd) +
-                                       " is not a multiple of the factor batch " + Dims(sd));
+    return ffi::Error::InvalidArgument("signedcut_apply: y batch " + signedcut::DimsToString(yd) +
+                                       " is not a multiple of the factor batch " + signedcut::DimsToString(sd));
   const int64_t rows = yrows / groups;
   if (xrows != yrows && xrows != rows)
-    return ffi::Error::InvalidArgument("signedcut_apply: x " + Dims(xd) + " does not match y " +
-                                       Dims(yd) + " for factor batch " + Dims(sd));
+    return ffi::Error::InvalidArgument("signedcut_apply: x " + signedcut::DimsToString(xd) + " does not match y " +
+                                       signedcut::DimsToString(yd) + " for factor batch " + signedcut::DimsToString(sd));
   const int64_t x_stride = xrows == yrows ? rows * m : 0;
   if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
   // Helpers run on XLA's intra-op pool (the threads XLA's own ops use, which

@@ -8,18 +8,13 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_util.h"
 #include "kernel.h"
 
 namespace ffi = xla::ffi;
 
 namespace signedcut {
 namespace {
-
-std::string DimsToString(ffi::Span<const int64_t> d) {
-  std::string s = "(";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + (d.size() == 1 ? ",)" : ")");
-}
 
 ffi::Error GreedyImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::U32> words,
                       ffi::ResultBuffer<ffi::U32> s_bits, ffi::ResultBuffer<ffi::U32> t_bits,
