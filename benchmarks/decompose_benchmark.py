@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_signedcut as sc
-from jax_signedcut import _ffi, _start
+from jax_signedcut._kernels import greedy as _ffi
+from jax_signedcut._signedcut import start as _start
 
 HI = jax.lax.Precision.HIGHEST
 

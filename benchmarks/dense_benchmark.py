@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 import jax_signedcut as sc
-from jax_signedcut import _apply
+from jax_signedcut._kernels import apply as _apply
 from jax_signedcut.nnx import SignedCutDense
 
 

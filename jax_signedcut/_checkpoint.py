@@ -40,7 +40,7 @@ nodes (dataclasses, ``nnx.State``, NamedTuples) as dicts keyed by their field
 names: pass the result to ``nnx.update`` or ``nnx.State(...)``, or rebuild your
 own type from it. ``None`` leaves are not stored. A trailing ``value``
 attribute (what an ``nnx.Variable`` flattens to) is dropped, as in
-:func:`jax_signedcut._tree.leaf_path`.
+:func:`jax_signedcut._core.tree.leaf_path`.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _factors, _packing
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import factors as _factors
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut.factors import SignedCut
 
 FORMAT = "jax_signedcut"
 VERSION = 2          # the newest version read; files without a low-rank part are written as 1

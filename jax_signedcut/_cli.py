@@ -162,7 +162,7 @@ def _lowrank_arg(s):
 
 def parse_budget(text: str):
   """A :class:`Budget` (or ``None`` for ``dense``) from ``rate=0.25,max_error=0.05``."""
-  from jax_signedcut._tree import Budget  # noqa: PLC0415
+  from jax_signedcut._core.tree import Budget  # noqa: PLC0415
 
   text = text.strip()
   if text == "dense":
@@ -218,7 +218,7 @@ def _rule_arg(text: str):
 
 
 def _default_budget(args):
-  from jax_signedcut._tree import Budget  # noqa: PLC0415
+  from jax_signedcut._core.tree import Budget  # noqa: PLC0415
 
   if args.rate is None and args.bits is None and args.width is None:
     if args.max_error is None:
@@ -431,7 +431,7 @@ def _rel_error_estimate(a2: float, f) -> float:
 
 def _rel_error_exact(a2: float, a, f) -> float:
   """‖A − reconstruct(f)‖/‖A‖ by reconstruction (factors with a low-rank part)."""
-  from jax_signedcut import _factors  # noqa: PLC0415
+  from jax_signedcut._signedcut import factors as _factors  # noqa: PLC0415
 
   r = np.asarray(a, np.float32) - np.asarray(_factors.reconstruct(f))
   r2 = float(np.sum(np.square(r, dtype=np.float64)))
@@ -461,7 +461,9 @@ def _sum_squares(a: np.ndarray) -> float:
 def _compress(args) -> int:
   import jax  # noqa: PLC0415
 
-  from jax_signedcut import _checkpoint, _decompose, _tree  # noqa: PLC0415
+  from jax_signedcut import _checkpoint  # noqa: PLC0415
+  from jax_signedcut._signedcut import decompose as _decompose
+  from jax_signedcut._core import tree as _tree
 
   default = _default_budget(args)
   rules = list(args.rule or [])
@@ -556,8 +558,9 @@ def _dtype_arg(s):
 def _expand(args) -> int:
   import jax  # noqa: PLC0415
 
-  from jax_signedcut import _checkpoint, _factors  # noqa: PLC0415
-  from jax_signedcut._factors import SignedCut  # noqa: PLC0415
+  from jax_signedcut import _checkpoint  # noqa: PLC0415
+  from jax_signedcut._signedcut import factors as _factors
+  from jax_signedcut._signedcut.factors import SignedCut  # noqa: PLC0415
 
   to_orbax = not args.output.endswith(".safetensors")
   if to_orbax and os.path.exists(args.output):
@@ -608,7 +611,7 @@ def _expand(args) -> int:
 
 def _inspect(args) -> int:
   from jax_signedcut import _checkpoint  # noqa: PLC0415
-  from jax_signedcut._factors import SignedCut  # noqa: PLC0415
+  from jax_signedcut._signedcut.factors import SignedCut  # noqa: PLC0415
 
   errs = None
   with _checkpoint.Reader(args.file, verify=args.original is not None) as r:

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from jax_signedcut import _packing, _tree
-from jax_signedcut._apply import apply_signed_cut
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._kernels.apply import apply_signed_cut
+from jax_signedcut._signedcut.factors import SignedCut
 
 __all__ = ["COLLECTION", "SignedCutDense", "convert_params"]
 
@@ -141,7 +142,7 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
     ValueError: a ``SignedCut`` not at a ``…/kernel`` path, or (with
       ``module``) a missing, extra or mis-shaped leaf, quoting both shapes.
   """
-  from jax_signedcut._decompose import decompose  # noqa: PLC0415
+  from jax_signedcut._signedcut.decompose import decompose  # noqa: PLC0415
   if factors is None:
     if not decompose_kwargs:
       raise ValueError("convert_params needs factors or decompose arguments (key=..., rules=...)")

@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_signedcut import _packing, _tree
-from jax_signedcut._apply import apply_signed_cut
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._kernels.apply import apply_signed_cut
+from jax_signedcut._signedcut.factors import SignedCut
 
 __all__ = ["PackedFactor", "SignedCutDense", "apply_signed_cut", "swap_linears"]
 
@@ -169,7 +170,7 @@ class SignedCutDense(nnx.Module):
     if self.c[...].ndim != 1:
       raise ValueError(f"to_linear needs one matrix, got stacked factors "
                        f"{self.factors.batch_shape}")
-    from jax_signedcut._factors import reconstruct  # noqa: PLC0415
+    from jax_signedcut._signedcut.factors import reconstruct  # noqa: PLC0415
     linear = nnx.Linear(self.in_features, self.out_features, use_bias=self.bias is not None,
                         dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     linear.kernel = nnx.Param(reconstruct(self.factors, param_dtype))
@@ -225,7 +226,7 @@ def swap_linears(model: nnx.Module, factors=None, *, dense: bool = False, **deco
     ValueError: factors whose shape does not match the Linear's kernel, or a
       ``SignedCut`` at a path that is not the kernel of an ``nnx.Linear``.
   """
-  from jax_signedcut._decompose import decompose  # noqa: PLC0415
+  from jax_signedcut._signedcut.decompose import decompose  # noqa: PLC0415
   if factors is None:
     if not decompose_kwargs:
       raise ValueError("swap_linears needs factors or decompose arguments (key=..., rules=...)")

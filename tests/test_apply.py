@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_signedcut as sc
-from jax_signedcut import _apply, _packing
+from jax_signedcut._kernels import apply as _apply
+from jax_signedcut._signedcut import packing as _packing
 
 HAS_FFI = _apply._has_ffi_kernel()  # noqa: SLF001
 needs_ffi = pytest.mark.skipif(not HAS_FFI, reason="signedcut_apply kernel not built")
@@ -185,7 +186,7 @@ def _apply_in_subprocess(tmp_path, f, x, *, env=None, prefix=()):
   (m, n), w = f.shape, f.width
   code = (
       "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
-      "from jax_signedcut import _apply\n"
+      "from jax_signedcut._kernels import apply as _apply\n"
       f"d = np.load({str(tmp_path / 'in.npz')!r})\n"
       "f = sc.SignedCut(jnp.asarray(d['s']), jnp.asarray(d['t']), jnp.asarray(d['c']),"
       f" jnp.int32({w}), shape=({m}, {n}))\n"

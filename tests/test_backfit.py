@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_signedcut as sc
-from jax_signedcut import _packing
+from jax_signedcut._signedcut import packing as _packing
 
 
 rel_error = jax.jit(sc.relative_error)   # eager, it would trace op by op on every call

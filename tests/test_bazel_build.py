@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jax_signedcut import _ffi, _start
+from jax_signedcut._kernels import greedy as _ffi
+from jax_signedcut._signedcut import start as _start
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIB = os.environ.get("JAX_SIGNEDCUT_BAZEL_LIB", str(ROOT / "bazel-bin" / "libsignedcut_ffi.so"))

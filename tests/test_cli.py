@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jax_signedcut as sc
-from jax_signedcut import _decompose, _tree
+from jax_signedcut._signedcut import decompose as _decompose
+from jax_signedcut._core import tree as _tree
 from jax_signedcut._cli import main
 
 

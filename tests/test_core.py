@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_signedcut as sc
-from jax_signedcut import _oracle, _packing, _start
+from jax_signedcut._signedcut import oracle as _oracle
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut import start as _start
 
 
 def gaussian(shape, seed=1, dtype=jnp.float32):

@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_signedcut as sc
-from jax_signedcut import _ffi, _oracle, _packing, _start
+from jax_signedcut._kernels import greedy as _ffi
+from jax_signedcut._signedcut import oracle as _oracle
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut import start as _start
 
 needs_avx512 = pytest.mark.skipif(not _ffi.avx512_supported(),
                                   reason="this CPU lacks AVX-512 (F/BW/VL/DQ/VPOPCNTDQ)")
@@ -95,7 +98,7 @@ def test_extension_matches_installed_jaxlib_and_runs():
 
 
 def test_env_override_and_bad_value():
-  code = ("import jax, jax.numpy as jnp; from jax_signedcut import _ffi, _start;"
+  code = ("import jax, jax.numpy as jnp; from jax_signedcut._kernels import greedy as _ffi; from jax_signedcut._signedcut import start as _start;"
           "print(_ffi.kernel_name());"
           "_ffi.greedy(jnp.ones((1, 4, 4)), _start.start_words(jax.random.key(0), 2, 4))")
   env = dict(os.environ, JAX_SIGNEDCUT_KERNEL="scalar")
@@ -313,7 +316,7 @@ def test_greedy_rejects_bad_operands_before_the_call():
 
 def test_threads_env_var_gives_the_same_factors():
   # JAX_SIGNEDCUT_THREADS=2 lets two threads share this single matrix.
-  code = ("import hashlib, jax, numpy as np; from jax_signedcut import _ffi, _start;"
+  code = ("import hashlib, jax, numpy as np; from jax_signedcut._kernels import greedy as _ffi; from jax_signedcut._signedcut import start as _start;"
           "a = jax.random.normal(jax.random.key(4), (1, 300, 257));"
           "out = _ffi.greedy(a, _start.start_words(jax.random.key(0), 40, 257));"
           "print(hashlib.sha256(b''.join(np.asarray(x).tobytes() for x in out)).hexdigest())")

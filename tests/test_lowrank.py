@@ -12,7 +12,12 @@ from flax import nnx
 from safetensors import safe_open
 
 import jax_signedcut as sc
-from jax_signedcut import _budget, _cli, _decompose, _lowrank, _oracle, _start
+from jax_signedcut import _cli
+from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._signedcut import decompose as _decompose
+from jax_signedcut._parts import lowrank as _lowrank
+from jax_signedcut._signedcut import oracle as _oracle
+from jax_signedcut._signedcut import start as _start
 from jax_signedcut.linen import SignedCutDense as LinenDense
 from jax_signedcut.linen import convert_params
 from jax_signedcut.nnx import SignedCutDense, swap_linears
@@ -93,7 +98,7 @@ def test_matches_the_oracle(shape, r, bits, heavy):
 
 
 def _unpack(bits, size):
-  from jax_signedcut import _packing  # noqa: PLC0415
+  from jax_signedcut._signedcut import packing as _packing  # noqa: PLC0415
   return np.asarray(_packing.unpack_signs(bits, size))
 
 

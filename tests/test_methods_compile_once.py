@@ -6,7 +6,11 @@ import jax
 import jax.numpy as jnp
 
 import jax_signedcut as jsc
-from jax_signedcut import _attention, _lp_lowrank, _lplr, _quantize, _tensor
+from jax_signedcut._methods import attention as _attention
+from jax_signedcut._methods import lp_lowrank as _lp_lowrank
+from jax_signedcut._methods import lplr as _lplr
+from jax_signedcut._methods import rtn as _quantize
+from jax_signedcut._signedcut import tensor as _tensor
 
 
 def _twice(jitted, call):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_signedcut as sc
-from jax_signedcut import _outliers
+from jax_signedcut._signedcut import outliers as _outliers
 
 from minilm import load_weights
 

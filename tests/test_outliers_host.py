@@ -16,7 +16,9 @@ from hypothesis import given, settings, strategies as st
 from safetensors.numpy import save_file
 
 import jax_signedcut as sc
-from jax_signedcut import _decompose, _outliers, _tree
+from jax_signedcut._signedcut import decompose as _decompose
+from jax_signedcut._signedcut import outliers as _outliers
+from jax_signedcut._core import tree as _tree
 from jax_signedcut._cli import main
 
 FIELDS = ("s_bits", "t_bits", "c", "sparse_idx", "sparse_val", "num_sparse", "num_cuts")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_signedcut as sc
-from jax_signedcut import _progress
+from jax_signedcut._core import progress as _progress
 
 needs_ffi = pytest.mark.skipif(_progress.cuts_done() is None, reason="C++ extension not built")
 

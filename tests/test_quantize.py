@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_signedcut as jsc
-from jax_signedcut import _quantize
+from jax_signedcut._methods import rtn as _quantize
 
 SHAPES = [(1, 1), (9, 1), (33, 97), (100, 7)]
 

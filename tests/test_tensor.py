@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jax_signedcut as jsc
-from jax_signedcut import _packing
+from jax_signedcut._signedcut import packing as _packing
 
 SHAPES = [(1, 33, 2), (9, 1, 4, 5), (2, 3, 2, 3, 2)]
 

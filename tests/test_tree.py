@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jax_signedcut as sc
-from jax_signedcut import _tree
+from jax_signedcut._core import tree as _tree
 
 KEY = jax.random.key(7)
 

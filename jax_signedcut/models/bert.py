@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_signedcut import _tree
-from jax_signedcut._factors import SignedCut, reconstruct
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._signedcut.factors import SignedCut, reconstruct
 
 __all__ = ["Bert", "BertConfig", "encode", "load_safetensors", "load_tokenizer", "minilm_dir",
            "sentence_embedding", "with_factors"]

@@ -8,7 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget, _lowrank, _outliers, _packing
+from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._parts import lowrank as _lowrank
+from jax_signedcut._signedcut import outliers as _outliers
+from jax_signedcut._signedcut import packing as _packing
 
 
 @jax.tree_util.register_dataclass
@@ -18,7 +21,7 @@ class SignedCut:
 
   Attributes:
     s_bits: uint32 (..., w, ceil(m/32)): cut j's row signs s_j, packed
-      (bit 1 means -1, see :mod:`jax_signedcut._packing`).
+      (bit 1 means -1, see :mod:`jax_signedcut._signedcut.packing`).
     t_bits: uint32 (..., w, ceil(n/32)): cut j's column signs t_j, packed.
     c: float32 (..., w): cut scales, ``c_j = s_jᵀ R_{j-1} t_j / (m n) >= 0``.
       Slots past ``num_cuts`` hold 0 (and all-zero bits).
@@ -87,7 +90,7 @@ def reconstruct(f: SignedCut, dtype=jnp.float32, *, block: int = 512) -> jax.Arr
   """
   if not isinstance(f, SignedCut) and not hasattr(f, "shape") and \
       not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(f)):
-    from jax_signedcut import _tree  # noqa: PLC0415  (_tree imports this module)
+    from jax_signedcut._core import tree as _tree  # noqa: PLC0415  (_tree imports this module)
     return _tree.reconstruct_tree(f, dtype, block=block)
   _check_factor(f)
   m, n = f.shape

@@ -32,9 +32,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut import _quantize, _start
-from jax_signedcut._decompose import _check_matrix
-from jax_signedcut._quantize import QuantizedMatrix
+from jax_signedcut._methods import rtn as _quantize
+from jax_signedcut._signedcut import start as _start
+from jax_signedcut._signedcut.decompose import _check_matrix
+from jax_signedcut._methods.rtn import QuantizedMatrix
 
 SKETCHES = ("gaussian", "rademacher")
 SCALES = ("global", "per_column")

@@ -39,15 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _factors, _lowrank, _oracle, _packing
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import factors as _factors
+from jax_signedcut._parts import lowrank as _lowrank
+from jax_signedcut._signedcut import oracle as _oracle
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut.factors import SignedCut
 
 
 def backfit(f: SignedCut, a, *, passes: int = 1) -> SignedCut:
   """Backfitting passes over the cuts of ``f``: each re-optimised against all the others.
 
   Opt-in post-processing after :func:`decompose` (see
-  :mod:`jax_signedcut._backfit`): for each used cut k in order, the cut is put
+  :mod:`jax_signedcut._signedcut.backfit`): for each used cut k in order, the cut is put
   back into the remainder, the greedy's alternating sign search is rerun from
   its own column signs, and the result (with its exact scale) is taken out
   again. The error never increases; ``num_cuts``, the sparse part and the
@@ -80,7 +83,7 @@ def backfit(f: SignedCut, a, *, passes: int = 1) -> SignedCut:
     >>> bool(sc.relative_error(a, g) <= sc.relative_error(a, f))
     True
   """
-  from jax_signedcut._decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
+  from jax_signedcut._signedcut.decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
 
   _factors._check_factor(f)  # noqa: SLF001
   a = _check_matrix(a)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut import _packing
+from jax_signedcut._signedcut import packing as _packing
 
 
 def as_key(key, *, name: str = "key") -> jax.Array:

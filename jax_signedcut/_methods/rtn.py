@@ -37,7 +37,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut._decompose import _check_matrix
+from jax_signedcut._signedcut.decompose import _check_matrix
 
 GRIDS = ("uniform", "int")
 MAX_BITS = 16

@@ -35,8 +35,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut._decompose import _check_matrix
-from jax_signedcut._lplr import LowRank, _batched, check_rank, reconstruct_lowrank
+from jax_signedcut._signedcut.decompose import _check_matrix
+from jax_signedcut._methods.lplr import LowRank, _batched, check_rank, reconstruct_lowrank
 
 _HI = jax.lax.Precision.HIGHEST
 

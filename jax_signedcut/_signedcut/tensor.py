@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _packing, _start
-from jax_signedcut._decompose import _check_max_error
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut import start as _start
+from jax_signedcut._signedcut.decompose import _check_max_error
 
 # Safety cap on sweeps per cut; γ rises strictly, so sweeps end on their own.
 MAX_SWEEPS = 1000
@@ -58,7 +59,7 @@ class SignedTensorCut:
 
   Attributes:
     bits: tuple of k uint32 arrays, axis a's signs (w, ceil(d_a/32)) packed as
-      in :mod:`jax_signedcut._packing` (bit 1 means −1).
+      in :mod:`jax_signedcut._signedcut.packing` (bit 1 means −1).
     c: float32 (w,) cut scales ≥ 0 (0 past ``num_cuts``).
     num_cuts: int32 () cuts made (< w only with ``max_error``).
     shape: static (d_1, …, d_k).

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _packing
+from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut import _signedcut_ffi
 
 TARGET = "signedcut_greedy"

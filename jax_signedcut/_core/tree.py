@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _budget
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._signedcut.factors import SignedCut
 
 #: Leaves whose last two dims are not both at least this large are kept dense
 #: unless ``decompose(..., min_dim=...)`` says otherwise: a cut of a tiny
@@ -129,13 +129,13 @@ def _check_budget(b, where: str) -> Budget:
                          or not math.isfinite(me) or me <= 0):
     raise ValueError(f"{where}: max_error must be a finite number > 0, got {me!r}")
   if b.outliers is not None:
-    from jax_signedcut import _outliers  # noqa: PLC0415
+    from jax_signedcut._signedcut import outliers as _outliers  # noqa: PLC0415
     try:
       _outliers.check_mode(b.outliers)
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
   if b.lowrank is not None:
-    from jax_signedcut import _lowrank  # noqa: PLC0415
+    from jax_signedcut._parts import lowrank as _lowrank  # noqa: PLC0415
     try:
       _lowrank.check_rank(b.lowrank)
     except ValueError as e:
@@ -267,7 +267,7 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
   for path, job, leaf in zip(p.paths, p.jobs, leaves):
     if job is not None:
       _check_finite(leaf, path)
-  from jax_signedcut import _start  # noqa: PLC0415
+  from jax_signedcut._signedcut import start as _start  # noqa: PLC0415
   key = _start.as_key(key)
   if key.shape != ():
     raise ValueError(f"key must be a single key (shape ()) for a pytree, got shape {key.shape}")
@@ -310,7 +310,7 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
 
 def reconstruct_tree(tree, dtype=jnp.float32, *, block: int = 512):
   """Replaces every :class:`SignedCut` leaf of ``tree`` by its dense matrices."""
-  from jax_signedcut._factors import reconstruct  # noqa: PLC0415
+  from jax_signedcut._signedcut.factors import reconstruct  # noqa: PLC0415
   return jax.tree_util.tree_map(
       lambda x: reconstruct(x, dtype, block=block) if isinstance(x, SignedCut) else x,
       tree, is_leaf=lambda x: isinstance(x, SignedCut))

@@ -12,9 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import (_budget, _factors, _lowrank, _oracle, _outliers, _progress, _start,
-                           _tree)
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._signedcut import factors as _factors
+from jax_signedcut._parts import lowrank as _lowrank
+from jax_signedcut._signedcut import oracle as _oracle
+from jax_signedcut._signedcut import outliers as _outliers
+from jax_signedcut._core import progress as _progress
+from jax_signedcut._signedcut import start as _start
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._signedcut.factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -79,7 +85,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       ``num_cuts``; the arrays keep the full width); with ``width`` they come on
       top. ``"auto"`` takes the entries more than 6 robust standard deviations
       from the median (at most 0.5 % of them) and picks none on well-behaved
-      (e.g. Gaussian) matrices; see ``jax_signedcut._outliers``. A fraction
+      (e.g. Gaussian) matrices; see ``jax_signedcut._signedcut.outliers``. A fraction
       takes that share of the largest-magnitude entries.
     lowrank: rank r >= 0 of an optional low-rank part (default 0: none), or
       ``"auto"`` (outside ``jax.jit`` only): the rank of 0, 4, 8, 16, 32 that
@@ -91,7 +97,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       ``r·(m+n)·2`` bytes are paid from a rate/bits budget like the sparse part
       (fewer cuts; a budget too small for it is an error); with ``width`` it
       comes on top. Helps smooth, nearly low-rank matrices (position
-      embeddings); hurts well-behaved kernels. See ``jax_signedcut._lowrank``.
+      embeddings); hurts well-behaved kernels. See ``jax_signedcut._parts.lowrank``.
     backend: ``"jnp"`` (the pure-jnp oracle, any platform), ``"ffi"`` (the C++
       kernel, CPU only) or ``"auto"`` (the C++ kernel when the computation is
       lowered for CPU, the jnp oracle on other platforms).
@@ -111,7 +117,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
   ``nnx.State`` or Linen variables) is a pytree: the selected leaves come back
   as ``SignedCut`` (leading stacked dims decomposed as a batch), all other
   leaves unchanged. Leaf ``path`` uses the key
-  ``fold_in(key, zlib.crc32(path.encode()))``; see :mod:`jax_signedcut._tree`.
+  ``fold_in(key, zlib.crc32(path.encode()))``; see :mod:`jax_signedcut._core.tree`.
 
   Exactly one of width / rate / bits_per_weight must be given. All
   configuration is static under ``jax.jit``; ``a`` and ``key`` may be traced.
@@ -276,7 +282,7 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
 def _ffi_available() -> bool:
   """Whether the compiled extension imports (it always does in a proper install)."""
   try:
-    from jax_signedcut import _ffi  # noqa: F401, PLC0415
+    from jax_signedcut._kernels import greedy as _ffi  # noqa: F401, PLC0415
   except ImportError:
     return False
   return True
@@ -331,7 +337,7 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
     return jax.vmap(run, in_axes=(0, words_axis))(a, words)
 
   def run_ffi(a, words):
-    from jax_signedcut import _ffi  # noqa: PLC0415  (loads the extension lazily)
+    from jax_signedcut._kernels import greedy as _ffi  # noqa: PLC0415  (loads the extension lazily)
     return _ffi.greedy(a, words, max_error=max_error)
 
   if backend == "ffi":

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut import _packing
-from jax_signedcut._factors import SignedCut
+from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut.factors import SignedCut
 
 #: Cuts unpacked per step of the pure-JAX path.
 BLOCK = 256
@@ -110,7 +110,8 @@ def apply_lowrank(x2: jax.Array, f: SignedCut) -> jax.Array:
 @functools.cache
 def _has_ffi_kernel() -> bool:
   try:
-    from jax_signedcut import _ffi, _signedcut_ffi  # noqa: F401, PLC0415  (_ffi registers)
+    from jax_signedcut import _signedcut_ffi  # noqa: F401, PLC0415  (_ffi registers)
+    from jax_signedcut._kernels import greedy as _ffi
   except ImportError:
     return False
   return _APPLY_TARGET in _signedcut_ffi.registrations()
@@ -203,7 +204,7 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
   batch = x.shape[:-1]
   x2 = x.reshape(-1, m).astype(jnp.float32)
   if dense:
-    from jax_signedcut._factors import reconstruct  # noqa: PLC0415
+    from jax_signedcut._signedcut.factors import reconstruct  # noqa: PLC0415
     y = jnp.matmul(x2, reconstruct(f), precision=_HI)
   elif impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
                                                or x2.shape[0] >= FFI_MAX_ROWS)):

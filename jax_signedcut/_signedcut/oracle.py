@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_signedcut import _packing
+from jax_signedcut._signedcut import packing as _packing
 
 # Safety cap on alternation rounds (two matvecs each) per cut. Typical cuts
 # converge in 5–30 rounds; the cap only bounds pathological inputs.

@@ -1,0 +1,1 @@
+"""What every method shares: the compressed-matrix protocol, pytree rules, progress."""
