@@ -19,10 +19,16 @@ from jax_signedcut._checkpoint import save as save
 from jax_signedcut._checkpoint import save_orbax as save_orbax
 from jax_signedcut._signedcut.decompose import decompose as decompose
 from jax_signedcut._signedcut.decompose import decompose_leafwise as decompose_leafwise
+from jax_signedcut._core.protocol import Compressed as Compressed
+from jax_signedcut._core.protocol import is_compressed as is_compressed
+from jax_signedcut._core.protocol import matmul as matmul
+from jax_signedcut._core.protocol import nbytes as nbytes
+from jax_signedcut._core.protocol import reconstruct as reconstruct
+from jax_signedcut._core.protocol import relative_error as relative_error
+from jax_signedcut._parts.lowrank import LowRankPart as LowRankPart
+from jax_signedcut._parts.sparse import Sparse as Sparse
+from jax_signedcut._parts.sum import Sum as Sum
 from jax_signedcut._signedcut.factors import SignedCut as SignedCut
-from jax_signedcut._signedcut.factors import nbytes as nbytes
-from jax_signedcut._signedcut.factors import reconstruct as reconstruct
-from jax_signedcut._signedcut.factors import relative_error as relative_error
 from jax_signedcut._signedcut.factors import truncate as truncate
 from jax_signedcut._methods.lp_lowrank import lp_cost as lp_cost
 from jax_signedcut._methods.lp_lowrank import lp_lowrank as lp_lowrank
@@ -52,6 +58,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "Compressed",
+    "LowRankPart",
+    "Sparse",
+    "Sum",
+    "is_compressed",
+    "matmul",
     "SignedCut",
     "apply_signed_cut",
     "backfit",
@@ -73,7 +85,7 @@ __all__ = [
     "unpack_signs",
     "width_for_bits",
     "width_for_rate",
-    # Other methods in scope (issue 9).
+    # The other methods.
     "AttentionFit",
     "attention_grad",
     "attention_loss",

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._signedcut import budget as _budget
-from jax_signedcut._signedcut.factors import SignedCut
+from jax_signedcut._core.protocol import is_compressed
 
 #: Leaves whose last two dims are not both at least this large are kept dense
 #: unless ``decompose(..., min_dim=...)`` says otherwise: a cut of a tiny
@@ -181,7 +181,7 @@ def _check_skip(skip) -> tuple[re.Pattern, ...]:
 def is_single_array(a) -> bool:
   """Whether ``a`` means one (batch of) matrix rather than a container of leaves."""
   if isinstance(a, (jax.Array, np.ndarray, np.generic)) or (
-      hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, SignedCut)):
+      hasattr(a, "shape") and hasattr(a, "dtype") and not is_compressed(a)):
     return True
   if isinstance(a, (list, tuple)):
     # A nested list of numbers is array-like (the single-matrix meaning).
@@ -214,7 +214,7 @@ def plan(tree, *, rules, skip, min_dim, default: Budget | None) -> tuple[Plan, l
         "decompose on a pytree needs a budget: pass rules=[(regex, Budget(...)), ...] "
         "and/or a default width / rate / bits_per_weight")
   flat, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, SignedCut))
+      tree, is_leaf=is_compressed)
   used = [False] * len(rules)
   paths, jobs = [], []
   for kp, leaf in flat:
@@ -306,11 +306,3 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
   if bar is not None:
     bar.close()
   return jax.tree_util.tree_unflatten(p.treedef, out)
-
-
-def reconstruct_tree(tree, dtype=jnp.float32, *, block: int = 512):
-  """Replaces every :class:`SignedCut` leaf of ``tree`` by its dense matrices."""
-  from jax_signedcut._signedcut.factors import reconstruct  # noqa: PLC0415
-  return jax.tree_util.tree_map(
-      lambda x: reconstruct(x, dtype, block=block) if isinstance(x, SignedCut) else x,
-      tree, is_leaf=lambda x: isinstance(x, SignedCut))

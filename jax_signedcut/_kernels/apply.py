@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core.protocol import check_compressed
+from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut.factors import SignedCut
 
@@ -47,8 +49,7 @@ _APPLY_TARGET = "signedcut_apply"
 
 
 def _check(x, f, bias):
-  if not isinstance(f, SignedCut):
-    raise TypeError(f"f must be a SignedCut, got {type(f).__name__}")
+  check_compressed(f)
   if f.batch_shape != ():
     raise ValueError(
         f"f must hold one matrix (batch shape ()), got batch shape {f.batch_shape}; "
@@ -90,21 +91,6 @@ def apply_jnp(x2: jax.Array, f: SignedCut, *, block: int = BLOCK) -> jax.Array:
 
   y, _ = jax.lax.scan(step, jnp.zeros((x2.shape[0], n), jnp.float32), xs)
   return y
-
-
-def apply_sparse(x2: jax.Array, f: SignedCut) -> jax.Array:
-  """``x2 · P`` (B, n) for the sparse part P of ``f`` (a segment sum over its entries)."""
-  _, n = f.shape
-  rows, cols = f.sparse_idx // n, f.sparse_idx % n
-  # Unused slots hold index 0 and value 0: they add nothing.
-  contrib = x2[:, rows] * f.sparse_val.astype(jnp.float32)[None, :]
-  return jnp.zeros((x2.shape[0], n), jnp.float32).at[:, cols].add(contrib)
-
-
-def apply_lowrank(x2: jax.Array, f: SignedCut) -> jax.Array:
-  """``(x2·U)·Vᵀ`` (B, n) in f32 for the low-rank part U·Vᵀ of ``f``."""
-  p = jnp.matmul(x2, f.lr_u.astype(jnp.float32), precision=_HI)          # (B, r)
-  return jnp.matmul(p, f.lr_v.astype(jnp.float32).T, precision=_HI)
 
 
 @functools.cache
@@ -163,13 +149,15 @@ def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax
   return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape), int(bool(force_scalar)))
 
 
-def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, *,
+def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
                      dense: bool = False, impl: str = "auto") -> jax.Array:
   """``y = x·W + b`` with ``W = S·diag(c)·Tᵀ`` (m, n) = (in, out) given as factors.
 
   Args:
     x: activations (..., m), any leading batch shape; f32, bf16 or f16.
-    f: a :class:`SignedCut` of one (m, n) kernel in the Flax (in, out) layout.
+    f: a compressed (m, n) kernel in the Flax (in, out) layout: a
+      :class:`SignedCut`, a :class:`Sum` of parts holding one, or any other
+      compressed matrix (its own ``matmul`` is used).
     bias: optional (n,) bias, added in f32.
     dense: expand the factors to a dense f32 kernel (``reconstruct``) and use
       one GEMM. The expansion costs w·m·n multiply-adds on every call, the
@@ -185,7 +173,7 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
     (..., n) in ``x.dtype``, accumulated in f32.
 
   Raises:
-    TypeError: non-float x or f not a SignedCut.
+    TypeError: non-float x or f not a compressed matrix.
     ValueError: x's last dim is not m, batched factors, a bias not of shape (n,).
 
   Example:
@@ -200,26 +188,32 @@ def apply_signed_cut(x: jax.Array, f: SignedCut, bias: jax.Array | None = None, 
   x = _check(x, f, bias)
   if impl not in ("auto", "jnp", "ffi"):
     raise ValueError(f"impl must be 'auto', 'jnp' or 'ffi', got {impl!r}")
+  if impl == "ffi" and not _has_ffi_kernel():
+    raise ValueError("impl='ffi' needs the compiled signedcut_apply kernel, which this "
+                     "build of jax_signedcut does not provide")
   m, n = f.shape
   batch = x.shape[:-1]
   x2 = x.reshape(-1, m).astype(jnp.float32)
   if dense:
-    from jax_signedcut._signedcut.factors import reconstruct  # noqa: PLC0415
-    y = jnp.matmul(x2, reconstruct(f), precision=_HI)
-  elif impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
-                                               or x2.shape[0] >= FFI_MAX_ROWS)):
-    y = apply_jnp(x2, f)
-  elif impl == "ffi":
-    if not _has_ffi_kernel():
-      raise ValueError("impl='ffi' needs the compiled signedcut_apply kernel, which this "
-                       "build of jax_signedcut does not provide")
-    y = apply_ffi(x2, f)
+    y = jnp.matmul(x2, f.reconstruct(), precision=_HI)
   else:
-    y = jax.lax.platform_dependent(x2, f, cpu=apply_ffi, default=apply_jnp)
-  if not dense and f.sparse_idx is not None:
-    y = y + apply_sparse(x2, f)
-  if not dense and f.lr_u is not None:
-    y = y + apply_lowrank(x2, f)
+    parts = f.parts if isinstance(f, Sum) else (f,)
+    y = None
+    for p in parts:
+      # The cuts take the implementation asked for; every other part its own product.
+      yp = cuts_matmul(x2, p, impl=impl) if isinstance(p, SignedCut) \
+          else p._matmul(x2)  # noqa: SLF001
+      y = yp if y is None else y + yp
   if bias is not None:
     y = y + jnp.asarray(bias).astype(jnp.float32)[None, :]
   return y.reshape(*batch, n).astype(x.dtype)
+
+
+def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto") -> jax.Array:
+  """``x2 · S·diag(c)·Tᵀ`` (B, n) f32 for f32 x2 (B, m), by ``impl`` (see apply_signed_cut)."""
+  if impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
+                                           or x2.shape[0] >= FFI_MAX_ROWS)):
+    return apply_jnp(x2, f)
+  if impl == "ffi":
+    return apply_ffi(x2, f)
+  return jax.lax.platform_dependent(x2, f, cpu=apply_ffi, default=apply_jnp)

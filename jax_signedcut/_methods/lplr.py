@@ -31,7 +31,9 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._methods import rtn as _quantize
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._signedcut.decompose import _check_matrix
@@ -44,7 +46,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowRank:
+class LowRank(Compressed):
   """A rank-k factorization ``A ≈ uᵀ v = Σ_j u_j v_jᵀ``, possibly batched.
 
   Attributes:
@@ -64,10 +66,24 @@ class LowRank:
     return u.shape[0] if isinstance(u, QuantizedMatrix) else u.shape[-2]
 
   @property
-  def nbytes(self) -> int:
-    """Bytes stored by both factors (codes, scales, or float entries); exact and static."""
-    return sum(x.nbytes if isinstance(x, QuantizedMatrix) else x.size * x.dtype.itemsize
-               for x in (self.u, self.v))
+  def batch_shape(self) -> tuple[int, ...]:
+    u = self.u
+    return u.batch_shape if isinstance(u, QuantizedMatrix) else tuple(u.shape[:-2])
+
+  def stored_bytes(self):
+    """Bytes stored per matrix by both factors (codes, scales, or float entries); static."""
+    b = self.batch_shape
+    per = sum(int(np.max(x.stored_bytes())) if isinstance(x, QuantizedMatrix)
+              else math.prod(x.shape[len(b):]) * x.dtype.itemsize for x in (self.u, self.v))
+    return np.full(b, per, np.int64)
+
+  def _dense(self):
+    return jnp.einsum("...km,...kn->...mn", _dense(self.u), _dense(self.v), precision=_HI)
+
+  def _matmul(self, x2):
+    # x (B, m) @ uᵀv: through the rank-k inner space, never the (m, n) matrix.
+    p = jnp.matmul(x2, _dense(self.u).T, precision=_HI)
+    return jnp.matmul(p, _dense(self.v), precision=_HI)
 
 
 def _dense(x):
@@ -84,7 +100,7 @@ def reconstruct_lowrank(f: LowRank, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _reconstruct_lowrank(f, dtype):
-  return jnp.einsum("...km,...kn->...mn", _dense(f.u), _dense(f.v), precision=_HI).astype(dtype)
+  return f._dense().astype(dtype)  # noqa: SLF001
 
 
 def _factor_words(d, bits):

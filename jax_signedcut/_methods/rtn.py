@@ -36,7 +36,9 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._signedcut.decompose import _check_matrix
 
 GRIDS = ("uniform", "int")
@@ -167,7 +169,7 @@ def unpack_codes(words: jax.Array, count: int, bits: int) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedMatrix:
+class QuantizedMatrix(Compressed):
   """Uniformly quantized matrices (..., r, c): packed codes and their scales.
 
   Attributes:
@@ -193,10 +195,14 @@ class QuantizedMatrix:
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.codes.shape[:-2])
 
-  @property
-  def nbytes(self) -> int:
-    """Bytes stored: the code words and the f32 scales (exact, static)."""
-    return 4 * (math.prod(self.codes.shape) + math.prod(self.scale.shape))
+  def stored_bytes(self):
+    """Bytes stored per matrix: the code words and the f32 scales (static)."""
+    b = self.batch_shape
+    per = 4 * (math.prod(self.codes.shape[len(b):]) + math.prod(self.scale.shape[len(b):]))
+    return np.full(b, per, np.int64)
+
+  def _dense(self):
+    return _dequantize(self)
 
   @property
   def bits_per_weight(self) -> float:
@@ -262,12 +268,16 @@ def dequantize_matrix(q: QuantizedMatrix, dtype=jnp.float32) -> jax.Array:
   return _dequantize_matrix(q, jnp.dtype(dtype))
 
 
-@functools.partial(jax.jit, static_argnums=1)   # one dispatch instead of one per op when eager
-def _dequantize_matrix(q, dtype):
+def _dequantize(q):
   _, c = q.shape
   codes = unpack_codes(q.codes, c, q.bits)
   scale = _expand_scale(q.scale, q.shape, q.group_size)
-  return dequantize(codes, scale, bits=q.bits, grid=q.grid, dtype=jnp.float32).astype(dtype)
+  return dequantize(codes, scale, bits=q.bits, grid=q.grid, dtype=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=1)   # one dispatch instead of one per op when eager
+def _dequantize_matrix(q, dtype):
+  return _dequantize(q).astype(dtype)
 
 
 def _check_group_size(group_size):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._signedcut import factors as _factors
-from jax_signedcut._parts import lowrank as _lowrank
+from jax_signedcut._parts.sparse import Sparse
 from jax_signedcut._signedcut import oracle as _oracle
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut.factors import SignedCut
@@ -61,16 +61,17 @@ def backfit(f: SignedCut, a, *, passes: int = 1) -> SignedCut:
   budget you keep first, then backfit.
 
   Args:
-    f: a :class:`SignedCut` of ``a`` (possibly batched).
+    f: a :class:`SignedCut` of ``a`` (possibly batched), or a :class:`Sum`
+      holding one (its other parts are kept).
     a: the decomposed array, shape ``f.batch_shape + f.shape``; float32,
       bfloat16, float16 or float64 (computed in float32).
     passes: number of passes over all cuts (static), an int >= 1.
 
   Returns:
-    A :class:`SignedCut` of the same shapes, widths and ``num_cuts``.
+    The same type as ``f``, with the same shapes, widths and ``num_cuts``.
 
   Raises:
-    TypeError: ``f`` is not a ``SignedCut`` or ``a`` is not a float array.
+    TypeError: ``f`` holds no ``SignedCut`` or ``a`` is not a float array.
     ValueError: ``a`` has the wrong shape or non-finite entries (checked
       eagerly only), or ``passes`` is not an int >= 1.
 
@@ -85,7 +86,7 @@ def backfit(f: SignedCut, a, *, passes: int = 1) -> SignedCut:
   """
   from jax_signedcut._signedcut.decompose import _check_matrix  # noqa: PLC0415  (avoids an import cycle)
 
-  _factors._check_factor(f)  # noqa: SLF001
+  _factors.split_cuts(f)
   a = _check_matrix(a)
   want = f.batch_shape + tuple(f.shape)
   if tuple(a.shape) != want:
@@ -110,12 +111,11 @@ def _backfit_one(f, a, *, passes):
   """One matrix: ``passes`` backfitting passes (f unbatched, a (m, n) f32)."""
   m, n = f.shape
   mn = jnp.float32(m * n)
-  cuts = dataclasses.replace(f, sparse_idx=None, sparse_val=None, num_sparse=None, lr_u=None,
-                             lr_v=None)
-  if f.sparse_idx is not None:   # Unused slots hold index 0 and value 0.
-    a = a.reshape(-1).at[f.sparse_idx].add(-f.sparse_val).reshape(m, n)
-  if f.lr_u is not None:         # The low-rank part stays as it is.
-    a = a - _lowrank.product(f.lr_u, f.lr_v)
+  cuts, others = _factors.split_cuts(f)
+  # The other parts stay as they are; the sparse entries are taken out first
+  # (the order the remainder was formed in, so it matches bit for bit).
+  for p in sorted(others, key=lambda p: not isinstance(p, Sparse)):
+    a = a - p._dense()  # noqa: SLF001
 
   def one(k, st):
     r, s_bits, t_bits, c = st
@@ -131,10 +131,10 @@ def _backfit_one(f, a, *, passes):
   def one_pass(_, cuts):
     # The remainder is rebuilt from the factors every pass so that f32
     # rounding of the in-place updates does not build up.
-    r = a - _factors.reconstruct(cuts)
+    r = a - cuts._dense()  # noqa: SLF001
     _, s_bits, t_bits, c = jax.lax.fori_loop(
         0, cuts.num_cuts, one, (r, cuts.s_bits, cuts.t_bits, cuts.c))
     return dataclasses.replace(cuts, s_bits=s_bits, t_bits=t_bits, c=c)
 
   cuts = jax.lax.fori_loop(0, passes, one_pass, cuts)
-  return dataclasses.replace(f, s_bits=cuts.s_bits, t_bits=cuts.t_bits, c=cuts.c)
+  return _factors.with_cuts(f, cuts)

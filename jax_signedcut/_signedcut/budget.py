@@ -22,6 +22,11 @@ def bytes_per_cut(m: int, n: int) -> int:
   return 4 + math.ceil(m / 64) * 8 + math.ceil(n / 64) * 8
 
 
+def bytes_per_stored_cut(m: int, n: int) -> int:
+  """Bytes one cut of an m×n matrix takes as stored: its uint32 sign words and an f32 scale."""
+  return 4 * (math.ceil(m / 32) + math.ceil(n / 32)) + 4
+
+
 def _check_dims(m, n):
   for name, v in (("m", m), ("n", n)):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:

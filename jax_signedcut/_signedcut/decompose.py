@@ -20,6 +20,9 @@ from jax_signedcut._signedcut import outliers as _outliers
 from jax_signedcut._core import progress as _progress
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._core import tree as _tree
+from jax_signedcut._parts.lowrank import LowRankPart
+from jax_signedcut._parts.sparse import Sparse
+from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut.factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
@@ -200,7 +203,7 @@ def _pick_rank(run, a, m, n, budget):
   best = None
   for r in _lowrank.candidates(m, n, budget):
     f = run(r)
-    err = float(jnp.sum(jnp.square(x - _factors.reconstruct(f))))
+    err = float(jnp.sum(jnp.square(x - f.reconstruct())))
     if best is None or err < best[0]:
       best = (err, f)
   return best[1]
@@ -321,6 +324,31 @@ def _full_stats(a, *, with_norm):
   return finite, jnp.sum(jnp.square(a), axis=(-2, -1)) if with_norm else None
 
 
+def _account(cuts, others, a, full2, *, width, max_error, budget, lowrank):
+  """The cuts of a decomposition with other parts, limited by ``max_error`` and the budget.
+
+  The backend stopped at ``max_error`` relative to the remainder after the
+  other parts, which is no later than needed; stop at ``max_error·‖A‖``
+  instead, using ‖R_k‖² = ‖remainder‖² − mn Σ_{j<k} c_j². With a rate or bits
+  budget, the other parts' bytes are paid first and the cuts get the rest.
+  """
+  m, n = cuts.shape
+  if max_error is not None:
+    c = cuts.c
+    rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
+    r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
+    needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
+                     dtype=jnp.int32)
+    if not lowrank:
+      # A sparse part that took no entry leaves the remainder as it was.
+      needed = jnp.where(others[0].count > 0, needed, cuts.num_cuts)
+    cuts = _factors.limit_cuts(cuts, needed)
+  if budget is not None:
+    cuts = _factors.limit_cuts(cuts, _factors.budget_limit(budget, m, n, width=width,
+                                                           others=others))
+  return cuts
+
+
 def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, budget,
           lowpart=None):
   """The cuts of the remainders a (N, m, n), then the sparse and low-rank parts' accounting."""
@@ -350,41 +378,22 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
   else:
     s_bits, t_bits, c, num_cuts = run_jnp(a, words)
 
-  f = SignedCut(s_bits=s_bits, t_bits=t_bits, c=c, num_cuts=num_cuts, shape=(m, n))
-  if sparse is not None:
-    sparse_idx, sparse_val, num_sparse = sparse
-    f = dataclasses.replace(f, sparse_idx=sparse_idx, sparse_val=sparse_val,
-                            num_sparse=num_sparse)
-    if max_error is not None:
-      # The backend stopped at max_error relative to the remainder A − sparse,
-      # which is no later than needed; stop at max_error·‖A‖ instead, using
-      # ‖R_k‖² = ‖A − sparse‖² − mn Σ_{j<k} c_j².
-      rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
-      r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
-      needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
-                       dtype=jnp.int32)
-      f = _factors.limit_cuts(f, jnp.where(num_sparse > 0, needed, num_cuts))
-    if budget is not None and lowpart is None:
-      f = _factors.limit_cuts(f, _factors.budget_limit(budget, m, n, num_sparse, width))
+  cuts = SignedCut(s_bits=s_bits, t_bits=t_bits, c=c, num_cuts=num_cuts, shape=(m, n))
+  others = []
   if lowpart is not None:
-    lr_u, lr_v = lowpart
-    f = dataclasses.replace(f, lr_u=lr_u, lr_v=lr_v)
-    if max_error is not None:
-      # As for the sparse part: stop at max_error·‖A‖, with ‖R_k‖² =
-      # ‖A − sparse − U·Vᵀ‖² − mn Σ_{j<k} c_j² (the backend stopped no earlier).
-      rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
-      r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
-      needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
-                       dtype=jnp.int32)
-      f = _factors.limit_cuts(f, needed)
-    if budget is not None:
-      f = _factors.limit_cuts(f, _factors.budget_limit(
-          budget, m, n, f.num_sparse, width,
-          lowrank_bytes=_lowrank.nbytes_for(lr_u.shape[-1], m, n)))
-
+    others.append(LowRankPart(*lowpart, shape=(m, n)))
+  if sparse is not None:
+    others.append(Sparse(*sparse, shape=(m, n)))
+  if others:
+    cuts = _account(cuts, others, a, full2, width=width, max_error=max_error, budget=budget,
+                    lowrank=lowpart is not None)
   # Under jit the NaN/Inf check cannot raise; make the failure visible instead.
-  f = dataclasses.replace(f, c=jnp.where(finite[:, None], f.c, jnp.nan),
-                          num_cuts=jnp.where(finite, f.num_cuts, 0).astype(jnp.int32))
+  cuts = dataclasses.replace(cuts, c=jnp.where(finite[:, None], cuts.c, jnp.nan),
+                             num_cuts=jnp.where(finite, cuts.num_cuts, 0).astype(jnp.int32))
+  # The parts in the order they were taken out: low rank, cuts, sparse.
+  parts = [p for p in others if isinstance(p, LowRankPart)] + [cuts] + \
+      [p for p in others if isinstance(p, Sparse)]
+  f = cuts if len(parts) == 1 else Sum(tuple(parts))
   return jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), f)
 
 

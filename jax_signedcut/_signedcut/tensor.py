@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._signedcut.decompose import _check_max_error
@@ -54,7 +55,7 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SignedTensorCut:
+class SignedTensorCut(Compressed):
   """A width-w signed cut decomposition of an order-k tensor.
 
   Attributes:
@@ -75,9 +76,21 @@ class SignedTensorCut:
     return self.c.shape[-1]
 
   @property
-  def nbytes(self) -> int:
-    """Bytes stored: every axis's sign words and the f32 scales of all w slots (exact)."""
-    return 4 * (sum(math.prod(b.shape) for b in self.bits) + math.prod(self.c.shape))
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.c.shape[:-1])
+
+  def stored_bytes(self):
+    """Bytes stored: every axis's sign words and the f32 scales of all w slots (static)."""
+    b = self.batch_shape
+    per = 4 * (sum(math.prod(x.shape[len(b):]) for x in self.bits) + self.width)
+    return np.full(b, per, np.int64)
+
+  def _dense(self):
+    return _dense_tensor(self)
+
+  def _matmul(self, x2):
+    # x (B, d_1) contracted with the first axis: the tensor as a (d_1, d_2·…·d_k) matrix.
+    return jnp.matmul(x2, self._dense().reshape(self.shape[0], -1), precision=_HI)
 
 
 def tensor_bytes_per_cut(shape: tuple[int, ...]) -> int:
@@ -248,9 +261,12 @@ def reconstruct_tensor(f: SignedTensorCut, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _reconstruct_tensor(f, dtype):
+  return _dense_tensor(f).astype(dtype)
+
+
+def _dense_tensor(f):
   signs = [_packing.unpack_signs(b, d) for b, d in zip(f.bits, f.shape)]
   ix = _letters(len(f.shape))
   lead = "..." if f.c.ndim > 1 else ""
   ops = [f"{lead}Z{i}" for i in ix] + [f"{lead}Z"]
-  out = jnp.einsum(f"{','.join(ops)}->{lead}{ix}", *signs, f.c, precision=_HI)
-  return out.astype(dtype)
+  return jnp.einsum(f"{','.join(ops)}->{lead}{ix}", *signs, f.c, precision=_HI)

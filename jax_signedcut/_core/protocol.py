@@ -1,0 +1,231 @@
+"""The compressed-matrix protocol: what every method's result can do.
+
+Every result type — signed cuts, RTN codes, LPLR factors, a sparse part, a
+sum of parts — subclasses :class:`Compressed` and is a frozen dataclass
+registered as a pytree (``jax.tree_util.register_dataclass``), so it passes
+through ``jax.jit``, ``jax.vmap`` and ``jax.tree`` like any array container.
+A subclass provides:
+
+* ``shape``: the static (m, n) of each matrix (for a tensor type, its dims);
+* ``batch_shape``: the static leading dims of a stack of them;
+* ``_dense()``: the float32 matrices (*batch, m, n), traceable;
+* ``stored_bytes()``: bytes stored per matrix, an array of the batch shape
+  (traceable, so budgets can be accounted under ``jax.jit``);
+* optionally ``_matmul(x)``: ``x @ A`` for one unbatched matrix and x (B, m)
+  without materialising A (the default builds the dense matrix).
+
+It gets, for free, ``reconstruct(dtype)``, ``nbytes`` (exact, concrete) and
+``matmul(x)``. The functions below apply the same to any pytree that holds
+compressed leaves; :func:`is_compressed` is the one leaf test.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class Compressed:
+  """Base class of every compressed-matrix type (see the module docstring).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import jax_signedcut as sc
+    >>> a = jax.random.normal(jax.random.key(0), (32, 24))
+    >>> q = sc.rtn(a, bits=4)
+    >>> isinstance(q, sc.Compressed), q.shape, q.reconstruct().shape
+    (True, (32, 24), (32, 24))
+    >>> x = jnp.ones((2, 32))
+    >>> bool(jnp.allclose(q.matmul(x), x @ q.reconstruct(), atol=1e-4))
+    True
+  """
+
+  shape: tuple[int, ...]
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def _dense(self) -> jax.Array:
+    raise NotImplementedError
+
+  def stored_bytes(self) -> jax.Array:
+    """Bytes stored for each matrix of the batch: an int/float array of ``batch_shape``."""
+    raise NotImplementedError
+
+  def _matmul(self, x2: jax.Array) -> jax.Array:
+    """``x2 @ A`` in f32 for one unbatched matrix A and f32 rows x2 (B, m)."""
+    return jnp.matmul(x2, self._dense(), precision=_HI)
+
+  def reconstruct(self, dtype=jnp.float32) -> jax.Array:
+    """The dense matrices (*batch_shape, *shape) in ``dtype``."""
+    return _reconstruct(self, jnp.dtype(dtype))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes this compressed value stores in all (exact; needs concrete values)."""
+    b = self.stored_bytes()
+    if isinstance(b, jax.core.Tracer):
+      raise TypeError(f"nbytes of a {type(self).__name__} needs concrete values: "
+                      "call it outside jax.jit")
+    return int(np.sum(np.asarray(b, np.float64)))
+
+  def matmul(self, x: jax.Array) -> jax.Array:
+    """``x @ A`` without materialising A where the type allows.
+
+    Args:
+      x: (..., m) activations for an unbatched A; for a batched A of batch
+        shape (b...), x is (b..., k, m) (``jnp.matmul`` batching).
+
+    Returns:
+      f32 (..., n).
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"x must be a float array, got dtype {x.dtype}")
+    m, n = self.shape[0], math.prod(self.shape[1:])
+    if x.ndim == 0 or x.shape[-1] != m:
+      raise ValueError(f"x must have shape (..., {m}) for a matrix of shape {self.shape}, "
+                       f"got {x.shape}")
+    batch = self.batch_shape
+    if not batch:
+      lead = x.shape[:-1]
+      y = self._matmul(x.reshape(-1, m).astype(jnp.float32))
+      return y.reshape(*lead, n)
+    if x.ndim < len(batch) + 2 or x.shape[:len(batch)] != batch:
+      raise ValueError(f"x must have shape {batch} + (k, {m}) for a stack of shape "
+                       f"{batch}, got {x.shape}")
+    one = lambda f, x: f.matmul(x)  # noqa: E731
+    for _ in batch:
+      one = jax.vmap(one)
+    # vmap over the leaves' leading axes hands `one` unbatched views of self.
+    return one(self, x)
+
+
+def _reconstruct_impl(f, dtype):
+  return f._dense().astype(dtype)  # noqa: SLF001
+
+
+_reconstruct = jax.jit(_reconstruct_impl, static_argnums=1)
+
+
+def is_compressed(x: Any) -> bool:
+  """The one leaf test: whether ``x`` is a compressed value (any method, any part)."""
+  return isinstance(x, Compressed)
+
+
+def check_compressed(f: Any, name: str = "f") -> Compressed:
+  """``f`` if it is a compressed value, else a TypeError naming ``name``."""
+  if not isinstance(f, Compressed):
+    raise TypeError(f"{name} must be a compressed matrix (a SignedCut, QuantizedMatrix, "
+                    f"LowRank, Sum, …), got {type(f).__name__}")
+  return f
+
+
+def map_compressed(fn, tree, *rest):
+  """``fn`` on every compressed leaf of ``tree`` (and the matching leaves of ``rest``)."""
+  return jax.tree.map(lambda f, *r: fn(f, *r) if is_compressed(f) else f, tree, *rest,
+                      is_leaf=is_compressed)
+
+
+def compressed_leaves(tree) -> list:
+  """The compressed leaves of ``tree``, in ``jax.tree`` order."""
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_compressed) if is_compressed(x)]
+
+
+def _is_array_like(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex))
+
+
+def reconstruct(tree, dtype=jnp.float32):
+  """Dense matrices of a compressed value, or of every compressed leaf of a pytree.
+
+  Other leaves are kept as they are.
+
+  Args:
+    tree: a compressed value (any method) or a pytree holding some.
+    dtype: the dtype of the dense result.
+
+  Returns:
+    (*batch, m, n) ``dtype`` for a compressed value; for a pytree, the same
+    structure with every compressed leaf replaced by its dense matrices.
+
+  Raises:
+    TypeError: ``tree`` is a bare array (nothing to reconstruct).
+
+  Example:
+    >>> import jax
+    >>> import jax_signedcut as sc
+    >>> a = jax.random.normal(jax.random.key(0), (16, 12))
+    >>> tree = {"q": sc.rtn(a, bits=8), "b": jax.numpy.zeros(3)}
+    >>> {k: v.shape for k, v in sc.reconstruct(tree).items()}
+    {'b': (3,), 'q': (16, 12)}
+  """
+  if is_compressed(tree):
+    return tree.reconstruct(dtype)
+  if _is_array_like(tree):
+    raise TypeError(f"reconstruct takes a compressed matrix or a pytree of them, got a "
+                    f"{type(tree).__name__}")
+  return map_compressed(lambda f: f.reconstruct(dtype), tree)
+
+
+def nbytes(tree) -> int:
+  """Bytes stored by a compressed value, or by all compressed leaves of a pytree.
+
+  Dense leaves of a pytree are not counted. Needs concrete values (call it
+  outside ``jax.jit``).
+
+  Raises:
+    TypeError: ``tree`` is a bare array, or the values are traced.
+  """
+  if is_compressed(tree):
+    return tree.nbytes
+  if _is_array_like(tree):
+    raise TypeError(f"nbytes takes a compressed matrix or a pytree of them, got a "
+                    f"{type(tree).__name__}")
+  return sum(f.nbytes for f in compressed_leaves(tree))
+
+
+def matmul(x: jax.Array, f: Compressed) -> jax.Array:
+  """``x @ A`` for a compressed A without materialising it where its type allows."""
+  return check_compressed(f).matmul(x)
+
+
+def relative_error(a, f):
+  """‖a − reconstruct(f)‖_F / ‖a‖_F per matrix, shape (*batch). 0/0 gives 0.
+
+  ``a`` and ``f`` may also be pytrees of the same structure: the result then
+  has that structure, with the error at every compressed leaf of ``f`` and
+  None elsewhere.
+
+  Raises:
+    TypeError: ``f`` holds no compressed value where ``a`` has an array.
+    ValueError: the shapes of ``a`` and ``f`` do not match.
+  """
+  if not is_compressed(f):
+    if _is_array_like(f) or _is_array_like(a):
+      check_compressed(f)
+    return jax.tree.map(lambda fl, al: relative_error(al, fl) if is_compressed(fl) else None,
+                        f, a, is_leaf=is_compressed)
+  a = jnp.asarray(a)
+  want = tuple(f.batch_shape) + tuple(f.shape)
+  if a.shape != want:
+    raise ValueError(f"a has shape {a.shape} but f compresses matrices of shape {want}")
+  return _relative_error(a, f)
+
+
+@jax.jit
+def _relative_error(a, f):
+  # One compiled program per shape and type: eagerly, a reconstruction's ops
+  # would otherwise dispatch one by one.
+  a = a.astype(jnp.float32)
+  axes = tuple(range(len(f.batch_shape), a.ndim))
+  num = jnp.sqrt(jnp.sum(jnp.square(a - f._dense()), axis=axes))  # noqa: SLF001
+  den = jnp.sqrt(jnp.sum(jnp.square(a), axis=axes))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), num)
