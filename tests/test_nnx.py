@@ -60,12 +60,54 @@ def test_swap_selects_by_rules_and_filters():
   assert model.layers[1].width == sc.width_for_rate(48, 40, 0.5)
   assert type(model.head) is nnx.Linear
   packed = nnx.state(model, PackedFactor)
-  # outliers="auto" (the default) also gives the layer the sparse part.
-  assert sorted(packed["layers"][0].keys()) == ["c", "num_cuts", "num_sparse", "s_bits",
-                                                 "sparse_idx", "sparse_val", "t_bits"]
+  # One Variable per layer holding the whole compressed kernel, at the kernel's path;
+  # outliers="auto" (the default) gives the cuts and a sparse part.
+  assert sorted(packed["layers"][0].keys()) == ["kernel"]
+  f = packed["layers"][0]["kernel"].get_value()
+  assert [type(p) for p in f.parts] == [sc.SignedCut, sc.Sparse]
+  assert jax.tree.structure(model.layers[0].factors) == jax.tree.structure(f)
   params = nnx.state(model, nnx.Param)
   assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params))
-  assert "s_bits" not in params["layers"][0]
+  assert sorted(params["layers"][0].keys()) == ["bias"]
+
+
+def test_packed_state_swaps_into_a_fresh_model():
+  """nnx.state(model, PackedFactor) is itself a factors tree for swap_linears."""
+  model, _ = _models()
+  fresh = MLP(rngs=nnx.Rngs(0))  # the same biases, norm and head as the model's
+  swap_linears(fresh, nnx.state(model, PackedFactor))
+  x = jax.random.normal(jax.random.key(8), (3, 33))
+  np.testing.assert_array_equal(fresh(x), model(x))
+
+
+# Every method's factors of the Linear kernels: the layer holds any compressed value.
+METHODS = {
+    "rtn": dict(method="rtn", bits_per_weight=4),
+    "rtn_group": dict(method="rtn", bits_per_weight=5, options={"group_size": 16}),
+    "lplr": dict(method="lplr", bits_per_weight=4),
+    "dsvd": dict(method="dsvd", bits_per_weight=4),
+    "cuts_only": dict(rate=0.5, outliers=0),
+    "lowrank_cuts_sparse": dict(rate=0.5, outliers=0.02, lowrank=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_any_method_equals_the_dense_model_of_its_reconstruction(name):
+  model = MLP(rngs=nnx.Rngs(0))
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, skip=["head"], **METHODS[name])
+  ref = nnx.clone(model)
+  nnx.update(ref, sc.reconstruct(f))   # the dense model holding the dequantized kernels
+  swap_linears(model, f)
+  held = model.layers[0].factors
+  assert sc.is_compressed(held) and type(held) is type(f["layers"][0]["kernel"].get_value())
+  x = jax.random.normal(jax.random.key(1), (5, 33))
+  want = ref(x)
+  _close(model(x), want, rtol=1e-4)
+  graphdef, state = nnx.split(model)
+  _close(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want, rtol=1e-4)
+  _close(nnx.jit(lambda m, x: m(x))(model, x), want, rtol=1e-4)
+  h = jax.random.normal(jax.random.key(2), (2, 48))
+  _close(model.layers[1].to_linear()(h), ref.layers[1](h), rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [(), (1,), (7,), (4, 5)])
@@ -161,17 +203,20 @@ class ScanStack(nnx.Module):
     return step(self.blocks, x)
 
 
-@pytest.mark.parametrize("batch", [(), (7,)])
-def test_nnx_scan_stacked_linears(batch):
+@pytest.mark.parametrize("batch,budget", [((), dict(width=50)), ((7,), dict(width=50)),
+                                          ((7,), METHODS["rtn"]), ((7,), METHODS["lplr"]),
+                                          ((7,), METHODS["lowrank_cuts_sparse"])])
+def test_nnx_scan_stacked_linears(batch, budget):
   model = ScanStack(rngs=nnx.Rngs(0))
-  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, width=50)
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, **budget)
   assert f["blocks"]["kernel"].get_value().batch_shape == (3,)
   ref = nnx.clone(model)
   nnx.update(ref, sc.reconstruct(f))
   swap_linears(model, f)
   assert isinstance(model.blocks, SignedCutDense)
   x = jax.random.normal(jax.random.key(1), (*batch, 32))
-  _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x))
+  _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x), rtol=1e-4)
+  assert model.blocks.factors.batch_shape == (3,)
 
 
 def test_swap_linears_decomposes_itself():
