@@ -23,17 +23,16 @@ Example:
   >>> import flax.linen as nn
   >>> import jax_signedcut as sc
   >>> from jax_signedcut.linen import SignedCutDense, convert_params
-  >>> dense = nn.Dense(24, name="proj")
-  >>> variables = nn.Sequential([dense]).init(jax.random.key(0), jnp.ones((1, 40)))
+  >>> variables = nn.Sequential([nn.Dense(24)]).init(jax.random.key(0), jnp.ones((1, 40)))
   >>> f = sc.decompose(variables, key=jax.random.key(1), width=64)
   >>> new = convert_params(variables, f)
-  >>> model = nn.Sequential([SignedCutDense(24, width=64, name="proj")])
+  >>> model = nn.Sequential([SignedCutDense(24, width=64)])
   >>> model.apply(new, jnp.ones((3, 40))).shape
   (3, 24)
   >>> q = sc.decompose(variables, key=jax.random.key(1), method="rtn", bits_per_weight=4)
-  >>> type(convert_params(variables, q)["signed_cut"]["proj"]["kernel"]).__name__
+  >>> type(convert_params(variables, q)["signed_cut"]["layers_0"]["kernel"]).__name__
   'QuantizedMatrix'
-  >>> nn.Sequential([SignedCutDense(24, name="proj")]).apply(
+  >>> nn.Sequential([SignedCutDense(24)]).apply(
   ...     convert_params(variables, q), jnp.ones((3, 40))).shape
   (3, 24)
 """
