@@ -8,7 +8,9 @@ copied into a variable of its own. It is not in ``"params"``: ``jax.grad`` /
 optax over ``variables["params"]`` then never meets integer leaves (whose
 gradients would be ``float0``) and never moves the factors, and ``nn.scan`` /
 ``nn.vmap`` stack them with ``variable_axes={"params": 0, COLLECTION: 0}``.
-The bias stays a normal ``"params"`` leaf.
+The bias stays a normal ``"params"`` leaf. ``flax.serialization``
+(``to_bytes`` / ``from_bytes`` with a target from ``init``) knows every
+compressed type: each is stored as a dict of its array fields.
 
 How the layer knows the kernel's structure: when applied to variables that
 hold a kernel (from :func:`convert_params`), the kernel itself says it (its
@@ -39,16 +41,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._core import tree as _tree
-from jax_signedcut._core.protocol import check_compressed, is_compressed
+from jax_signedcut._core.protocol import Compressed, check_compressed, is_compressed
 from jax_signedcut._kernels.apply import apply_signed_cut
 from jax_signedcut._parts.lowrank import DTYPE as _LOWRANK_DTYPE
 from jax_signedcut._parts.lowrank import LowRankPart
@@ -152,6 +156,7 @@ class SignedCutDense(nn.Module):
       if self.like.shape[0] != m:
         raise ValueError(f"x has last dim {m} but like compresses (in, out) = "
                          f"{tuple(self.like.shape)}")
+      _register_flax_state(type(self.like))
       return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), a.dtype), self.like)
     if self.width is None:
       raise ValueError(
@@ -226,6 +231,7 @@ def convert_params(variables, factors=None, *, module: nn.Module | None = None, 
       if parts[-1] != "kernel" or parts[0] != "params":
         raise ValueError(f"a compressed {type(leaf).__name__} at {'/'.join(parts)!r}: only "
                          "params/…/kernel leaves (nn.Dense kernels) can be converted")
+      _register_flax_state(type(leaf))
       _put(out, [COLLECTION, *parts[1:-1], KERNEL], _drop_empty_sparse(leaf))
     else:
       _put(out, parts, leaf)
@@ -296,3 +302,44 @@ def _check_against(module, inputs, variables):
                       f"expects {want_flat[p].dtype}")
   if problems:
     raise ValueError("converted variables do not match the module:\n  " + "\n  ".join(problems))
+
+
+# flax.serialization walks variables by type; a compressed value is a frozen
+# dataclass whose non-static fields are its arrays (or its parts), so one pair
+# of functions serves every type, registered for those defined at import and
+# for any other when convert_params or init first meets it.
+def _array_fields(f):
+  return [fl.name for fl in dataclasses.fields(f) if not fl.metadata.get("static", False)]
+
+
+def _to_state(f):
+  return {name: flax.serialization.to_state_dict(getattr(f, name)) for name in _array_fields(f)}
+
+
+def _from_state(target, state):
+  names = _array_fields(target)
+  if set(state) != set(names):
+    raise ValueError(f"a {type(target).__name__} needs the fields {sorted(names)}, the state has "
+                     f"{sorted(state)} at {flax.serialization.current_path()}")
+  return dataclasses.replace(target, **{
+      name: flax.serialization.from_state_dict(getattr(target, name), state[name], name=name)
+      for name in names})
+
+
+def _register_flax_state(cls) -> None:
+  if not dataclasses.is_dataclass(cls):
+    return
+  try:
+    flax.serialization.register_serialization_state(cls, _to_state, _from_state)
+  except ValueError:
+    pass  # registered already (here, or by the type's author: theirs is kept)
+
+
+def _subclasses(cls):
+  for sub in cls.__subclasses__():
+    yield sub
+    yield from _subclasses(sub)
+
+
+for _cls in _subclasses(Compressed):
+  _register_flax_state(_cls)
