@@ -230,3 +230,11 @@ def test_module_arguments_are_checked():
     SignedCutDense(4, like=q).init(jax.random.key(0), jnp.ones((1, 9)))
   v = SignedCutDense(4, like=q).init(jax.random.key(0), jnp.ones((1, 8)))
   assert isinstance(v[COLLECTION][KERNEL], sc.QuantizedMatrix)
+
+
+def test_second_call_compiles_nothing():
+  _, _, new, _ = _setup()
+  apply = jax.jit(MLP(True).apply)
+  apply(new, jnp.ones((2, 33)))
+  apply(jax.tree.map(jnp.copy, new), -jnp.ones((2, 33)))
+  assert apply._cache_size() == 1  # noqa: SLF001

@@ -227,3 +227,16 @@ def test_swap_linears_decomposes_itself():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="only used when factors is None"):
     swap_linears(fresh, {}, key=KEY)
+
+
+@pytest.mark.parametrize("name", ["rtn", "lowrank_cuts_sparse"])
+def test_second_call_compiles_nothing(name):
+  model = MLP(rngs=nnx.Rngs(0))
+  swap_linears(model, sc.decompose(nnx.state(model, nnx.Param), key=KEY, skip=["head"],
+                                   **METHODS[name]))
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  step(state, jnp.ones((2, 33)))
+  # New activations, and new arrays of the same structure in the layers.
+  step(jax.tree.map(jnp.copy, state), -jnp.ones((2, 33)))
+  assert step._cache_size() == 1  # noqa: SLF001
