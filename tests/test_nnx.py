@@ -159,18 +159,21 @@ def test_random_init_layer_and_from_factors_roundtrip():
 def test_bad_input():
   model = MLP(rngs=nnx.Rngs(0))
   f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, rules=RULES)
-  wrong = dict(f["layers"][0])
   f2 = sc.decompose(jnp.ones((48, 33)), key=KEY, width=4)
   with pytest.raises(ValueError, match=r"shape \(48, 33\) but the Linear's kernel has shape "
                                        r"\(33, 48\)"):
     SignedCutDense.from_linear(model.layers[0], f2)
-  bad = jax.tree_util.tree_map(lambda x: x, f, is_leaf=lambda x: isinstance(x, sc.SignedCut))
-  bad["layers"][0]["kernel"].set_value(f2)
+  with pytest.raises(TypeError, match="f must be a compressed matrix .* got ArrayImpl"):
+    SignedCutDense.from_factors(jnp.ones((33, 48)))
+  with pytest.raises(ValueError, match=r"bias must have shape \(33,\)"):
+    SignedCutDense.from_factors(f2, jnp.ones(3))
+  bad = jax.tree.map(lambda x: x, f, is_leaf=sc.is_compressed)
+  bad["layers"][0]["kernel"].set_value(sc.rtn(jnp.ones((48, 33)), bits=4))
   with pytest.raises(ValueError, match="Linear's kernel has shape"):
     swap_linears(MLP(rngs=nnx.Rngs(0)), bad)
-  del wrong
-  with pytest.raises(ValueError, match="not the kernel of an nnx.Linear.*norm/scale"):
-    swap_linears(MLP(rngs=nnx.Rngs(0)), {"norm": {"scale": f2}})
+  with pytest.raises(ValueError, match="not the kernel of an nnx.Linear in the model: "
+                                       "layers/7/kernel, norm/scale$"):
+    swap_linears(MLP(rngs=nnx.Rngs(0)), {"norm": {"scale": f2}, "layers": {7: {"kernel": f2}}})
   layer = SignedCutDense.from_factors(f2)
   with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 48\).*got x shape \(2, 33\)"):
     layer(jnp.ones((2, 33)))
@@ -178,6 +181,12 @@ def test_bad_input():
     layer(jnp.ones((2, 48), jnp.int32))
   with pytest.raises(ValueError, match="width must be an int >= 1"):
     SignedCutDense(3, 4, width=0)
+  stacked = SignedCutDense.from_factors(sc.rtn(jnp.ones((3, 48, 33)), bits=4))
+  with pytest.raises(ValueError, match="nnx.scan"):
+    stacked(jnp.ones((2, 48)))
+  with pytest.raises(ValueError, match=r"to_linear needs one matrix, got a stack of batch shape "
+                                       r"\(3,\)"):
+    stacked.to_linear()
 
 
 def test_to_linear_expands_once():
