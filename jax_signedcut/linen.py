@@ -268,6 +268,15 @@ def _describe(f) -> str:
   return f"{kind} of shape {tuple(f.batch_shape) + tuple(f.shape)}"
 
 
+def _static_diff(g, w) -> str:
+  """The static fields (bits, grid …) in which two compressed values of one type differ."""
+  diff = [f"{fl.name} {getattr(g, fl.name)!r} vs {getattr(w, fl.name)!r}"
+          for fl in dataclasses.fields(g)
+          if fl.metadata.get("static", False) and getattr(g, fl.name) != getattr(w, fl.name)]
+  return ", ".join(diff) if diff else \
+      f"structures differ: {jax.tree.structure(g)} vs {jax.tree.structure(w)}"
+
+
 def _check_against(module, inputs, variables):
   if inputs is None:
     raise ValueError("convert_params(module=...) needs inputs=... to trace the module's shapes")
@@ -284,9 +293,7 @@ def _check_against(module, inputs, variables):
     if is_compressed(g) and is_compressed(w) and \
         jax.tree.structure(g) != jax.tree.structure(w):
       problems.append(f"{p}: converted {_describe(g)}, the module expects {_describe(w)}"
-                      + ("" if _describe(g) != _describe(w) else
-                         f" (static fields differ: {jax.tree.structure(g)} vs "
-                         f"{jax.tree.structure(w)})"))
+                      + ("" if _describe(g) != _describe(w) else f" ({_static_diff(g, w)})"))
   # Then every array leaf, by its key path through the kernel.
   got_flat, want_flat = by_path(variables), by_path(want)
   for p in sorted(set(want_flat) | set(got_flat)):

@@ -238,3 +238,22 @@ def test_second_call_compiles_nothing():
   apply(new, jnp.ones((2, 33)))
   apply(jax.tree.map(jnp.copy, new), -jnp.ones((2, 33)))
   assert apply._cache_size() == 1  # noqa: SLF001
+
+
+def test_check_names_kernel_types_and_static_fields():
+  x = jnp.ones((1, 40))
+  variables = nn.Sequential([nn.Dense(24)]).init(jax.random.key(0), x)
+  q2 = sc.decompose(variables, key=KEY, method="rtn", bits_per_weight=4)   # 2-bit codes fit
+  q6 = sc.decompose(variables, key=KEY, method="rtn", bits_per_weight=8,
+                    options={"grid": "uniform"})
+  like = jax.eval_shape(lambda: q6["params"]["layers_0"]["kernel"])
+  module = nn.Sequential([SignedCutDense(24, like=like)])
+  with pytest.raises(ValueError, match=r"kernel: converted QuantizedMatrix of shape \(40, 24\), the "
+                                       r"module expects QuantizedMatrix of shape \(40, 24\) "
+                                       r"\(bits 2 vs 6, grid 'int' vs 'uniform'\)"):
+    convert_params(variables, q2, module=module, inputs=x)
+  cuts = sc.decompose(variables, key=KEY, rate=0.5, outliers=0)
+  with pytest.raises(ValueError, match=r"converted SignedCut of shape \(40, 24\), the module "
+                                       r"expects QuantizedMatrix(.|\n)*kernel/codes: missing"):
+    convert_params(variables, cuts, module=module, inputs=x)
+  convert_params(variables, q6, module=module, inputs=x)
