@@ -310,7 +310,7 @@ def test_linen_convert_params():
   kernel = jnp.asarray(smooth((40, 24), 12))
   variables = {"params": {"fc": {"kernel": kernel, "bias": variables["params"]["fc"]["bias"]}}}
   f = sc.decompose(variables, key=jax.random.key(0), bits_per_weight=3, lowrank=2, outliers=0)
-  with pytest.raises(ValueError, match="lr_u"):
+  with pytest.raises(ValueError, match=r"converted Sum\(LowRankPart, SignedCut\)"):
     convert_params(variables, f, module=One(True), inputs=x)
   new = convert_params(variables, f, module=One(True, 2), inputs=x)
   ref = x @ sc.reconstruct(f)["params"]["fc"]["kernel"] + variables["params"]["fc"]["bias"][None]
