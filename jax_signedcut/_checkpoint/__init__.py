@@ -1,0 +1,1 @@
+"""Checkpoints of compressed pytrees: safetensors files, orbax directories, expand (see README.md)."""
