@@ -53,11 +53,16 @@ MIN_DIM = 16
 
 class Budget(NamedTuple):
   """A per-rule storage budget: exactly one of width / rate / bits_per_weight,
-  optionally with ``max_error`` as an early stop (see ``decompose``).
+  optionally with ``max_error`` as an early stop (see ``decompose``), and the
+  method that spends it (``None``: decompose's own ``method``). Methods other
+  than ``"signed_cut"`` take a rate or bits_per_weight (no width, max_error,
+  outliers or lowrank) and their own ``options``.
 
   Example:
     >>> Budget(rate=0.25)
-    Budget(width=None, rate=0.25, bits_per_weight=None, max_error=None, outliers=None, lowrank=None)
+    Budget(width=None, rate=0.25, bits_per_weight=None, max_error=None, outliers=None, lowrank=None, method=None, options=None)
+    >>> Budget(bits_per_weight=4, method="rtn", options={"group_size": 64}).options
+    (('group_size', 64),)
   """
 
   width: int | None = None
@@ -66,6 +71,8 @@ class Budget(NamedTuple):
   max_error: float | None = None
   outliers: Any = None      # None: decompose's own ``outliers`` argument
   lowrank: Any = None       # None: decompose's own ``lowrank`` argument (int or "auto")
+  method: str | None = None  # None: decompose's own ``method`` ("signed_cut", "rtn", …)
+  options: Any = None       # the method's options (a dict); None: decompose's own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +128,28 @@ def _check_budget(b, where: str) -> Budget:
       _lowrank.check_rank(b.lowrank)
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
-  return b
+  return _check_method(b, where)
+
+
+def _check_method(b: Budget, where: str) -> Budget:
+  """The method part of a budget: a known name, its options, and only the budgets it takes."""
+  from jax_signedcut._methods import registry  # noqa: PLC0415
+  method = b.method
+  try:
+    if method is not None and method != registry.SIGNED_CUT:
+      registry.get(method)
+      extra = [k for k in ("width", "max_error", "outliers", "lowrank")
+               if getattr(b, k) is not None]
+      if extra:
+        raise ValueError(f"method {method!r} takes a rate or bits_per_weight budget, not "
+                         + ", ".join(f"{k}={getattr(b, k)!r}" for k in extra))
+    options = registry.check_options(method or registry.SIGNED_CUT, b.options) \
+        if b.options is not None else None
+    if options is not None and method is None:
+      raise ValueError(f"options={b.options!r} need the method they are for (method=...)")
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  return b._replace(options=options)
 
 
 def _check_rules(rules) -> tuple[_Rule, ...]:
@@ -184,7 +212,8 @@ class Plan:
   treedef: Any
 
 
-def plan(tree, *, rules, skip, min_dim, default: Budget | None) -> tuple[Plan, list]:
+def plan(tree, *, rules, skip, min_dim, default: Budget | None,
+         method_default: str = "signed_cut") -> tuple[Plan, list]:
   """Resolves rules for every leaf. Returns the plan and the flat leaves."""
   rules = _check_rules(rules)
   skips = _check_skip(skip)
@@ -210,15 +239,14 @@ def plan(tree, *, rules, skip, min_dim, default: Budget | None) -> tuple[Plan, l
           used[r.index] = True
           budget = r.budget
           break
-      if budget is not None:
+      if budget is not None and (budget.method or method_default) == "signed_cut":
         m, n = leaf.shape[-2:]
         try:
-          w = _budget.resolve_width(m, n, width=budget.width, rate=budget.rate,
-                                    bits_per_weight=budget.bits_per_weight)
+          _budget.resolve_width(m, n, width=budget.width, rate=budget.rate,
+                                bits_per_weight=budget.bits_per_weight)
         except ValueError as e:
           raise ValueError(f"leaf {path!r} of shape {tuple(leaf.shape)}: {e}") from None
-        del w   # resolved here only to name the leaf in the error
-        job = budget
+      job = budget
     jobs.append(job)
   unused = [f"rules[{r.index}] ({r.pattern!r})" for r in rules if not used[r.index]]
   if unused:
@@ -242,9 +270,10 @@ def _check_finite(leaf, path):
 
 def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, skip,
                    min_dim, decompose_one, progress: bool = False, outliers="auto",
-                   lowrank: int = 0):
+                   lowrank: int = 0, method_default: str = "signed_cut", options_default=None):
   """Decomposes the leaves of ``tree`` selected by the rules (see module doc)."""
-  p, leaves = plan(tree, rules=rules, skip=skip, min_dim=min_dim, default=default)
+  p, leaves = plan(tree, rules=rules, skip=skip, min_dim=min_dim, default=default,
+                   method_default=method_default)
   for path, job, leaf in zip(p.paths, p.jobs, leaves):
     if job is not None:
       _check_finite(leaf, path)
@@ -267,16 +296,21 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
       bar.set_postfix_str(f"{p.paths[i]} {tuple(leaves[i].shape)}")
     # With a bar, a big leaf also gets a bar of its own (cuts found so far).
     extra = {"progress_desc": p.paths[i]} if progress else {}
-    rank = lowrank if b.lowrank is None else b.lowrank
+    method = method_default if b.method is None else b.method
+    other = method != "signed_cut"
+    rank = 0 if other else lowrank if b.lowrank is None else b.lowrank
     try:
       f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
                         bits_per_weight=b.bits_per_weight, max_error=b.max_error,
-                        outliers=outliers if b.outliers is None else b.outliers,
-                        backend=backend, lowrank=rank, **extra)
+                        outliers="auto" if other else
+                        outliers if b.outliers is None else b.outliers,
+                        backend=backend, lowrank=rank, method=method,
+                        options=options_default if b.method is None and b.options is None
+                        else b.options, **extra)
     except ValueError as e:
-      if not rank:
+      if not rank and not other:
         raise
-      # A rank the leaf's shape or budget cannot hold: say which leaf.
+      # A rank or method the leaf's shape or budget cannot hold: say which leaf.
       raise ValueError(f"leaf {p.paths[i]!r} of shape {tuple(leaves[i].shape)}: {e}") from None
     if progress:
       # One leaf at a time: wait, so that only one leaf's working set is alive.

@@ -35,6 +35,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from jax_signedcut._methods import registry as _registry
 from jax_signedcut._signedcut.decompose import _check_matrix
 from jax_signedcut._methods.lplr import LowRank, _batched, check_rank, reconstruct_lowrank
 
@@ -121,3 +122,23 @@ def lp_lowrank(a: jax.Array, *, rank: int, p: float, iters: int = 30,
       or eps <= 0:
     raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
   return _lp_lowrank(jnp.asarray(a), rank=rank, p=float(p), iters=int(iters), eps=float(eps))
+
+
+def rank_for_budget(m: int, n: int, bits_per_weight: float) -> int:
+  """The rank whose float32 factors (k·(m+n) entries) fit ``bits_per_weight`` (0 if none)."""
+  return min(min(m, n), int(bits_per_weight * m * n // (32 * (m + n))))
+
+
+def _compress(a, *, key, bits_per_weight, p=1.0, iters=30):
+  del key   # deterministic
+  m, n = a.shape[-2:]
+  k = rank_for_budget(m, n, bits_per_weight)
+  if k < 1:
+    raise ValueError(f"bits_per_weight={bits_per_weight:g} pays for no rank-1 float32 factors "
+                     f"on shape {(m, n)} (one takes {32 * (m + n) / (m * n):.4g} bits per weight)")
+  return lp_lowrank(a, rank=k, p=p, iters=iters)
+
+
+_registry.register(_registry.Method(
+    "lp_lowrank", _compress, {"p": 1.0, "iters": 30},
+    "robust lp rank-k approximation (IRLS Lewis weights), float32 factors, rank from the budget"))

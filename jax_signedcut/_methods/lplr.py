@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._methods import registry as _registry
 from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._methods import rtn as _quantize
 from jax_signedcut._signedcut import start as _start
@@ -364,3 +365,24 @@ def dsvd(a: jax.Array, *, rank: int | None = None, bits_per_weight: float | None
   k = _resolve_rank(m, n, rank, bits_per_weight, bits, scale)
   key = _batch_key(key, tuple(a.shape[:-2]), a.shape, required=dither)
   return _dsvd(jnp.asarray(a), key, rank=k, bits=bits, dither=dither, scale=scale)
+
+
+def _compress_lplr(a, *, key, bits_per_weight, bits=(8, 8), sketch="gaussian", power_iters=0,
+                   orthonormalize=False, dither=False, scale="global"):
+  return lplr(a, key=key, bits_per_weight=bits_per_weight, bits=tuple(bits), sketch=sketch,
+              power_iters=power_iters, orthonormalize=orthonormalize, dither=dither, scale=scale)
+
+
+def _compress_dsvd(a, *, key, bits_per_weight, bits=(8, 8), dither=False, scale="global"):
+  return dsvd(a, bits_per_weight=bits_per_weight, bits=tuple(bits), dither=dither, scale=scale,
+              key=key if dither else None)
+
+
+_registry.register(_registry.Method(
+    "lplr", _compress_lplr,
+    {"bits": (8, 8), "sketch": "gaussian", "power_iters": 0, "orthonormalize": False,
+     "dither": False, "scale": "global"},
+    "LPLR: quantized sketch Z and quantized least-squares factor, rank from the budget"))
+_registry.register(_registry.Method(
+    "dsvd", _compress_dsvd, {"bits": (8, 8), "dither": False, "scale": "global"},
+    "direct SVD quantization: U_k and Σ_k V_kᵀ quantized, rank from the budget"))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._methods import registry as _registry
 from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._signedcut.decompose import _check_matrix
 
@@ -338,3 +339,26 @@ def rtn_bits_per_weight(m: int, n: int, bits: int, group_size: int | None = None
   """Exact stored bits per weight of :func:`rtn` on an m×n matrix (codes, padding, f32 scales)."""
   groups = 1 if group_size is None else -(-n // group_size)
   return 32 * m * (code_words(n, bits) + groups) / (m * n)
+
+
+def _compress(a, *, key, bits_per_weight, group_size=None, grid="int"):
+  """The ``"rtn"`` method: the widest code whose stored bits per weight fit the budget."""
+  del key   # deterministic rounding
+  m, n = a.shape[-2:]
+  grid = check_grid(grid)
+  group_size = _check_group_size(group_size)
+  lo = 2 if grid == "int" else 1
+  fits = [b for b in range(lo, MAX_BITS + 1)
+          if rtn_bits_per_weight(m, n, b, group_size) <= bits_per_weight]
+  if not fits:
+    raise ValueError(
+        f"bits_per_weight={bits_per_weight:g} pays for no {grid}-grid RTN code on shape "
+        f"{(m, n)}: {lo} bits with their f32 scales take "
+        f"{rtn_bits_per_weight(m, n, lo, group_size):.4g} bits per weight")
+  return rtn(a, bits=max(fits), group_size=group_size, grid=grid)
+
+
+_registry.register(_registry.Method(
+    "rtn", _compress, {"group_size": None, "grid": "int"},
+    "round to nearest int-b with absmax f32 scales per row (or per group): b is the widest "
+    "that fits with its scales"))

@@ -20,6 +20,7 @@ from jax_signedcut._signedcut import outliers as _outliers
 from jax_signedcut._core import progress as _progress
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._core import tree as _tree
+from jax_signedcut._methods import registry as _registry
 from jax_signedcut._parts.lowrank import LowRankPart
 from jax_signedcut._parts.sparse import Sparse
 from jax_signedcut._parts.sum import Sum
@@ -64,8 +65,14 @@ def _check_max_error(max_error):
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
               outliers="auto", backend: str = "auto", rules=None, skip=(),
-              min_dim: int = _tree.MIN_DIM, lowrank: int | str = 0) -> SignedCut:
+              min_dim: int = _tree.MIN_DIM, lowrank: int | str = 0,
+              method: str = "signed_cut", options=None):
   """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix, a batch or a pytree.
+
+  With ``method`` another compression method spends the same budget instead
+  (``"rtn"``, ``"lplr"``, ``"dsvd"``, ``"lp_lowrank"``; see
+  :mod:`jax_signedcut._methods.registry`), and rules may mix methods per leaf
+  with ``Budget(method=...)``.
 
   Cuts are built one at a time on the remainder; each starts from key-derived
   random column signs and alternates ``s = sgn(R t)``, ``t = sgn(Rᵀ s)`` until
@@ -114,6 +121,13 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       (e.g. ``("embed", "lm_head")``).
     min_dim: pytrees only: leaves whose last two dims are not both >= this
       stay dense. 1-D and non-float leaves always stay dense.
+    method: ``"signed_cut"`` (default) or the name of another registered
+      method. Other methods take ``rate`` or ``bits_per_weight`` (bits per
+      weight is the common currency, a rate r is 16·r bits) and no width,
+      max_error, lowrank or (non-default) outliers; their result's ``nbytes``
+      stays within the budget.
+    options: the method's own options as a dict (e.g. ``{"group_size": 64}``
+      for ``"rtn"``, ``{"bits": (4, 4)}`` for ``"lplr"``).
 
   A bare array (``jax.Array``, ``np.ndarray``, nested lists of numbers) is one
   matrix or a batch of matrices. Anything else (dict, list, tuple, Flax
@@ -151,10 +165,14 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     return _decompose_pytree(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                              max_error=max_error, outliers=outliers, backend=backend,
                              rules=rules, skip=skip, min_dim=min_dim, progress=False,
-                             leafwise=False, lowrank=lowrank)
+                             leafwise=False, lowrank=lowrank, method=method, options=options)
   if rules is not None or (skip != () and skip):
     raise ValueError("rules and skip apply to pytrees of parameters; a bare array is one "
                      f"matrix (or a batch), got rules={rules!r}, skip={skip!r}")
+  if method != _registry.SIGNED_CUT or options is not None:
+    return _compress_other(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+                           max_error=max_error, outliers=outliers, lowrank=lowrank,
+                           method=method, options=options)
   a, key, w, max_error, mode, budget, lowrank = _check_single(
       a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank)
   m, n = a.shape[-2:]
@@ -164,6 +182,32 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
                                            lowrank=r), a, m, n, budget)
   return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
                     outliers=mode, budget=budget, lowrank=lowrank)
+
+
+def _compress_other(a, *, key, width, rate, bits_per_weight, max_error, outliers, lowrank,
+                    method, options):
+  """``decompose`` of one array (or batch) by a registered method other than signed cuts."""
+  budget = _tree._check_method(  # noqa: SLF001
+      _tree.Budget(width, rate, bits_per_weight, max_error,
+                   None if outliers == "auto" else outliers, lowrank or None, method, options),
+      f"method {method!r}")
+  if method == _registry.SIGNED_CUT:
+    raise ValueError("options are for the other methods; signed cuts take decompose's own "
+                     f"arguments, got options={options!r}")
+  given = [(k, v) for k, v in (("rate", rate), ("bits_per_weight", bits_per_weight))
+           if v is not None]
+  if len(given) != 1:
+    raise ValueError(f"method {method!r} needs exactly one of rate, bits_per_weight, got "
+                     f"rate={rate!r}, bits_per_weight={bits_per_weight!r}")
+  k, v = given[0]
+  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+    raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+  bits = float(v) * 16 if k == "rate" else float(v)
+  a = _check_matrix(a)
+  key = _start.as_key(key)
+  m = _registry.get(method)
+  return m.compress(jnp.asarray(a), key=key, bits_per_weight=bits,
+                    **{**m.options, **dict(budget.options or ())})
 
 
 def _check_single(a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank):
@@ -222,7 +266,8 @@ def _check_lowrank(lowrank, m, n, budget):
 
 
 def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, outliers, backend,
-                      rules, skip, min_dim, progress, leafwise, lowrank=0):
+                      rules, skip, min_dim, progress, leafwise, lowrank=0,
+                      method="signed_cut", options=None):
   _outliers.check_mode(outliers)
   _lowrank.check_rank(lowrank)
   if backend not in BACKENDS:
@@ -234,19 +279,25 @@ def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, out
     default = None
   else:
     default = _tree._check_budget(  # noqa: SLF001
-        _tree.Budget(width, rate, bits_per_weight, max_error),
-        "default budget (decompose's width/rate/bits_per_weight/max_error)")
+        _tree.Budget(width, rate, bits_per_weight, max_error,
+                     method=None if method == _registry.SIGNED_CUT else method,
+                     options=options),
+        "default budget (decompose's width/rate/bits_per_weight/max_error/method)")
   return _tree.decompose_tree(tree, key=key, default=default, backend=backend, rules=rules,
                               skip=skip, min_dim=min_dim,
                               decompose_one=_decompose_leaf if leafwise else decompose,
-                              progress=progress, outliers=outliers, lowrank=lowrank)
+                              progress=progress, outliers=outliers, lowrank=lowrank,
+                              method_default=method,
+                              options_default=_tree._check_method(  # noqa: SLF001
+                                  _tree.Budget(bits_per_weight=1, method=method,
+                                               options=options), "options").options)
 
 
 def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | None = None,
                        bits_per_weight: float | None = None, max_error: float | None = None,
                        outliers="auto", backend: str = "auto", rules=None, skip=(),
                        min_dim: int = _tree.MIN_DIM, progress: bool = True,
-                       lowrank: int | str = 0):
+                       lowrank: int | str = 0, method: str = "signed_cut", options=None):
   """``decompose`` of a pytree one leaf at a time, with a progress bar.
 
   Not for use under ``jax.jit``: each selected leaf is decomposed by its own
@@ -278,7 +329,7 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   return _decompose_pytree(tree, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                            max_error=max_error, outliers=outliers, backend=backend, rules=rules,
                            skip=skip, min_dim=min_dim, progress=progress, leafwise=True,
-                           lowrank=lowrank)
+                           lowrank=lowrank, method=method, options=options)
 
 
 @functools.cache
@@ -458,7 +509,7 @@ def _release_heap() -> None:
 
 def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_error=None,
                     outliers="auto", backend="auto", donate=False, progress_desc=None,
-                    lowrank=0):
+                    lowrank=0, method="signed_cut", options=None):
   """``decompose`` of one matrix (or batch) for the leaf-by-leaf paths, at lower peak memory.
 
   Same arguments, checks and factors (bit for bit) as :func:`decompose` of an
@@ -472,6 +523,11 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   """
   if not _tree.is_single_array(a):
     raise TypeError(f"a must be an array, got {type(a).__name__}")
+  if method != _registry.SIGNED_CUT or options is not None:
+    return jax.block_until_ready(decompose(
+        a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
+        max_error=max_error, outliers=outliers, lowrank=lowrank, method=method,
+        options=options))
   a, key, w, max_error, mode, budget, lowrank = _check_single(
       a, key, width, rate, bits_per_weight, max_error, outliers, backend, lowrank)
   m, n = a.shape[-2:]
