@@ -285,7 +285,9 @@ def describe(node) -> str:
 
   if kind == "sum":
     parts = (fields.get("parts") or {}).get("tuple") or []
-    return " + ".join(describe(p["node"]) for p in parts if isinstance(p, dict) and "node" in p)
+    texts = [describe(p["node"]) for p in parts if isinstance(p, dict) and "node" in p]
+    # A sparse part that found no entry is kept (its slots are the budget's), not shown.
+    return " + ".join(t for t in texts if t != "0 sparse") or "sum"
   if kind == "signed_cut":
     c = spec_shape("c")
     return f"cuts {c[-1] if c else '?'}/{slots.get('width', '?')}"
@@ -297,12 +299,12 @@ def describe(node) -> str:
     return f"rank {u[-1] if u else '?'} bf16"
   if kind == "quantized":
     gs = static.get("group_size")
-    return f"int{static.get('bits')} {static.get('grid')} " + ("row" if gs is None else f"g{gs}")
+    return f"{static.get('bits')}-bit {static.get('grid')} " + ("row" if gs is None else f"g{gs}")
   if kind == "low_rank":
     def factor(name):
       v = fields.get(name) or {}
       if "node" in v:
-        return v["node"].get("static", {}), f"{v['node'].get('static', {}).get('bits')}b"
+        return v["node"].get("static", {}), f"{v['node'].get('static', {}).get('bits')}-bit"
       return None, (v.get("dtype") or "?").lower()
     su, bu = factor("u")
     _, bv = factor("v")
