@@ -325,9 +325,10 @@ def test_legacy_inconsistent_entry(tmp_path):
 
 
 @pytest.fixture
-def saved(tree, tmp_path):
+def saved(tree, values, tmp_path):
   path = tmp_path / "t.safetensors"
   sc.save(path, {"a": tree["a"], "stack": tree["stack"], "q": tree["q"], "lr": tree["lr"],
+                 "t": values["signed_tensor_cut"], "p": values["sum_lowrank_cuts_sparse"],
                  "b": jnp.arange(5.0)})
   return path
 
@@ -441,6 +442,13 @@ def _swap_idx(ts):
     (dict(tensors=lambda ts: _set(ts, "q/scale", lambda x: -x)), "negative"),
     (dict(tensors=lambda ts: _set(ts, "a/parts/0/t_bits", lambda x: x | np.uint32(1 << 31))),
      "bits set past"),
+    (dict(tensors=lambda ts: _set(ts, "p/parts/0/u", lambda x: np.full_like(x, np.nan))),
+     "lowrank_part: the low-rank factor u contains NaN"),
+    (dict(body=lambda b: node(b, "p", 0)["static"].update(shape=[40, 71])), "v has shape"),
+    (dict(body=lambda b: node(b, "t")["static"].update(shape=[5, 6, 7, 8])),
+     "bits must be a tuple of 4 arrays"),
+    (dict(tensors=lambda ts: _set(ts, "t/bits/1", lambda x: x | np.uint32(1 << 31))),
+     r"bits\[1\] has bits set past"),
     # tensors and entries that do not match up
     (dict(tensors=lambda ts: ts.update({"extra": np.ones(2, np.float32)})), "not described"),
     (dict(tensors=lambda ts: ts.pop("b")), "missing from the file"),

@@ -240,6 +240,8 @@ def _decode_value(v, read, full, what):
     if "node" in v:
       try:
         return decode(v["node"], read, full=full)
+      except _format.CheckpointError:
+        raise       # from ``read``: it already names the file and tensor
       except ValueError as e:
         raise ValueError(f"{what}: {e}") from None
     if isinstance(v.get("tuple"), list):

@@ -242,8 +242,10 @@ def load(path, *, truncate_rate: float | None = None, truncate_bits: float | Non
     verify: check every tensor's CRC-32 (on by default).
 
   Returns:
-    Nested dicts/lists (see the module doc) of ``np.ndarray`` leaves and
-    compressed leaves (of ``jax.Array`` s, at their saved width).
+    Nested dicts and lists rebuilt from the saved key paths (tuples come back
+    as lists, custom pytree nodes such as ``nnx.State`` as dicts keyed by
+    their field names; ``None`` leaves are not stored) of ``np.ndarray``
+    leaves and compressed leaves (of ``jax.Array`` s, at their saved width).
 
   Raises:
     FileNotFoundError: no such file.
