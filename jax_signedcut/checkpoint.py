@@ -16,9 +16,9 @@ from jax_signedcut._checkpoint.reader import load_info as load_info
 from jax_signedcut._checkpoint.writer import save as save
 
 __all__ = [
-    "CheckpointError",
     "FORMAT",
     "VERSION",
+    "CheckpointError",
     "expand",
     "load",
     "load_info",

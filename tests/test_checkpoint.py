@@ -3,6 +3,7 @@ files, files of earlier format versions, orbax."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -103,6 +104,53 @@ def test_codec_round_trip(values, name, tmp_path):
     trimmed = r.leaf(0, full_width=False)
   np.testing.assert_array_equal(np.asarray(sc.expand(trimmed, jnp.float32)),
                                 np.asarray(sc.reconstruct(f)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Scaled(sc.Compressed):
+  """``alpha · base`` per matrix: a type that only this test knows."""
+
+  base: sc.Compressed
+  alpha: jax.Array
+  note: str = dataclasses.field(default="x", metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.base.shape
+
+  @property
+  def batch_shape(self):
+    return self.base.batch_shape
+
+  def _dense(self):
+    return self.alpha[..., None, None] * self.base._dense()  # noqa: SLF001
+
+  def stored_bytes(self):
+    return self.base.stored_bytes() + 4
+
+
+def _scaled_validate(x):
+  from jax_signedcut._checkpoint.types import expect  # noqa: PLC0415
+  expect(x.alpha, "alpha", np.float32, x.base.batch_shape)
+
+
+def test_a_new_type_is_one_registration(values, tmp_path, monkeypatch):
+  monkeypatch.setattr(_codec, "_BY_CLASS", dict(_codec._BY_CLASS))  # noqa: SLF001
+  monkeypatch.setattr(_codec, "_BY_NAME", dict(_codec._BY_NAME))  # noqa: SLF001
+  _codec.register(Scaled, "scaled_test", validate=_scaled_validate)
+  f = {"w": Scaled(values["lplr"], jnp.float32(2.0), note="two"),
+       "s": sc.Sum((Scaled(values["rtn_stacked"], jnp.full((2, 3), 0.5)), values["rtn_stacked"]))}
+  sc.save(tmp_path / "f.safetensors", f)
+  back = sc.load(tmp_path / "f.safetensors")
+  assert_same_tree(f, back)
+  assert back["w"].note == "two"
+  np.testing.assert_array_equal(np.asarray(sc.reconstruct(back["w"])),
+                                2 * np.asarray(sc.reconstruct(values["lplr"])))
+  # A reader without the registration refuses the file by the type's name.
+  del _codec._BY_NAME["scaled_test"]  # noqa: SLF001
+  with pytest.raises(sc.CheckpointError, match="unknown compressed type 'scaled_test'"):
+    sc.load(tmp_path / "f.safetensors")
 
 
 @pytest.fixture(scope="module")

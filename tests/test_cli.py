@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from test_checkpoint import DATA, assert_same_tree
 
 import jax_signedcut as sc
-from jax_signedcut._signedcut import decompose as _decompose
-from jax_signedcut._core import tree as _tree
 from jax_signedcut._cli import main
-from test_checkpoint import DATA, assert_same_tree
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._signedcut import decompose as _decompose
 
 
 def assert_same_factors(f, g):
@@ -186,6 +186,7 @@ def test_orbax_input_is_read_leaf_by_leaf(tmp_path, capsys, monkeypatch):
   """An orbax input is restored one leaf at a time (partial restores), never whole."""
   import ml_dtypes  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
   from jax_signedcut._checkpoint import orbax as _orbax  # noqa: PLC0415
   from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
 

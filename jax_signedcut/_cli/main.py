@@ -13,8 +13,16 @@ import sys
 from jax_signedcut._cli import compress as _compress
 from jax_signedcut._cli import expand as _expand
 from jax_signedcut._cli import inspect as _inspect
-from jax_signedcut._cli.args import (CliError, Parser, lowrank_arg, method_arg, option_arg,
-                                     outliers_arg, positive, rule_arg)
+from jax_signedcut._cli.args import (
+  CliError,
+  Parser,
+  lowrank_arg,
+  method_arg,
+  option_arg,
+  outliers_arg,
+  positive,
+  rule_arg,
+)
 from jax_signedcut._cli.expand import dtype_arg
 
 EPILOG_MAIN = """\
