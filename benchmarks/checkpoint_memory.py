@@ -83,7 +83,7 @@ def main() -> None:
     baseline, _ = max_rss_mib([sys.executable, "-c",
                                "import jax, jax_signedcut as sc;"
                                "sc.decompose(jax.numpy.ones((32, 32)), key=jax.random.key(0),"
-                               " width=4).c.block_until_ready()"])
+                               " width=4, outliers=0).c.block_until_ready()"])
     rows = []
     for count in sorted({1, args.count}):
       src = os.path.join(d, f"in{count}.safetensors")

@@ -46,7 +46,7 @@ def main():
     t0 = time.perf_counter()
     widths = {b: jsc.width_for_bits(n, n, b) for b in BUDGETS}
     cuts = jsc.decompose(a, key=key, width=max(widths.values()))
-    cuts.c.block_until_ready()
+    jax.block_until_ready(cuts)
     t_cuts = time.perf_counter() - t0
     for b in BUDGETS:
       rows = []

@@ -68,7 +68,7 @@ def main():
       plain = sc.decompose(a, key=key, bits_per_weight=b, outliers=0, backend=args.backend)
       auto = sc.decompose(a, key=key, bits_per_weight=b, backend=args.backend)
       cells.append(f"{100 * float(sc.relative_error(a, plain)):.2f} %")
-      cells.append(f"{100 * float(sc.relative_error(a, auto)):.2f} % ({int(auto.num_sparse)})")
+      cells.append(f"{100 * float(sc.relative_error(a, auto)):.2f} % ({int(auto.part(sc.Sparse).count)})")
     print(f"| {label} | {a.shape[0]}×{a.shape[1]} | {kurtosis(a):.0f} | " + " | ".join(cells)
           + " |", flush=True)
   print(f"\n(backend={args.backend}, {time.perf_counter() - t0:.0f} s)")

@@ -77,30 +77,30 @@ def _rel(a, b):
 
 
 class Methods:
-  """Each method maps (path, a, bits) -> (dense reconstruction, stored bits per weight) or None."""
+  """Each method maps (path, a, bits) to a compressed value of ``a`` (any type), or None.
+
+  Everything downstream — the dense matrix, the stored bits — goes through the
+  library's protocol (``sc.reconstruct``, ``.nbytes``), whatever the method.
+  Methods marked ``TORCH_LAYOUT`` see the PyTorch (out, in) weight: their
+  value compresses ``a.T`` for Linear kernels.
+  """
+
+  TORCH_LAYOUT = ("rtn_row", "rtn_group")
 
   def __init__(self, factors, plain_factors, key, top_bits=max(BITS)):
     self.factors, self.plain, self.key = factors, plain_factors, key
     self.top_bits = top_bits
-    self._svd = {}
     self._lowrank = {}
     self.chosen_rank = {}   # (path, bits) -> r picked by signed_cuts_lowrank_auto
 
-  @staticmethod
-  def _torch_layout(path, a):
-    return a.T if path.endswith("/kernel") else a   # Linear kernels are (in, out) here.
-
   def signed_cuts(self, path, a, bits, factors=None):
-    f = (factors or self.factors)[path]
-    g = sc.truncate(f, bits_per_weight=bits)
-    return np.asarray(sc.reconstruct(g)), 8 * sc.nbytes(g) / a.size
+    return sc.truncate((factors or self.factors)[path], bits_per_weight=bits)
 
   def signed_cuts_plain(self, path, a, bits):
     return self.signed_cuts(path, a, bits, self.plain)
 
   def signed_cuts_backfit(self, path, a, bits, passes):
-    g = sc.backfit(sc.truncate(self.factors[path], bits_per_weight=bits), a, passes=passes)
-    return np.asarray(sc.reconstruct(g)), 8 * sc.nbytes(g) / a.size
+    return sc.backfit(sc.truncate(self.factors[path], bits_per_weight=bits), a, passes=passes)
 
   def signed_cuts_lowrank_auto(self, path, a, bits):
     m, n = a.shape
@@ -117,51 +117,60 @@ class Methods:
               lowrank=r)
         f = self._lowrank[(path, r)]
       g = sc.truncate(f, bits_per_weight=bits)
-      rec = np.asarray(sc.reconstruct(g))
-      e = _rel(a, rec)
+      e = float(sc.relative_error(a, g))
       if best is None or e < best[0]:
-        best = (e, r, rec, 8 * sc.nbytes(g) / a.size)
+        best = (e, r, g)
     self.chosen_rank[(path, bits)] = best[1]
-    return best[2], best[3]
+    return best[2]
 
   def rtn_row(self, path, a, bits):
-    t = self._torch_layout(path, a)
-    q = sc.rtn(t, bits=int(bits))
-    return self._torch_layout(path, np.asarray(sc.dequantize_matrix(q))), q.bits_per_weight
+    # int-b with one f32 scale per output channel: the scales are on top of b.
+    return sc.rtn(a, bits=int(bits))
 
   def rtn_group(self, path, a, bits):
-    t = self._torch_layout(path, a)
-    m, n = t.shape
-    fits = [b for b in range(2, 9) if sc.rtn_bits_per_weight(m, n, b, 64) <= bits]
-    if not fits:
+    try:
+      return sc.decompose(a, key=self.key, bits_per_weight=bits, method="rtn",
+                          options={"group_size": 64})
+    except ValueError:   # no code width fits with its scales
       return None
-    q = sc.rtn(t, bits=max(fits), group_size=64)
-    return self._torch_layout(path, np.asarray(sc.dequantize_matrix(q))), q.bits_per_weight
 
   def svd_bf16(self, path, a, bits):
-    if path not in self._svd:
-      u, s, vt = np.linalg.svd(a.astype(np.float64), full_matrices=False)
-      self._svd[path] = ((u * s).astype(np.float32), vt.astype(np.float32))
-    us, vt = self._svd[path]
     m, n = a.shape
     k = min(int(bits * m * n // (16 * (m + n))), min(m, n))
     if k < 1:
       return None
-    bf = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
-    return bf(us[:, :k]) @ bf(vt[:k]), 16 * k * (m + n) / (m * n)
+    # A rank-k part alone: bf16 factors U·Vᵀ, the same type signed cuts use for theirs.
+    _, u, v = jax.jit(lpart_extract, static_argnums=1)(jnp.asarray(a, jnp.float32), k)
+    return sc.LowRankPart(u, v, shape=(m, n))
 
   def lplr(self, path, a, bits):
     best = None
     for b in (4, 6, 8):
       try:
-        f = sc.lplr(a, key=self.key, bits_per_weight=bits, bits=(b, b), power_iters=1,
-                    orthonormalize=True, scale="per_column")
+        f = sc.decompose(a, key=self.key, bits_per_weight=bits, method="lplr",
+                         options=dict(bits=(b, b), power_iters=1, orthonormalize=True,
+                                      scale="per_column"))
       except ValueError:   # the budget does not pay for one component
         continue
-      r = np.asarray(sc.reconstruct_lowrank(f))
-      if best is None or _rel(a, r) < _rel(a, best[0]):
-        best = (r, 8 * f.nbytes / a.size)
-    return best
+      e = float(sc.relative_error(a, f))
+      if best is None or e < best[0]:
+        best = (e, f)
+    return None if best is None else best[1]
+
+
+def lpart_extract(a, k):
+  from jax_signedcut._parts.lowrank import extract  # noqa: PLC0415
+  return extract(a, k)
+
+
+def _apply_method(fn, path, a, bits):
+  """(dense reconstruction in the model's layout, stored bits per weight), or None."""
+  torch = getattr(fn, "__name__", None) in Methods.TORCH_LAYOUT and path.endswith("/kernel")
+  f = fn(path, a.T if torch else a, bits)
+  if f is None:
+    return None
+  r = np.asarray(sc.reconstruct(f))
+  return (r.T if torch else r), 8 * sc.nbytes(f) / a.size
 
 
 def main(argv=None):
@@ -197,7 +206,7 @@ def main(argv=None):
       raise SystemExit(f"{args.factors}: need a rate-0.5 outliers-auto checkpoint, got {meta}")
   else:
     factors = decompose("auto")
-  paths = [pth for pth, f in factors.items() if isinstance(f, sc.SignedCut) and pth in flat]
+  paths = [pth for pth, f in factors.items() if sc.is_compressed(f) and pth in flat]
   methods = Methods(factors, decompose(0) if args.plain else None, key, max(args.bits))
   table = [("signed cuts (outliers auto)", methods.signed_cuts)]
   if args.plain:
@@ -218,7 +227,7 @@ def main(argv=None):
       errs, stored, weights = {}, 0.0, 0
       for path in paths:
         a = flat[path]
-        out = fn(path, a, bits)
+        out = _apply_method(fn, path, a, bits)
         if out is None:
           break
         r, b = out

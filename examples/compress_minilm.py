@@ -38,13 +38,14 @@ from jax_signedcut.models.eval_texts import ANSWERS, DOCUMENTS, QUERIES, SENTENC
 
 
 def flat_paths(tree) -> dict:
-  """``{path: leaf}`` of a pytree with ``SignedCut`` leaves (paths as ``decompose`` names them)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, sc.SignedCut))
-  return {sc._tree.leaf_path(kp): leaf for kp, leaf in flat}  # noqa: SLF001
+  """``{path: leaf}`` of a pytree with compressed leaves (paths as ``decompose`` names them)."""
+  from jax_signedcut._core.tree import leaf_path  # noqa: PLC0415
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=sc.is_compressed)
+  return {leaf_path(kp): leaf for kp, leaf in flat}
 
 
 def load_factors(path: str) -> tuple[dict, dict]:
-  """The flat ``{path: SignedCut | array}`` dict of a checkpoint and its user metadata."""
+  """The flat ``{path: compressed value | array}`` dict of a checkpoint and its user metadata."""
   return flat_paths(sc.load(path)), sc.load_info(path)["user"]
 
 
@@ -99,15 +100,17 @@ def main(argv=None) -> dict:
   flat_p, flat_f = flat_paths(params), flat_paths(factors)
   rows = []
   for path, f in flat_f.items():
-    if isinstance(f, sc.SignedCut):
+    if sc.is_compressed(f):
       a = flat_p[path]
-      rows.append(dict(path=path, shape=tuple(a.shape), cuts=int(f.num_cuts),
-                       outliers=0 if f.num_sparse is None else int(f.num_sparse),
+      sparse = f.part(sc.Sparse) if isinstance(f, sc.Sum) else None
+      cuts = f if isinstance(f, sc.SignedCut) else f.part(sc.SignedCut)
+      rows.append(dict(path=path, shape=tuple(a.shape), cuts=int(cuts.num_cuts),
+                       outliers=0 if sparse is None else int(sparse.count),
                        error=float(sc.relative_error(a, f)), bytes=sc.nbytes(f)))
   bytes_f32 = sum(np.prod(r["shape"]) * 4 for r in rows)
   bytes_packed = sum(r["bytes"] for r in rows)
   dense_rest = sum(np.asarray(a).nbytes for path, a in flat_p.items()
-                   if not isinstance(flat_f[path], sc.SignedCut))
+                   if not sc.is_compressed(flat_f[path]))
   errors = np.array([r["error"] for r in rows])
 
   # 3. The checkpoint: write, then read back into a model with SignedCutDense layers.

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_signedcut as sc
+from conftest import cuts, part
 from jax_signedcut._kernels import apply as _apply
 from jax_signedcut._signedcut import packing as _packing
 
@@ -36,9 +37,9 @@ def _random_factors(m, n, w, seed=0, dirty_tail=False):
 def _oracle(x, f):
   """float64 x @ S diag(c) Tᵀ from unpacked signs (tail bits ignored)."""
   m, n = f.shape
-  s = _packing.unpack_signs_np(np.asarray(f.s_bits), m).astype(np.float64)
-  t = _packing.unpack_signs_np(np.asarray(f.t_bits), n).astype(np.float64)
-  w = s.T @ (np.asarray(f.c, np.float64)[:, None] * t)
+  s = _packing.unpack_signs_np(np.asarray(cuts(f).s_bits), m).astype(np.float64)
+  t = _packing.unpack_signs_np(np.asarray(cuts(f).t_bits), n).astype(np.float64)
+  w = s.T @ (np.asarray(cuts(f).c, np.float64)[:, None] * t)
   return np.asarray(x, np.float64) @ w
 
 
@@ -142,15 +143,15 @@ def test_grad_in_x_and_c_matches_dense(impl):
   g = jax.random.normal(jax.random.key(4), (5, 70))
 
   def loss(x, c):
-    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    ff = sc.SignedCut(cuts(f).s_bits, cuts(f).t_bits, c, cuts(f).num_cuts, shape=f.shape)
     return jnp.sum(_apply.apply_signed_cut(x, ff, impl=impl) * g)
 
   def dense_loss(x, c):
-    ff = sc.SignedCut(f.s_bits, f.t_bits, c, f.num_cuts, shape=f.shape)
+    ff = sc.SignedCut(cuts(f).s_bits, cuts(f).t_bits, c, cuts(f).num_cuts, shape=f.shape)
     return jnp.sum(x @ sc.reconstruct(ff) * g)
 
-  gx, gc = jax.grad(loss, argnums=(0, 1))(x, f.c)
-  rx, rc = jax.grad(dense_loss, argnums=(0, 1))(x, f.c)
+  gx, gc = jax.grad(loss, argnums=(0, 1))(x, cuts(f).c)
+  rx, rc = jax.grad(dense_loss, argnums=(0, 1))(x, cuts(f).c)
   _close(gx, rx)
   _close(gc, rc)
 
@@ -182,8 +183,8 @@ def _apply_in_subprocess(tmp_path, f, x, *, env=None, prefix=()):
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  np.savez(tmp_path / "in.npz", x=x, s=f.s_bits, t=f.t_bits, c=f.c)
-  (m, n), w = f.shape, f.width
+  np.savez(tmp_path / "in.npz", x=x, s=cuts(f).s_bits, t=cuts(f).t_bits, c=cuts(f).c)
+  (m, n), w = f.shape, cuts(f).width
   code = (
       "import numpy as np, jax.numpy as jnp, jax_signedcut as sc\n"
       "from jax_signedcut._kernels import apply as _apply\n"

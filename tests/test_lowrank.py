@@ -12,6 +12,7 @@ from flax import nnx
 from safetensors import safe_open
 
 import jax_signedcut as sc
+from conftest import cuts, part
 from jax_signedcut import _cli
 from jax_signedcut._signedcut import budget as _budget
 from jax_signedcut._signedcut import decompose as _decompose
@@ -59,33 +60,33 @@ def test_matches_the_oracle(shape, r, bits, heavy):
   a = smooth(shape, 1, heavy)
   key = jax.random.key(7)
   f = sc.decompose(a, key=key, bits_per_weight=bits, lowrank=r, backend="jnp")
-  assert f.lr_u.dtype == jnp.bfloat16 and f.lr_u.shape == (m, r) and f.lr_v.shape == (n, r)
+  assert part(f, sc.LowRankPart).u.dtype == jnp.bfloat16 and part(f, sc.LowRankPart).u.shape == (m, r) and part(f, sc.LowRankPart).v.shape == (n, r)
   assert f.rank == r
-  sparse = None if f.sparse_idx is None else (f.sparse_idx, f.sparse_val, f.num_sparse)
-  assert (f.num_sparse is not None and int(f.num_sparse) > 0) == bool(heavy)
+  sparse = None if part(f, sc.Sparse).idx is None else (part(f, sc.Sparse).idx, part(f, sc.Sparse).val, part(f, sc.Sparse).count)
+  assert (part(f, sc.Sparse).count is not None and int(part(f, sc.Sparse).count) > 0) == bool(heavy)
   rem, low, k_sparse = oracle(a, r, sparse)
-  uv = np.asarray(f.lr_u, np.float32) @ np.asarray(f.lr_v, np.float32).T
+  uv = np.asarray(part(f, sc.LowRankPart).u, np.float32) @ np.asarray(part(f, sc.LowRankPart).v, np.float32).T
   # The stored part is the bf16 rounding of the rank-r SVD of A − P.
   assert np.linalg.norm(uv - low) <= 1e-2 * np.linalg.norm(low)
   # The columns are U·√σ and V·√σ (up to a sign per column).
   _, s, _ = np.linalg.svd(rem.astype(np.float64), full_matrices=False)
-  np.testing.assert_allclose(np.sum(np.square(np.asarray(f.lr_u, np.float64)), 0), s[:r],
+  np.testing.assert_allclose(np.sum(np.square(np.asarray(part(f, sc.LowRankPart).u, np.float64)), 0), s[:r],
                              rtol=2e-2)
-  np.testing.assert_allclose(np.sum(np.square(np.asarray(f.lr_v, np.float64)), 0), s[:r],
+  np.testing.assert_allclose(np.sum(np.square(np.asarray(part(f, sc.LowRankPart).v, np.float64)), 0), s[:r],
                              rtol=2e-2)
   # Then the plain greedy on A − P − bf16(U)·bf16(V)ᵀ (product in f32).
-  r_cuts = jnp.asarray(rem) - jnp.matmul(f.lr_u.astype(jnp.float32),
-                                         f.lr_v.astype(jnp.float32).T, precision=_HI)
-  w = f.width
+  r_cuts = jnp.asarray(rem) - jnp.matmul(part(f, sc.LowRankPart).u.astype(jnp.float32),
+                                         part(f, sc.LowRankPart).v.astype(jnp.float32).T, precision=_HI)
+  w = cuts(f).width
   s_bits, t_bits, c, _ = jax.jit(_oracle.greedy)(r_cuts, _start.start_words(key, w, n))
   # Budget: r·(m+n)·2 bytes and 8 per sparse entry come off the rate/bits budget.
   budget = bits * m * n / 8 - 2 * r * (m + n) - 8 * k_sparse
   k = min(w, int(np.floor(budget / _budget.bytes_per_cut(m, n))))
-  assert int(f.num_cuts) == k
-  np.testing.assert_array_equal(np.asarray(f.s_bits[:k]), np.asarray(s_bits[:k]))
-  np.testing.assert_array_equal(np.asarray(f.t_bits[:k]), np.asarray(t_bits[:k]))
-  np.testing.assert_allclose(np.asarray(f.c[:k]), np.asarray(c[:k]), rtol=1e-6)
-  assert not np.any(np.asarray(f.c[k:])) and not np.any(np.asarray(f.s_bits[k:]))
+  assert int(cuts(f).num_cuts) == k
+  np.testing.assert_array_equal(np.asarray(cuts(f).s_bits[:k]), np.asarray(s_bits[:k]))
+  np.testing.assert_array_equal(np.asarray(cuts(f).t_bits[:k]), np.asarray(t_bits[:k]))
+  np.testing.assert_allclose(np.asarray(cuts(f).c[:k]), np.asarray(c[:k]), rtol=1e-6)
+  assert not np.any(np.asarray(cuts(f).c[k:])) and not np.any(np.asarray(cuts(f).s_bits[k:]))
   # The C++ kernel gives the same cuts; the total bytes stay in the budget.
   g = sc.decompose(a, key=key, bits_per_weight=bits, lowrank=r)
   chex.assert_trees_all_close(g, f, rtol=1e-5)
@@ -107,7 +108,7 @@ def test_nbytes_counts_two_bytes_per_factor_entry():
   f = sc.decompose(a, key=jax.random.key(0), width=5, lowrank=3, outliers=0)
   g = sc.decompose(a, key=jax.random.key(0), width=5, outliers=0)
   assert sc.nbytes(f) == sc.nbytes(g) + 2 * 3 * (40 + 30)   # with width, on top of the cuts
-  assert int(f.num_cuts) == 5
+  assert int(cuts(f).num_cuts) == 5
 
 
 def test_lowrank_zero_is_the_plain_decomposition():
@@ -115,7 +116,7 @@ def test_lowrank_zero_is_the_plain_decomposition():
   for kw in (dict(bits_per_weight=3), dict(width=12, max_error=0.2)):
     f = sc.decompose(a, key=jax.random.key(0), lowrank=0, **kw)
     g = sc.decompose(a, key=jax.random.key(0), **kw)
-    assert f.lr_u is None and f.lr_v is None and f.rank == 0
+    assert part(f, sc.LowRankPart).u is None and part(f, sc.LowRankPart).v is None and f.rank == 0
     chex.assert_trees_all_equal(f, g)
 
 
@@ -133,8 +134,8 @@ def test_truncate_keeps_the_low_rank_part_and_matches_decompose():
   for kw in (dict(bits_per_weight=3), dict(rate=3 / 16)):
     chex.assert_trees_all_equal(sc.truncate(f, **kw), sc.decompose(a, key=key, lowrank=4, **kw))
   g = sc.truncate(f, 3)
-  assert int(g.num_cuts) == 3 and g.rank == 4
-  np.testing.assert_array_equal(np.asarray(g.lr_u), np.asarray(f.lr_u))
+  assert int(cuts(g).num_cuts) == 3 and g.rank == 4
+  np.testing.assert_array_equal(np.asarray(part(g, sc.LowRankPart).u), np.asarray(part(f, sc.LowRankPart).u))
   with pytest.raises(ValueError, match="lowrank=4: 704 bytes"):
     sc.truncate(f, bits_per_weight=0.25)
 
@@ -142,20 +143,20 @@ def test_truncate_keeps_the_low_rank_part_and_matches_decompose():
 def test_max_error_counts_the_low_rank_part():
   a = smooth((64, 48), 6)
   f = sc.decompose(a, key=jax.random.key(0), width=500, max_error=0.02, lowrank=2)
-  k = int(f.num_cuts)
+  k = int(cuts(f).num_cuts)
   assert 0 < k < 500
   assert float(sc.relative_error(a, f)) <= 0.02 * 1.001
   assert float(sc.relative_error(a, sc.truncate(f, k - 1))) > 0.02 * 0.999
   # A low-rank part that already meets the target needs no cut.
   g = sc.decompose(a, key=jax.random.key(0), width=50, max_error=0.9, lowrank=2)
-  assert int(g.num_cuts) == 0 and float(sc.relative_error(a, g)) <= 0.9
+  assert int(cuts(g).num_cuts) == 0 and float(sc.relative_error(a, g)) <= 0.9
 
 
 def test_batch_jit_vmap_and_leafwise():
   a = np.stack([smooth((40, 30), s, heavy=2 * (s % 2)) for s in range(3)])
   key = jax.random.key(4)
   fb = sc.decompose(a, key=key, bits_per_weight=4, lowrank=3)
-  assert fb.lr_u.shape == (3, 40, 3) and fb.lr_v.shape == (3, 30, 3)
+  assert part(fb, sc.LowRankPart).u.shape == (3, 40, 3) and part(fb, sc.LowRankPart).v.shape == (3, 30, 3)
   for i in range(3):
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], fb),
                                 sc.decompose(a[i], key=key, bits_per_weight=4, lowrank=3))
@@ -169,7 +170,7 @@ def test_batch_jit_vmap_and_leafwise():
   tree = {"pos": a[0], "q": a[1]}
   ft = sc.decompose_leafwise(tree, key=key, rules=[("pos", {"bits_per_weight": 4, "lowrank": 3})],
                              bits_per_weight=4, progress=False)
-  assert ft["pos"].rank == 3 and ft["q"].lr_u is None
+  assert ft["pos"].rank == 3 and part(ft["q"], sc.LowRankPart).u is None
   chex.assert_trees_all_equal(ft, sc.decompose(tree, key=key, bits_per_weight=4, rules=[
       ("pos", sc.Budget(bits_per_weight=4, lowrank=3))]))
 
@@ -178,7 +179,7 @@ def test_backfit_keeps_the_low_rank_part():
   a = smooth((48, 40), 8)
   f = sc.decompose(a, key=jax.random.key(0), bits_per_weight=3, lowrank=3)
   g = sc.backfit(f, a, passes=2)
-  np.testing.assert_array_equal(np.asarray(g.lr_u), np.asarray(f.lr_u))
+  np.testing.assert_array_equal(np.asarray(part(g, sc.LowRankPart).u), np.asarray(part(f, sc.LowRankPart).u))
   assert float(sc.relative_error(a, g)) <= float(sc.relative_error(a, f)) * (1 + 1e-5)
 
 
@@ -221,7 +222,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
   back = sc.load(path)
   for k in tree:
     chex.assert_trees_all_equal(back[k], tree[k])
-  assert back["plain"].lr_u is None
+  assert part(back["plain"], sc.LowRankPart).u is None
   np.testing.assert_array_equal(np.asarray(sc.expand(back)["pos"], np.float32),
                                 np.asarray(sc.reconstruct(f, jnp.bfloat16), np.float32))
   chex.assert_trees_all_equal(sc.load(path, truncate_bits=3.5)["pos"],
@@ -317,7 +318,7 @@ def test_cli_lowrank_rule(tmp_path):
   assert _cli.main(["compress", str(src), str(out), "--bits", "2", "--rule", "pos=bits=4,lowrank=4",
                     "-q"]) == 0
   back = sc.load(out)
-  assert back["pos"].rank == 4 and back["q"].lr_u is None
+  assert back["pos"].rank == 4 and part(back["q"], sc.LowRankPart).u is None
   ref = sc.decompose({"pos": smooth((64, 48), 13)}, key=jax.random.key(0), bits_per_weight=4,
                      lowrank=4)
   chex.assert_trees_all_equal(back["pos"], ref["pos"])

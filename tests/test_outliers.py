@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_signedcut as sc
+from conftest import cuts, part
 from jax_signedcut._signedcut import outliers as _outliers
 
 from minilm import load_weights
@@ -26,12 +27,12 @@ def test_planted_entries_are_found_and_cost_little():
   planted = planted.reshape(a.shape)
   key = jax.random.key(0)
   f = sc.decompose(planted, key=key, bits_per_weight=8)
-  k = int(f.num_sparse)
+  k = int(part(f, sc.Sparse).count)
   assert k == 20
-  np.testing.assert_array_equal(np.asarray(f.sparse_idx[:k]), np.sort(flat))
-  np.testing.assert_array_equal(np.asarray(f.sparse_val[:k]), planted.reshape(-1)[np.sort(flat)])
+  np.testing.assert_array_equal(np.asarray(part(f, sc.Sparse).idx[:k]), np.sort(flat))
+  np.testing.assert_array_equal(np.asarray(part(f, sc.Sparse).val[:k]), planted.reshape(-1)[np.sort(flat)])
   g = sc.decompose(a, key=key, bits_per_weight=8)
-  assert int(g.num_sparse) == 0
+  assert int(part(g, sc.Sparse).count) == 0
   err_planted = float(sc.relative_error(planted, f)) * np.linalg.norm(planted) / np.linalg.norm(a)
   err_clean = float(sc.relative_error(a, g))
   # Error in units of the clean matrix's norm, at equal total bytes.
@@ -45,9 +46,9 @@ def test_auto_picks_nothing_on_gaussian_and_then_matches_plain():
   a = gaussian((300, 200), seed=4)
   f = sc.decompose(a, key=jax.random.key(1), rate=0.25)
   g = sc.decompose(a, key=jax.random.key(1), rate=0.25, outliers=0)
-  assert int(f.num_sparse) == 0 and g.sparse_idx is None
-  chex.assert_trees_all_equal((f.s_bits, f.t_bits, f.c, f.num_cuts),
-                              (g.s_bits, g.t_bits, g.c, g.num_cuts))
+  assert int(part(f, sc.Sparse).count) == 0 and part(g, sc.Sparse).idx is None
+  chex.assert_trees_all_equal((cuts(f).s_bits, cuts(f).t_bits, cuts(f).c, cuts(f).num_cuts),
+                              (cuts(g).s_bits, cuts(g).t_bits, cuts(g).c, cuts(g).num_cuts))
 
 
 def heavy(shape, seed):
@@ -69,11 +70,11 @@ def test_budget_is_exact(m, n, bits, seed):
   used = sc.nbytes(f)
   assert used <= budget
   # Counting by the reference accounting too: cuts + sparse entries fit.
-  assert (int(f.num_cuts) * sc.bytes_per_cut(m, n) + 8 * int(f.num_sparse)) <= budget
-  assert int(f.num_sparse) <= _outliers.max_count("auto", m, n)
+  assert (int(cuts(f).num_cuts) * sc.bytes_per_cut(m, n) + 8 * int(part(f, sc.Sparse).count)) <= budget
+  assert int(part(f, sc.Sparse).count) <= _outliers.max_count("auto", m, n)
   # Nothing unused is left non-zero.
-  k = int(f.num_cuts)
-  assert np.all(np.asarray(f.c)[k:] == 0)
+  k = int(cuts(f).num_cuts)
+  assert np.all(np.asarray(cuts(f).c)[k:] == 0)
 
 
 def test_truncate_to_a_lower_rate_equals_decomposing_at_it():
@@ -81,7 +82,7 @@ def test_truncate_to_a_lower_rate_equals_decomposing_at_it():
   key = jax.random.key(2)
   half = sc.decompose(a, key=key, rate=0.5)
   quarter = sc.decompose(a, key=key, rate=0.25)
-  assert int(half.num_sparse) > 0
+  assert int(part(half, sc.Sparse).count) > 0
   chex.assert_trees_all_equal(sc.truncate(half, rate=0.25), quarter)
   chex.assert_trees_all_equal(sc.truncate(half, bits_per_weight=4), quarter)
 
@@ -90,11 +91,11 @@ def test_fraction_mode_takes_the_largest_entries_sorted():
   a = heavy((50, 40), 9)
   f = sc.decompose(a, key=jax.random.key(0), width=10, outliers=0.01)
   k = round(0.01 * a.size)
-  assert f.sparse_idx.shape == (k,) and int(f.num_sparse) == k
+  assert part(f, sc.Sparse).idx.shape == (k,) and int(part(f, sc.Sparse).count) == k
   expected = np.sort(np.argsort(-np.abs(a).reshape(-1), kind="stable")[:k])
-  np.testing.assert_array_equal(np.asarray(f.sparse_idx), expected)
+  np.testing.assert_array_equal(np.asarray(part(f, sc.Sparse).idx), expected)
   # Width-specified: the sparse part comes on top, all 10 cuts are made.
-  assert int(f.num_cuts) == 10
+  assert int(cuts(f).num_cuts) == 10
   # reconstruct = cuts of the matrix with those entries zeroed + the entries.
   stored = np.isin(np.arange(a.size), expected).reshape(a.shape)
   g = sc.decompose(np.where(stored, 0, a), key=jax.random.key(0), width=10, outliers=0)
@@ -107,7 +108,7 @@ def test_batch_jit_vmap_with_different_counts():
   a = np.stack([heavy((40, 30), 1), gaussian((40, 30), 2), heavy((40, 30), 3)])
   key = jax.random.key(4)
   fb = sc.decompose(a, key=key, bits_per_weight=6)
-  counts = np.asarray(fb.num_sparse)
+  counts = np.asarray(part(fb, sc.Sparse).count)
   assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0
   for i in range(3):
     fi = sc.decompose(a[i], key=key, bits_per_weight=6)
@@ -121,8 +122,8 @@ def test_batch_jit_vmap_with_different_counts():
 def test_max_error_counts_the_sparse_part():
   a = heavy((64, 48), 11)
   f = sc.decompose(a, key=jax.random.key(0), width=500, max_error=0.1)
-  k = int(f.num_cuts)
-  assert int(f.num_sparse) > 0 and 0 < k < 500
+  k = int(cuts(f).num_cuts)
+  assert int(part(f, sc.Sparse).count) > 0 and 0 < k < 500
   assert float(sc.relative_error(a, f)) <= 0.1 * 1.001
   assert float(sc.relative_error(a, sc.truncate(f, k - 1))) > 0.1 * 0.999
 

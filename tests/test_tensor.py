@@ -11,6 +11,7 @@ import pytest
 
 import jax_signedcut as jsc
 from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut import tensor as _tensor
 
 SHAPES = [(1, 33, 2), (9, 1, 4, 5), (2, 3, 2, 3, 2)]
 
@@ -79,7 +80,7 @@ def test_cuts_are_projections_and_bits_are_exact(shape):
 def test_start_signs_follow_the_documented_derivation():
   key = jax.random.key(3)
   shape = (5, 40, 3)
-  got = jsc._tensor.start_signs(key, 7, shape)
+  got = _tensor.start_signs(key, 7, shape)
   for a, d in enumerate(shape):
     words = jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, 7), a),
                             (_packing.num_words(d),), jnp.uint32)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jax_signedcut as sc
+from conftest import cuts, part
 from jax_signedcut._core import tree as _tree
 
 KEY = jax.random.key(7)
@@ -66,7 +67,7 @@ def test_rate_budget_resolves_per_leaf_and_min_dim():
   p = _params()
   p = {"tiny": p["tiny"], "blocks": p["blocks"], "head": p["head"]}
   f = sc.decompose(p, key=KEY, rate=0.5, min_dim=8, skip=("attn", "head"))
-  assert f["tiny"].width == sc.width_for_rate(24, 8, 0.5)
+  assert cuts(f["tiny"]).width == sc.width_for_rate(24, 8, 0.5)
   assert f["blocks"][0]["mlp"]["kernel"].width == sc.width_for_rate(24, 33, 0.5)
 
 

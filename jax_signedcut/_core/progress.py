@@ -25,11 +25,9 @@ POLL_SECONDS = 0.1
 
 def cuts_done() -> int | None:
   """Cuts recorded by the C++ kernel in this process so far, or None without the extension."""
-  try:
-    from jax_signedcut import _signedcut_ffi  # noqa: PLC0415
-  except ImportError:
-    return None
-  return int(_signedcut_ffi.cuts_done())
+  from jax_signedcut._kernels import extension  # noqa: PLC0415
+  ext = extension.module()
+  return None if ext is None else int(ext.cuts_done())
 
 
 def _ready(tree: Any) -> bool:

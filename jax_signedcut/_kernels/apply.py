@@ -6,7 +6,7 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
 * pure JAX (any platform): a ``lax.scan`` over blocks of ``BLOCK`` cuts that
   unpacks one block of ±1 rows of S and T at a time, so the dense ±1 matrices
   (w×m and w×n floats) are never materialised whole — XLA on CPU would
-  otherwise expand them before the GEMM at batch ≥ 8 (SPEC §5);
+  otherwise expand them before the GEMM at batch ≥ 8 (docs/figures.md, section 6);
 * on CPU, the ``signedcut_apply`` XLA FFI kernel (``xla_ffi/apply_*.cc``),
   which reads the sign bits directly: ``x·s_j = Σx − 2·Σ_{bit i set} x_i``
   (for up to 4 rows by table lookup: a 16-entry table of partial sums per four
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._core.protocol import check_compressed
+from jax_signedcut._kernels import extension as _extension
 from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut.factors import SignedCut
@@ -93,14 +94,8 @@ def apply_jnp(x2: jax.Array, f: SignedCut, *, block: int = BLOCK) -> jax.Array:
   return y
 
 
-@functools.cache
 def _has_ffi_kernel() -> bool:
-  try:
-    from jax_signedcut import _signedcut_ffi  # noqa: F401, PLC0415  (_ffi registers)
-    from jax_signedcut._kernels import greedy as _ffi
-  except ImportError:
-    return False
-  return _APPLY_TARGET in _signedcut_ffi.registrations()
+  return _extension.has_target(_APPLY_TARGET)
 
 
 def _ffi_raw(x2, s_bits, t_bits, c, n, force_scalar):
@@ -216,4 +211,4 @@ def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto") -> jax.Array
     return apply_jnp(x2, f)
   if impl == "ffi":
     return apply_ffi(x2, f)
-  return jax.lax.platform_dependent(x2, f, cpu=apply_ffi, default=apply_jnp)
+  return _extension.on_platform(x2, f, cpu=apply_ffi, default=apply_jnp)

@@ -1,7 +1,7 @@
 """The C++ greedy decomposition as an XLA FFI custom call (CPU).
 
-Loads the compiled extension and registers its handlers once, at import. The
-kernel (``xla_ffi/``) follows the algorithm contract of ``_oracle.py``; it is
+Needs the compiled extension (:mod:`jax_signedcut._kernels.extension` loads it). The
+kernel (``xla_ffi/``) follows the algorithm contract of ``_signedcut/oracle.py``; it is
 just faster. Which instruction set it uses is chosen once per process (the
 ``JAX_SIGNEDCUT_KERNEL`` environment variable, ``scalar`` or ``avx512``,
 overrides the CPU check); the ``impl`` argument of :func:`greedy` pins one per
@@ -18,14 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._kernels import extension as _extension
 from jax_signedcut._signedcut import packing as _packing
-from jax_signedcut import _signedcut_ffi
 
 TARGET = "signedcut_greedy"
 IMPLS = {"auto": 0, "scalar": 1, "avx512": 2}
 
-for _name, _capsule in _signedcut_ffi.registrations().items():
-  jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+# Importing this module needs the extension (callers check _extension.available() first).
+_signedcut_ffi = _extension.module()
+if _signedcut_ffi is None:
+  raise ImportError(_extension.MISSING_HINT)
 
 
 def kernel_name(impl: str = "auto") -> str:
@@ -48,7 +50,7 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
            num_threads: int = 0, target: str = TARGET):
   """Greedy signed cut decomposition of a batch of matrices by the C++ kernel.
 
-  The contract of ``jax.vmap(_oracle.greedy)``: cut j starts from the signs
+  The contract of ``jax.vmap(oracle.greedy)``: cut j starts from the signs
   ``words[j]``; unused slots after a ``max_error`` stop hold zero bits and c = 0.
   Works under ``jax.jit`` and ``jax.vmap`` (the kernel receives the whole
   batch at once and spreads it over threads).

@@ -141,4 +141,4 @@ def _compress(a, *, key, bits_per_weight, p=1.0, iters=30):
 
 _registry.register(_registry.Method(
     "lp_lowrank", _compress, {"p": 1.0, "iters": 30},
-    "robust lp rank-k approximation (IRLS Lewis weights), float32 factors, rank from the budget"))
+    "robust lp rank-k approximation (IRLS), float32 factors, rank from the budget"))

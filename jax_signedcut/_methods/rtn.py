@@ -13,7 +13,7 @@ with two grids:
 * ``grid="int"``: ``L = 2**bits - 1`` levels, i.e. the symmetric integers
   ``-(2**(bits-1) - 1) … 2**(bits-1) - 1`` times ``scale / (2**(bits-1) - 1)``:
   the usual "int-b absmax" rounding (int8: ±127). It contains 0 and needs
-  ``bits >= 2``. SPEC §2's per-row int2 figures (84–92 % error) are this grid.
+  ``bits >= 2``. The per-row int-b figures in docs/figures.md use this grid.
 
 Rounding is to the nearest level (error ≤ step/2 inside ``[-scale, scale]``;
 values outside are clipped) or, with a ``key``, *dithered*: stochastic

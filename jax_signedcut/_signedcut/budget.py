@@ -1,4 +1,4 @@
-"""Width from a storage budget (SPEC §1 "Choosing the width").
+"""Width from a storage budget (docs/method.md, "Choosing the width"; the accounting: docs/contract.md, "Budgets").
 
 A cut costs ``4 + ceil(m/64)*8 + ceil(n/64)*8`` bytes in the reference
 pipeline's accounting (one f32 scale and the two sign vectors in 64-bit

@@ -20,6 +20,7 @@ from jax_signedcut._signedcut import outliers as _outliers
 from jax_signedcut._core import progress as _progress
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._core import tree as _tree
+from jax_signedcut._kernels import extension as _extension
 from jax_signedcut._methods import registry as _registry
 from jax_signedcut._parts.lowrank import LowRankPart
 from jax_signedcut._parts.sparse import Sparse
@@ -141,7 +142,11 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
 
   Returns:
     A :class:`SignedCut` with s_bits (..., w, ceil(m/32)), t_bits
-    (..., w, ceil(n/32)), c (..., w) and num_cuts (...).
+    (..., w, ceil(n/32)), c (..., w) and num_cuts (...) when the cuts are
+    the only part; with a sparse part (any ``outliers`` but 0, so also the
+    default) or a low-rank part, a :class:`Sum` of ``(LowRankPart, SignedCut,
+    Sparse)`` (those present, in that order). Another ``method`` gives its own
+    type (``QuantizedMatrix``, ``LowRank``). Every one is a ``Compressed``.
 
   Raises:
     TypeError: non-float ``a``, a bad key or a non-integer width.
@@ -155,9 +160,12 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     >>> import jax
     >>> import jax_signedcut as sc
     >>> a = jax.random.normal(jax.random.key(1), (64, 48))
-    >>> f = sc.decompose(a, key=jax.random.key(0), width=96)
+    >>> f = sc.decompose(a, key=jax.random.key(0), width=96, outliers=0)
     >>> f.s_bits.shape, f.t_bits.shape, f.c.shape
     ((96, 2), (96, 2), (96,))
+    >>> g = sc.decompose(a, key=jax.random.key(0), width=96)   # outliers="auto"
+    >>> [type(p).__name__ for p in g.parts]
+    ['SignedCut', 'Sparse']
     >>> bool(sc.relative_error(a, f) < 0.5)
     True
   """
@@ -332,16 +340,6 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
                            lowrank=lowrank, method=method, options=options)
 
 
-@functools.cache
-def _ffi_available() -> bool:
-  """Whether the compiled extension imports (it always does in a proper install)."""
-  try:
-    from jax_signedcut._kernels import greedy as _ffi  # noqa: F401, PLC0415
-  except ImportError:
-    return False
-  return True
-
-
 @functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "outliers", "budget",
                                              "lowrank"))
 def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None, lowrank=0):
@@ -421,11 +419,9 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
 
   if backend == "ffi":
     s_bits, t_bits, c, num_cuts = run_ffi(a, words)
-  elif backend == "auto" and _ffi_available():
-    # The C++ kernel where this lowers for CPU, the jnp oracle elsewhere;
-    # decided at lowering time, not from global state at trace time.
-    s_bits, t_bits, c, num_cuts = jax.lax.platform_dependent(
-        a, words, cpu=run_ffi, default=run_jnp)
+  elif backend == "auto":
+    # The C++ kernel where this lowers for CPU, the jnp oracle elsewhere.
+    s_bits, t_bits, c, num_cuts = _extension.on_platform(a, words, cpu=run_ffi, default=run_jnp)
   else:
     s_bits, t_bits, c, num_cuts = run_jnp(a, words)
 

@@ -4,7 +4,7 @@ Every faster backend is tested against this file. It follows the algorithm
 contract exactly and does nothing clever: each half-step is a dense matvec with
 the remainder R, which is updated in place after every cut.
 
-For one cut, starting from the key-derived signs t (see ``_start.py``):
+For one cut, starting from the key-derived signs t (see ``start.py``):
 
     u ← R t ; γ ← −∞
     repeat (at most MAX_ROUNDS rounds):

@@ -4,7 +4,7 @@ A width-w decomposition of a tensor of shape (d_1, …, d_k) is
 
     A − R_w = Σ_j c_j · s_{1,j} ⊗ … ⊗ s_{k,j},   s_{a,j} ∈ {±1}^{d_a}
 
-(SPEC §1 "Order-k tensors"). Cut j on the remainder R:
+(docs/method.md, "Order-k tensors"; start signs: docs/contract.md). Cut j on the remainder R:
 
     s_a ← key-derived random signs, for every axis a       (see below)
     γ ← −∞
