@@ -18,38 +18,19 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jax_signedcut as sc
+from conftest import assert_same_factors, gaussian, heavy
 from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._checkpoint import structure as _structure
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def assert_same_tree(a, b):
-  """Same pytree structure (types and static fields), same leaves bit for bit, same dtypes."""
-  assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a),
-                                                          jax.tree.structure(b))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
-    np.testing.assert_array_equal(x, y)
-
-
-def heavy(key, shape, planted=5):
-  a = jax.random.normal(key, shape)
-  idx = jax.random.choice(jax.random.fold_in(key, 1), a.size, (planted,), replace=False)
-  return a.reshape(-1).at[idx].set(80.0).reshape(shape)
-
-
-def _gauss(shape, seed=0):
-  return jax.random.normal(jax.random.key(seed), shape)
-
-
 # One entry per compressed type and layout: a new type is one line here.
 MAKERS = {
-    "signed_cut": lambda: sc.decompose(_gauss((33, 65)), key=jax.random.key(1), width=12,
+    "signed_cut": lambda: sc.decompose(gaussian((33, 65), 0), key=jax.random.key(1), width=12,
                                        outliers=0),
     "signed_cut_stacked_early_stop": lambda: sc.decompose(
-        _gauss((3, 33, 65)), key=jax.random.key(2), width=200, max_error=0.3, outliers=0),
+        gaussian((3, 33, 65), 0), key=jax.random.key(2), width=200, max_error=0.3, outliers=0),
     "sum_cuts_sparse": lambda: sc.decompose(heavy(jax.random.key(3), (40, 70)),
                                             key=jax.random.key(4), rate=0.5),
     "sum_lowrank_cuts_sparse": lambda: sc.decompose(heavy(jax.random.key(5), (40, 70)),
@@ -59,22 +40,22 @@ MAKERS = {
                                         key=jax.random.key(8), rate=0.5, lowrank=2),
     "sparse": lambda: sc.decompose(heavy(jax.random.key(3), (40, 70)), key=jax.random.key(4),
                                    rate=0.5).part(sc.Sparse),
-    "lowrank_part": lambda: sc.decompose(_gauss((20, 30)), key=jax.random.key(4), rate=0.5,
+    "lowrank_part": lambda: sc.decompose(gaussian((20, 30), 0), key=jax.random.key(4), rate=0.5,
                                          lowrank=2, outliers=0).part(sc.LowRankPart),
-    "rtn_row": lambda: sc.rtn(_gauss((37, 50)), bits=4),
-    "rtn_group_uniform": lambda: sc.rtn(_gauss((37, 50)), bits=3, group_size=16,
+    "rtn_row": lambda: sc.rtn(gaussian((37, 50), 0), bits=4),
+    "rtn_group_uniform": lambda: sc.rtn(gaussian((37, 50), 0), bits=3, group_size=16,
                                         grid="uniform"),
-    "rtn_stacked": lambda: sc.rtn(_gauss((2, 3, 17, 33)), bits=5),
-    "lplr": lambda: sc.lplr(_gauss((40, 30)), key=jax.random.key(1), rank=6, bits=(8, 4)),
-    "lplr_per_column_stacked": lambda: sc.lplr(_gauss((2, 30, 20)), key=jax.random.key(1),
+    "rtn_stacked": lambda: sc.rtn(gaussian((2, 3, 17, 33), 0), bits=5),
+    "lplr": lambda: sc.lplr(gaussian((40, 30), 0), key=jax.random.key(1), rank=6, bits=(8, 4)),
+    "lplr_per_column_stacked": lambda: sc.lplr(gaussian((2, 30, 20), 0), key=jax.random.key(1),
                                                rank=4, bits=(8, 4), scale="per_column"),
-    "dsvd": lambda: sc.dsvd(_gauss((40, 30)), rank=5, bits=(4, 4)),
-    "dsvd_float_factor": lambda: sc.dsvd(_gauss((30, 20)), rank=4, bits=(32, 8)),
-    "lp_lowrank": lambda: sc.lp_lowrank(_gauss((30, 20)), rank=3, p=1.5, iters=3),
-    "signed_tensor_cut": lambda: sc.decompose_tensor(_gauss((5, 6, 7)), key=jax.random.key(0),
+    "dsvd": lambda: sc.dsvd(gaussian((40, 30), 0), rank=5, bits=(4, 4)),
+    "dsvd_float_factor": lambda: sc.dsvd(gaussian((30, 20), 0), rank=4, bits=(32, 8)),
+    "lp_lowrank": lambda: sc.lp_lowrank(gaussian((30, 20), 0), rank=3, p=1.5, iters=3),
+    "signed_tensor_cut": lambda: sc.decompose_tensor(gaussian((5, 6, 7), 0), key=jax.random.key(0),
                                                      width=4),
     "signed_tensor_cut_stacked": lambda: jax.vmap(
-        lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(_gauss((2, 5, 6, 7))),
+        lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(gaussian((2, 5, 6, 7), 0)),
 }
 
 
@@ -94,7 +75,7 @@ def test_codec_round_trip(values, name, tmp_path):
   path = tmp_path / "f.safetensors"
   sc.save(path, {"w": f})
   back = sc.load(path)["w"]
-  assert_same_tree(f, back)
+  assert_same_factors(f, back)
   assert sc.nbytes(back) == sc.nbytes(f) == sc.load_info(path)["leaves"][0]["nbytes"]
   np.testing.assert_array_equal(np.asarray(sc.expand(back, jnp.float32)),
                                 np.asarray(sc.reconstruct(f)))
@@ -143,7 +124,7 @@ def test_a_new_type_is_one_registration(values, tmp_path, monkeypatch):
        "s": sc.Sum((Scaled(values["rtn_stacked"], jnp.full((2, 3), 0.5)), values["rtn_stacked"]))}
   sc.save(tmp_path / "f.safetensors", f)
   back = sc.load(tmp_path / "f.safetensors")
-  assert_same_tree(f, back)
+  assert_same_factors(f, back)
   assert back["w"].note == "two"
   np.testing.assert_array_equal(np.asarray(sc.reconstruct(back["w"])),
                                 2 * np.asarray(sc.reconstruct(values["lplr"])))
@@ -172,7 +153,7 @@ def test_mixed_tree_round_trip_bit_identical(tree, tmp_path):
   back = sc.load(path)
   assert set(back) == {"a", "stack", "q", "lr", "layers", "step"}
   for k in ("a", "stack", "q", "lr"):
-    assert_same_tree(tree[k], back[k])
+    assert_same_factors(tree[k], back[k])
   assert int(tree["a"].part(sc.Sparse).count) > 0
   assert isinstance(back["layers"], list) and len(back["layers"]) == 2
   np.testing.assert_array_equal(back["layers"][0]["b"], np.arange(5.0, dtype=np.float32))
@@ -211,7 +192,7 @@ def test_file_is_plain_safetensors(tree, tmp_path):
 def test_single_leaf_tree(values, tmp_path):
   f = values["rtn_row"]
   sc.save(tmp_path / "one.safetensors", f)
-  assert_same_tree(f, sc.load(tmp_path / "one.safetensors"))
+  assert_same_factors(f, sc.load(tmp_path / "one.safetensors"))
 
 
 def test_expand_every_leaf(tree):
@@ -233,10 +214,10 @@ def test_truncate_at_load_equals_lower_rate(tmp_path):
   quarter = sc.decompose(a, key=key, rate=0.25)
   assert int(quarter.part(sc.Sparse).count) > 0
   got = sc.load(tmp_path / "half.safetensors", truncate_rate=0.25)
-  assert_same_tree(quarter, got["w"])
-  assert_same_tree(q, got["q"])     # other methods' leaves come back as saved
+  assert_same_factors(quarter, got["w"])
+  assert_same_factors(q, got["q"])     # other methods' leaves come back as saved
   half = sc.load(tmp_path / "half.safetensors")["w"]
-  assert_same_tree(sc.truncate(half, bits_per_weight=3),
+  assert_same_factors(sc.truncate(half, bits_per_weight=3),
                    sc.load(tmp_path / "half.safetensors", truncate_bits=3)["w"])
   with pytest.raises(ValueError, match="at most one"):
     sc.load(tmp_path / "half.safetensors", truncate_rate=0.25, truncate_bits=3)
@@ -340,10 +321,10 @@ def test_legacy_files_other_leaves_and_metadata(expected):
 def test_legacy_file_resaves_as_current_version(tmp_path):
   old = sc.load(os.path.join(DATA, "legacy_v2.safetensors"))
   sc.save(tmp_path / "new.safetensors", old)
-  assert_same_tree(old, sc.load(tmp_path / "new.safetensors"))
+  assert_same_factors(old, sc.load(tmp_path / "new.safetensors"))
   # truncation at load works on an old file too
   got = sc.load(os.path.join(DATA, "legacy_v2.safetensors"), truncate_bits=3)
-  assert_same_tree(sc.truncate(old["pos"], bits_per_weight=3), got["pos"])
+  assert_same_factors(sc.truncate(old["pos"], bits_per_weight=3), got["pos"])
 
 
 def test_legacy_corruption_names_the_file(tmp_path):
@@ -556,11 +537,11 @@ def test_orbax_every_type(values, tmp_path):
   sc.save_orbax(tmp_path / "ck", sub)
   back = sc.load_orbax(tmp_path / "ck")
   for k, v in values.items():
-    assert_same_tree(v, back[k])
+    assert_same_factors(v, back[k])
   np.testing.assert_array_equal(back["b"], np.arange(5.0))
   like = sc.load_orbax(tmp_path / "ck", like=sub)
   for k, v in values.items():
-    assert_same_tree(v, like[k])
+    assert_same_factors(v, like[k])
 
 
 def test_orbax_legacy_signed_cut_entry(tmp_path):
@@ -575,7 +556,7 @@ def test_orbax_legacy_signed_cut_entry(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(tmp_path / "old"), {"w": {"__signed_cut__": old}})
     ckptr.wait_until_finished()
-  assert_same_tree(f, sc.load_orbax(tmp_path / "old")["w"])
+  assert_same_factors(f, sc.load_orbax(tmp_path / "old")["w"])
 
 
 def test_orbax_linen_params_round_trip(tmp_path):

@@ -14,17 +14,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from test_checkpoint import DATA, assert_same_tree
+from test_checkpoint import DATA
 
 import jax_signedcut as sc
+from conftest import assert_same_factors
 from jax_signedcut._cli import main
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._signedcut import decompose as _decompose
-
-
-def assert_same_factors(f, g):
-  """Same compressed value: structure, static fields, every array bit for bit."""
-  assert_same_tree(f, g)
 
 
 def run(capsys, *argv):
@@ -408,7 +404,7 @@ def test_compress_every_method(small_model, tmp_path, capsys, method):
   for name in ("l1.weight", "l2.weight"):
     want = sc.decompose(jnp.asarray(tensors[name]), key=_tree.leaf_key(jax.random.key(0), name),
                         bits_per_weight=4, method=method)
-    assert_same_tree(want, f[name])
+    assert_same_factors(want, f[name])
     assert 8 * sc.nbytes(f[name]) <= 4 * tensors[name].size
   np.testing.assert_array_equal(f["l1.bias"], tensors["l1.bias"])
   row = next(line for line in stdout.splitlines() if line.startswith("l1.weight"))
@@ -436,10 +432,10 @@ def test_methods_mixed_by_rule(small_model, tmp_path, capsys):
   assert code == 0, err
   f = sc.load(out)
   key = lambda name: _tree.leaf_key(jax.random.key(0), name)  # noqa: E731
-  assert_same_tree(sc.decompose(jnp.asarray(tensors["l2.weight"]), key=key("l2.weight"),
+  assert_same_factors(sc.decompose(jnp.asarray(tensors["l2.weight"]), key=key("l2.weight"),
                                 bits_per_weight=8, method="rtn", options={"group_size": 16}),
                    f["l2.weight"])
-  assert_same_tree(sc.decompose(jnp.asarray(tensors["l1.weight"]), key=key("l1.weight"),
+  assert_same_factors(sc.decompose(jnp.asarray(tensors["l1.weight"]), key=key("l1.weight"),
                                 bits_per_weight=3, method="lplr", options={"bits": (8, 4)}),
                    f["l1.weight"])
   assert isinstance(f["l2.weight"], sc.QuantizedMatrix) and f["l2.weight"].group_size == 16
