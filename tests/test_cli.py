@@ -479,3 +479,19 @@ def _structure_flat(tree):
   from jax_signedcut._core import keypath  # noqa: PLC0415
 
   return [(keypath.join(c), leaf) for c, leaf in _structure.flatten(tree)]
+
+
+def test_truncate_leaves_other_methods_as_stored(small_model, tmp_path, capsys):
+  d, _ = small_model
+  out = tmp_path / "o.safetensors"
+  code, _, err = run(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                     "--rule", "l2=bits=8,method=rtn", "-q")
+  assert code == 0, err
+  code, _, err = run(capsys, "expand", out, tmp_path / "e.safetensors", "--truncate-bits", "2",
+                     "--dtype", "f32", "-q")
+  assert code == 0, err
+  dense = load_file(str(tmp_path / "e.safetensors"))
+  f = sc.load(out)
+  np.testing.assert_array_equal(
+      dense["l1.weight"], np.asarray(sc.reconstruct(sc.truncate(f["l1.weight"], bits_per_weight=2))))
+  np.testing.assert_array_equal(dense["l2.weight"], np.asarray(sc.reconstruct(f["l2.weight"])))

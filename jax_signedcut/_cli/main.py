@@ -107,7 +107,10 @@ EPILOG_EXPAND = """\
 OUT ending in .safetensors gets a plain safetensors file whose tensor names
 are the leaf names; any other OUT is written as an orbax checkpoint directory
 (nested like the compressed tree). Leaves that were kept dense are copied
-with their own dtype.
+with their own dtype. Every method's leaves are expanded; --truncate-rate and
+--truncate-bits first cut the signed cut leaves (greedy cuts are prefix-
+consistent: the same as compressing at the lower budget) and leave the other
+methods' leaves as they were stored.
 
 examples:
   jax-signedcut expand out.safetensors dense.safetensors --dtype bf16
