@@ -55,7 +55,8 @@ MAKERS = {
     "signed_tensor_cut": lambda: sc.decompose_tensor(gaussian((5, 6, 7), 0), key=jax.random.key(0),
                                                      width=4),
     "signed_tensor_cut_stacked": lambda: jax.vmap(
-        lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(gaussian((2, 5, 6, 7), 0)),
+        lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(
+            gaussian((2, 5, 6, 7), 0)),
 }
 
 

@@ -1,1 +1,1 @@
-"""Checkpoints of compressed pytrees: safetensors files, orbax directories, expand (see README.md)."""
+"""Checkpoints of compressed pytrees: safetensors, orbax, expand (see README.md here)."""

@@ -66,7 +66,8 @@ def entry(e: dict, err) -> dict:
     if ks:
       if "sparse_idx" not in names or "sparse_val" not in names:
         raise fail("no sparse_idx/sparse_val tensors")
-      idx, val = tensor("sparse_idx", "I32", [*batch, ks]), tensor("sparse_val", "F32", [*batch, ks])
+      idx = tensor("sparse_idx", "I32", [*batch, ks])
+      val = tensor("sparse_val", "F32", [*batch, ks])
     else:
       idx, val = {"zeros": [*batch, 0], "dtype": "I32"}, {"zeros": [*batch, 0], "dtype": "F32"}
     parts.append({"type": "sparse", "version": 1, "static": {"shape": [m, n]}, "fields": {

@@ -72,8 +72,8 @@ class TensorFile:
     begin, end = e["data_offsets"]
     a = np.empty(e["shape"], dtype)
     if a.nbytes != end - begin:
-      raise _format.CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
-                            f"{tuple(e['shape'])} of {dtype}")
+      raise _format.CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for "
+                                    f"shape {tuple(e['shape'])} of {dtype}")
     self._fh.seek(self._start + begin)
     if a.nbytes and self._fh.readinto(a.reshape(-1).view(np.uint8)) != a.nbytes:
       raise _format.CheckpointError(f"{self.path}: tensor {name!r} is cut short (truncated file?)")

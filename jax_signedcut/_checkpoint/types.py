@@ -246,8 +246,9 @@ def _tensor_cut_validate(f: SignedTensorCut) -> None:
     raise ValueError(f"shape must be a non-empty tuple of ints, got {f.shape!r}")
   dims = _dims(f.shape, len(f.shape))
   if not isinstance(f.bits, tuple) or len(f.bits) != len(dims):
+    got = len(f.bits) if isinstance(f.bits, tuple) else "?"
     raise ValueError(f"bits must be a tuple of {len(dims)} arrays (one per axis), got "
-                     f"{type(f.bits).__name__} of {len(f.bits) if isinstance(f.bits, tuple) else '?'}")
+                     f"{type(f.bits).__name__} of {got}")
   if not isinstance(f.num_cuts, np.ndarray) or not isinstance(f.c, np.ndarray) \
       or f.c.ndim != f.num_cuts.ndim + 1:
     raise ValueError("c and num_cuts must be arrays of shapes batch + (w,) and batch")

@@ -1,4 +1,4 @@
-"""``jax-signedcut inspect``: the table of what a compressed file holds, errors measured on request."""
+"""``jax-signedcut inspect``: a table of what a compressed file holds, errors on request."""
 
 from __future__ import annotations
 
