@@ -9,12 +9,22 @@ stored) and, in version 2, a bf16 low-rank part (``p/lr_u``, ``p/lr_v`` and
 ``"lowrank": r``). :func:`entry` rewrites such an entry into the current one
 over the same tensors: a ``SignedCut``, or a ``Sum`` of (``LowRankPart``,
 ``SignedCut``, ``Sparse``) with the parts the leaf had, which is what
-``decompose`` gives for the same settings today.
+``decompose`` gives for the same settings today. :func:`orbax_value` does the
+same for the ``{"__signed_cut__": {fields…, "shape"}}`` sub-trees that
+``save_orbax`` wrote then.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
+
+from jax_signedcut._checkpoint import codec as _codec
+from jax_signedcut._parts.lowrank import LowRankPart
+from jax_signedcut._parts.sparse import Sparse
+from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut import packing as _packing
+from jax_signedcut._signedcut.factors import SignedCut
 
 _CUT_FIELDS = ("s_bits", "t_bits", "c", "num_cuts")
 _SPARSE_FIELDS = ("sparse_idx", "sparse_val", "num_sparse")
@@ -94,3 +104,26 @@ def entry(e: dict, err) -> dict:
       "kind", "tensors", "width", "stored_width", "sparse_slots", "stored_sparse", "lowrank")}
   out.update(kind="compressed", type=value["type"], shape=[m, n], batch_shape=batch, value=value)
   return out
+
+
+def orbax_value(d: dict):
+  """The current value of an orbax ``__signed_cut__`` entry (numpy arrays), validated.
+
+  Raises:
+    KeyError, TypeError, ValueError: a malformed entry.
+  """
+  m, n = (int(v) for v in np.asarray(d["shape"]))
+  g = lambda k: np.asarray(d[k])  # noqa: E731
+  parts = [SignedCut(s_bits=g("s_bits"), t_bits=g("t_bits"), c=g("c"), num_cuts=g("num_cuts"),
+                     shape=(m, n))]
+  if "sparse_idx" in d:
+    parts.append(Sparse(idx=g("sparse_idx"), val=g("sparse_val"), count=g("num_sparse"),
+                        shape=(m, n)))
+  if "lr_u" in d:
+    parts.insert(0, LowRankPart(u=g("lr_u").astype(jnp.bfloat16),
+                                v=g("lr_v").astype(jnp.bfloat16), shape=(m, n)))
+  for p in parts:
+    _codec.codec_for(p).validate(p)
+  x = parts[0] if len(parts) == 1 else Sum(tuple(parts))
+  _codec.codec_for(x).validate(x)
+  return x

@@ -5,7 +5,7 @@ uint8 JSON bytes, "t0": array, "t1": …}}``: the codec's node (what
 :mod:`jax_signedcut._checkpoint.codec` writes into a safetensors header, with
 tensor names replaced by ``t<i>``) and its arrays, untrimmed. Sub-trees
 ``{"__signed_cut__": {fields…, "shape"}}`` written by earlier releases are
-read as the current types (see :mod:`jax_signedcut._checkpoint.legacy`).
+read as the current types (:func:`jax_signedcut._checkpoint.legacy.orbax_value`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import numpy as np
 
 from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._checkpoint import format as _format
+from jax_signedcut._checkpoint import legacy as _legacy
 from jax_signedcut._checkpoint import types as _types  # noqa: F401  (registers the codecs)
 from jax_signedcut._core import keypath as _keypath
 from jax_signedcut._core.protocol import is_compressed
-from jax_signedcut._parts.lowrank import LowRankPart
-from jax_signedcut._parts.sparse import Sparse
-from jax_signedcut._parts.sum import Sum
-from jax_signedcut._signedcut.factors import SignedCut
 
 MARK = "__jax_signedcut__"
 LEGACY_MARK = "__signed_cut__"
@@ -70,22 +67,8 @@ def _decode(d, where):
 
 
 def _decode_legacy(d, where):
-  """A ``SignedCut`` of an earlier release (sparse and low-rank fields inline) as today's types."""
   try:
-    m, n = (int(v) for v in np.asarray(d["shape"]))
-    g = lambda k: np.asarray(d[k])  # noqa: E731
-    parts = [SignedCut(s_bits=g("s_bits"), t_bits=g("t_bits"), c=g("c"),
-                       num_cuts=g("num_cuts"), shape=(m, n))]
-    if "sparse_idx" in d:
-      parts.append(Sparse(idx=g("sparse_idx"), val=g("sparse_val"), count=g("num_sparse"),
-                          shape=(m, n)))
-    if "lr_u" in d:
-      parts.insert(0, LowRankPart(u=g("lr_u").astype(jnp.bfloat16),
-                                  v=g("lr_v").astype(jnp.bfloat16), shape=(m, n)))
-    for p in parts:
-      _codec.codec_for(p).validate(p)
-    x = parts[0] if len(parts) == 1 else Sum(tuple(parts))
-    _codec.codec_for(x).validate(x)
+    x = _legacy.orbax_value(d)
   except (KeyError, TypeError, ValueError) as e:
     raise _format.CheckpointError(f"{where}: a signed cut entry is malformed "
                                   f"({_format.one_line(e)[:300]})") from None
@@ -186,11 +169,11 @@ def orbax_leaf_specs(directory):
              for kp, x in flat]
   except Exception as e:  # noqa: BLE001  (orbax raises many types)
     raise _format.CheckpointError(f"{directory}: cannot read the orbax checkpoint's metadata: "
-                          f"{_format.one_line(e)[:300]}") from None
+                                  f"{_format.one_line(e)[:300]}") from None
   for comps, _, _ in specs:
     if any(c[1] in _MARKS for c in comps):
-      raise _format.CheckpointError(f"{directory}: is already a jax_signedcut (compressed) checkpoint; "
-                            "use 'expand', or load_orbax it")
+      raise _format.CheckpointError(f"{directory}: is already a jax_signedcut (compressed) "
+                                    "checkpoint; use 'expand', or load_orbax it")
   return specs, tree
 
 
@@ -213,12 +196,13 @@ def restore_orbax_leaf(directory, tree, index: int) -> np.ndarray:
       out = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
           item=item, restore_args=args, partial_restore=True))
   except Exception as e:  # noqa: BLE001
-    raise _format.CheckpointError(f"{directory}: cannot restore leaf {index} of the orbax checkpoint: "
-                          f"{_format.one_line(e)[:300]}") from None
+    raise _format.CheckpointError(f"{directory}: cannot restore leaf {index} of the orbax "
+                                  f"checkpoint: {_format.one_line(e)[:300]}") from None
   got = [x for x in jax.tree_util.tree_leaves(out) if x is not None]
   if len(got) != 1 or tuple(got[0].shape) != tuple(leaves[index].shape):
     raise _format.CheckpointError(f"{directory}: leaf {index} came back as "
-                          f"{[tuple(np.shape(x)) for x in got]}, expected {tuple(leaves[index].shape)}")
+                                  f"{[tuple(np.shape(x)) for x in got]}, expected "
+                                  f"{tuple(leaves[index].shape)}")
   return np.asarray(got[0])
 
 
