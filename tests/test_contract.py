@@ -117,12 +117,13 @@ def test_save_load_bit_exact(method, tmp_path):
 
 
 def test_second_call_compiles_nothing(method, caplog):
-  a = _matrix()
+  a, b = _matrix(seed=0), _matrix(seed=1)
+  k0, k1 = jax.random.key(0), jax.random.key(1)
   run = jax.jit(lambda a, k: sc.decompose(a, key=k, bits_per_weight=BITS, **method))
-  jax.block_until_ready(run(a, jax.random.key(0)))
+  jax.block_until_ready(run(a, k0))
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     caplog.clear()
-    jax.block_until_ready(run(a + 1, jax.random.key(1)))
+    jax.block_until_ready(run(b, k1))
   assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 

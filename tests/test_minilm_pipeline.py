@@ -67,15 +67,16 @@ def test_main_job_on_one_layer(needs_model, tmp_path):
   again = sc.decompose(nnx.state(model, nnx.Param), key=jax.random.key(0), rate=0.25,
                        skip=("word",))
   f, g = loaded["layers/0/output/kernel"], again["layers"][0]["output"]["kernel"]
-  k, s = int(g.num_cuts), int(g.num_sparse)   # the file holds the used slots only
-  assert (int(f.num_cuts), int(f.num_sparse)) == (k, s)
-  for name, used in (("s_bits", k), ("t_bits", k), ("c", k), ("sparse_idx", s),
-                     ("sparse_val", s)):
-    np.testing.assert_array_equal(np.asarray(getattr(f, name))[:used],
-                                  np.asarray(getattr(g, name))[:used])
+  fc, gc = f.part(sc.SignedCut), g.part(sc.SignedCut)
+  fs, gs = f.part(sc.Sparse), g.part(sc.Sparse)
+  k, s = int(gc.num_cuts), int(gs.count)   # the file holds the used slots only
+  assert (int(fc.num_cuts), int(fs.count)) == (k, s)
+  for x, y, used in ((fc.s_bits, gc.s_bits, k), (fc.t_bits, gc.t_bits, k), (fc.c, gc.c, k),
+                     (fs.idx, gs.idx, s), (fs.val, gs.val, s)):
+    np.testing.assert_array_equal(np.asarray(x)[:used], np.asarray(y)[:used])
   dense = bert.load_safetensors(model_dir(), num_layers=1)
   for path, x in loaded.items():
-    if isinstance(x, sc.SignedCut):
+    if sc.is_compressed(x):
       keys = tuple(int(k) if k.isdigit() else k for k in path.split("/"))
       bert._variable(dense, keys).set_value(sc.reconstruct(x))  # noqa: SLF001
   swapped = bert.with_factors(bert.load_safetensors(model_dir(), num_layers=1), loaded)
@@ -91,7 +92,7 @@ def test_signedcutdense_applies_the_sparse_part():
   a = np.array(jax.random.normal(jax.random.key(0), (48, 40)))
   a[3, 7], a[20, 1], a[47, 39] = 60.0, -45.0, 80.0
   f = sc.decompose(a, key=jax.random.key(1), rate=0.5)
-  assert int(f.num_sparse) >= 3
+  assert int(f.part(sc.Sparse).count) >= 3
   b = jnp.linspace(-1.0, 1.0, 40)
   layer = SignedCutDense.from_factors(f, b)
   x = jax.random.normal(jax.random.key(2), (5, 48))

@@ -1,7 +1,10 @@
 """NNX SignedCutDense and swap_linears: converted model == model with reconstructed kernels.
 
-Tolerance: the factored product ((x·S)∘c)·Tᵀ and x·reconstruct(f) sum the same
-terms in a different order in f32, so they agree to a few f32 ulps of the
+Every method's factors (signed cuts alone or summed with sparse and low-rank
+parts, RTN, LPLR, DSVD) go through the same checks.
+
+Tolerance: the factored product (for cuts ((x·S)∘c)·Tᵀ, for LPLR (x·U)·V) and
+x·reconstruct(f) sum the same terms in a different order in f32, so they agree to a few f32 ulps of the
 largest partial sums: |Δ| ≤ 1e-5 · max|y| (+ 1e-6) for f32 activations. bf16
 activations round the output once: |Δ| ≤ 1e-2 · max|y|.
 """
@@ -60,12 +63,54 @@ def test_swap_selects_by_rules_and_filters():
   assert model.layers[1].width == sc.width_for_rate(48, 40, 0.5)
   assert type(model.head) is nnx.Linear
   packed = nnx.state(model, PackedFactor)
-  # outliers="auto" (the default) also gives the layer the sparse part.
-  assert sorted(packed["layers"][0].keys()) == ["c", "num_cuts", "num_sparse", "s_bits",
-                                                 "sparse_idx", "sparse_val", "t_bits"]
+  # One Variable per layer holding the whole compressed kernel, at the kernel's path;
+  # outliers="auto" (the default) gives the cuts and a sparse part.
+  assert sorted(packed["layers"][0].keys()) == ["kernel"]
+  f = packed["layers"][0]["kernel"].get_value()
+  assert [type(p) for p in f.parts] == [sc.SignedCut, sc.Sparse]
+  assert jax.tree.structure(model.layers[0].factors) == jax.tree.structure(f)
   params = nnx.state(model, nnx.Param)
   assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params))
-  assert "s_bits" not in params["layers"][0]
+  assert sorted(params["layers"][0].keys()) == ["bias"]
+
+
+def test_packed_state_swaps_into_a_fresh_model():
+  """nnx.state(model, PackedFactor) is itself a factors tree for swap_linears."""
+  model, _ = _models()
+  fresh = MLP(rngs=nnx.Rngs(0))  # the same biases, norm and head as the model's
+  swap_linears(fresh, nnx.state(model, PackedFactor))
+  x = jax.random.normal(jax.random.key(8), (3, 33))
+  np.testing.assert_array_equal(fresh(x), model(x))
+
+
+# Every method's factors of the Linear kernels: the layer holds any compressed value.
+METHODS = {
+    "rtn": dict(method="rtn", bits_per_weight=4),
+    "rtn_group": dict(method="rtn", bits_per_weight=5, options={"group_size": 16}),
+    "lplr": dict(method="lplr", bits_per_weight=4),
+    "dsvd": dict(method="dsvd", bits_per_weight=4),
+    "cuts_only": dict(rate=0.5, outliers=0),
+    "lowrank_cuts_sparse": dict(rate=0.5, outliers=0.02, lowrank=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_any_method_equals_the_dense_model_of_its_reconstruction(name):
+  model = MLP(rngs=nnx.Rngs(0))
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, skip=["head"], **METHODS[name])
+  ref = nnx.clone(model)
+  nnx.update(ref, sc.reconstruct(f))   # the dense model holding the dequantized kernels
+  swap_linears(model, f)
+  held = model.layers[0].factors
+  assert sc.is_compressed(held) and type(held) is type(f["layers"][0]["kernel"].get_value())
+  x = jax.random.normal(jax.random.key(1), (5, 33))
+  want = ref(x)
+  _close(model(x), want)
+  graphdef, state = nnx.split(model)
+  _close(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x), want)
+  _close(nnx.jit(lambda m, x: m(x))(model, x), want)
+  h = jax.random.normal(jax.random.key(2), (2, 48))
+  _close(model.layers[1].to_linear()(h), ref.layers[1](h))
 
 
 @pytest.mark.parametrize("batch", [(), (1,), (7,), (4, 5)])
@@ -114,18 +159,21 @@ def test_random_init_layer_and_from_factors_roundtrip():
 def test_bad_input():
   model = MLP(rngs=nnx.Rngs(0))
   f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, rules=RULES)
-  wrong = dict(f["layers"][0])
   f2 = sc.decompose(jnp.ones((48, 33)), key=KEY, width=4)
   with pytest.raises(ValueError, match=r"shape \(48, 33\) but the Linear's kernel has shape "
                                        r"\(33, 48\)"):
     SignedCutDense.from_linear(model.layers[0], f2)
-  bad = jax.tree_util.tree_map(lambda x: x, f, is_leaf=lambda x: isinstance(x, sc.SignedCut))
-  bad["layers"][0]["kernel"].set_value(f2)
+  with pytest.raises(TypeError, match="f must be a compressed matrix .* got ArrayImpl"):
+    SignedCutDense.from_factors(jnp.ones((33, 48)))
+  with pytest.raises(ValueError, match=r"bias must have shape \(33,\)"):
+    SignedCutDense.from_factors(f2, jnp.ones(3))
+  bad = jax.tree.map(lambda x: x, f, is_leaf=sc.is_compressed)
+  bad["layers"][0]["kernel"].set_value(sc.rtn(jnp.ones((48, 33)), bits=4))
   with pytest.raises(ValueError, match="Linear's kernel has shape"):
     swap_linears(MLP(rngs=nnx.Rngs(0)), bad)
-  del wrong
-  with pytest.raises(ValueError, match="not the kernel of an nnx.Linear.*norm/scale"):
-    swap_linears(MLP(rngs=nnx.Rngs(0)), {"norm": {"scale": f2}})
+  with pytest.raises(ValueError, match="not the kernel of an nnx.Linear in the model: "
+                                       "layers/7/kernel, norm/scale$"):
+    swap_linears(MLP(rngs=nnx.Rngs(0)), {"norm": {"scale": f2}, "layers": {7: {"kernel": f2}}})
   layer = SignedCutDense.from_factors(f2)
   with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 48\).*got x shape \(2, 33\)"):
     layer(jnp.ones((2, 33)))
@@ -133,6 +181,12 @@ def test_bad_input():
     layer(jnp.ones((2, 48), jnp.int32))
   with pytest.raises(ValueError, match="width must be an int >= 1"):
     SignedCutDense(3, 4, width=0)
+  stacked = SignedCutDense.from_factors(sc.rtn(jnp.ones((3, 48, 33)), bits=4))
+  with pytest.raises(ValueError, match="nnx.scan"):
+    stacked(jnp.ones((2, 48)))
+  with pytest.raises(ValueError, match=r"to_linear needs one matrix, got a stack of batch shape "
+                                       r"\(3,\)"):
+    stacked.to_linear()
 
 
 def test_to_linear_expands_once():
@@ -161,10 +215,12 @@ class ScanStack(nnx.Module):
     return step(self.blocks, x)
 
 
-@pytest.mark.parametrize("batch", [(), (7,)])
-def test_nnx_scan_stacked_linears(batch):
+@pytest.mark.parametrize("batch,budget", [((), dict(width=50)), ((7,), dict(width=50)),
+                                          ((7,), METHODS["rtn"]), ((7,), METHODS["lplr"]),
+                                          ((7,), METHODS["lowrank_cuts_sparse"])])
+def test_nnx_scan_stacked_linears(batch, budget):
   model = ScanStack(rngs=nnx.Rngs(0))
-  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, width=50)
+  f = sc.decompose(nnx.state(model, nnx.Param), key=KEY, **budget)
   assert f["blocks"]["kernel"].get_value().batch_shape == (3,)
   ref = nnx.clone(model)
   nnx.update(ref, sc.reconstruct(f))
@@ -172,6 +228,7 @@ def test_nnx_scan_stacked_linears(batch):
   assert isinstance(model.blocks, SignedCutDense)
   x = jax.random.normal(jax.random.key(1), (*batch, 32))
   _close(nnx.jit(lambda m, x: m(x))(model, x), ref(x))
+  assert model.blocks.factors.batch_shape == (3,)
 
 
 def test_swap_linears_decomposes_itself():
@@ -182,3 +239,16 @@ def test_swap_linears_decomposes_itself():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="only used when factors is None"):
     swap_linears(fresh, {}, key=KEY)
+
+
+@pytest.mark.parametrize("name", ["rtn", "lowrank_cuts_sparse"])
+def test_second_call_compiles_nothing(name):
+  model = MLP(rngs=nnx.Rngs(0))
+  swap_linears(model, sc.decompose(nnx.state(model, nnx.Param), key=KEY, skip=["head"],
+                                   **METHODS[name]))
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  step(state, jnp.ones((2, 33)))
+  # New activations, and new arrays of the same structure in the layers.
+  step(jax.tree.map(jnp.copy, state), -jnp.ones((2, 33)))
+  assert step._cache_size() == 1  # noqa: SLF001

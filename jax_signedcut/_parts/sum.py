@@ -13,7 +13,7 @@ import dataclasses
 
 import jax
 
-from jax_signedcut._core.protocol import Compressed, check_compressed
+from jax_signedcut._core.protocol import Compressed
 
 
 @jax.tree_util.register_dataclass
@@ -40,20 +40,17 @@ class Sum(Compressed):
   parts: tuple
 
   def __post_init__(self):
-    if not isinstance(self.parts, tuple) or not self.parts:
-      raise TypeError(f"parts must be a non-empty tuple, got {self.parts!r}")
-    shape = None
-    for i, p in enumerate(self.parts):
-      # Inside jax transformations the leaves may be placeholders; only check types.
-      if not isinstance(p, Compressed):
-        if type(p) is object or p is None:
-          continue
-        check_compressed(p, f"parts[{i}]")
-      elif shape is None:
-        shape = tuple(p.shape)
-      elif tuple(p.shape) != shape:
-        raise ValueError(f"every part must have shape {shape}, got parts[{i}].shape = "
-                         f"{tuple(p.shape)}")
+    # jax rebuilds pytrees with placeholder leaves (tree.map, tree.unflatten), so
+    # only parts that are all compressed values are checked.
+    parts = self.parts
+    if not isinstance(parts, tuple) or not parts:
+      raise TypeError(f"parts must be a non-empty tuple, got {parts!r}")
+    if all(isinstance(p, Compressed) for p in parts):
+      shape = tuple(parts[0].shape)
+      for i, p in enumerate(parts[1:], 1):
+        if tuple(p.shape) != shape:
+          raise ValueError(f"every part must have shape {shape}, got parts[{i}].shape = "
+                           f"{tuple(p.shape)}")
 
   @property
   def shape(self) -> tuple[int, ...]:

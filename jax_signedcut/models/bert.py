@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jax_signedcut._core import tree as _tree
-from jax_signedcut._signedcut.factors import SignedCut, reconstruct
+from jax_signedcut._core.protocol import is_compressed
 
 __all__ = ["Bert", "BertConfig", "encode", "load_safetensors", "load_tokenizer", "minilm_dir",
            "sentence_embedding", "with_factors"]
@@ -295,31 +295,30 @@ def encode(model: Bert, tokenizer, texts, *, batch_size: int = 32) -> np.ndarray
 def with_factors(model: Bert, factors, *, dense: bool = False) -> Bert:
   """Puts a ``decompose`` result over ``nnx.state(model, nnx.Param)`` into ``model``, in place.
 
-  Linear kernels held as :class:`~jax_signedcut.SignedCut` become
-  ``SignedCutDense`` layers (via :func:`jax_signedcut.nnx.swap_linears`); any
-  other ``SignedCut`` leaf (the embedding tables) is reconstructed into its
-  dense variable. Dense leaves of ``factors`` are left as the model has them.
+  Linear kernels held compressed (any method) become ``SignedCutDense``
+  layers (via :func:`jax_signedcut.nnx.swap_linears`); any other compressed
+  leaf (the embedding tables) is reconstructed into its dense variable. Dense
+  leaves of ``factors`` are left as the model has them.
 
   Returns:
     ``model``.
   """
   from jax_signedcut.nnx import swap_linears  # noqa: PLC0415
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      factors, is_leaf=lambda x: isinstance(x, SignedCut))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(factors, is_leaf=is_compressed)
   linear, other = [], {}
   for kp, leaf in flat:
     path = _tree.leaf_path(kp)
     is_kernel = path.startswith("layers/") and path.endswith("/kernel")
-    if isinstance(leaf, SignedCut) and not is_kernel:
+    if is_compressed(leaf) and not is_kernel:
       other[path] = leaf
       leaf = None
     linear.append(leaf)
   for path, f in other.items():
     keys = tuple(int(k) if k.isdigit() else k for k in path.split("/"))
     var = _variable(model, keys)
-    var.set_value(reconstruct(f, var.dtype))
+    var.set_value(f.reconstruct(var.dtype))
   only_linear = jax.tree_util.tree_unflatten(
-      treedef, [x if isinstance(x, SignedCut) else None for x in linear])
+      treedef, [x if is_compressed(x) else None for x in linear])
   swap_linears(model, only_linear, dense=dense)
   return model
