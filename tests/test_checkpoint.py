@@ -578,3 +578,28 @@ def test_load_orbax_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="cannot restore"):
     sc.load_orbax(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("method", ["signed_cut", "rtn"])
+def test_orbax_nnx_state_round_trip(tmp_path, method):
+  from jax_signedcut.nnx import swap_linears  # noqa: PLC0415
+
+  def model(seed):
+    m = nnx.Sequential(nnx.Linear(32, 48, rngs=nnx.Rngs(seed)), nnx.relu,
+                       nnx.Linear(48, 16, rngs=nnx.Rngs(seed + 1)))
+    swap_linears(m, sc.decompose(nnx.state(m, nnx.Param), key=jax.random.key(seed),
+                                 bits_per_weight=8, method=method))
+    return m
+
+  m, m2 = model(0), model(5)
+  x = jax.random.normal(jax.random.key(9), (3, 32))
+  assert not np.array_equal(m(x), m2(x))
+  sc.save_orbax(tmp_path / "nnx", nnx.state(m))
+  nnx.update(m2, sc.load_orbax(tmp_path / "nnx", like=nnx.state(m2)))
+  np.testing.assert_array_equal(m(x), m2(x))
+  # and through a safetensors file
+  sc.save(tmp_path / "m.safetensors", nnx.state(m))
+  m3 = model(7)
+  back = sc.load(tmp_path / "m.safetensors")
+  nnx.update(m3, back)
+  np.testing.assert_array_equal(m(x), m3(x))
