@@ -11,12 +11,13 @@ from jax_signedcut._signedcut.backfit import backfit as backfit
 from jax_signedcut._signedcut.budget import bytes_per_cut as bytes_per_cut
 from jax_signedcut._signedcut.budget import width_for_bits as width_for_bits
 from jax_signedcut._signedcut.budget import width_for_rate as width_for_rate
-from jax_signedcut._checkpoint import expand as expand
-from jax_signedcut._checkpoint import load as load
-from jax_signedcut._checkpoint import load_info as load_info
-from jax_signedcut._checkpoint import load_orbax as load_orbax
-from jax_signedcut._checkpoint import save as save
-from jax_signedcut._checkpoint import save_orbax as save_orbax
+from jax_signedcut.checkpoint import CheckpointError as CheckpointError
+from jax_signedcut.checkpoint import expand as expand
+from jax_signedcut.checkpoint import load as load
+from jax_signedcut.checkpoint import load_info as load_info
+from jax_signedcut.checkpoint import load_orbax as load_orbax
+from jax_signedcut.checkpoint import save as save
+from jax_signedcut.checkpoint import save_orbax as save_orbax
 from jax_signedcut._signedcut.decompose import decompose as decompose
 from jax_signedcut._signedcut.decompose import decompose_leafwise as decompose_leafwise
 from jax_signedcut._core.protocol import Compressed as Compressed
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "CheckpointError",
     "Compressed",
     "LowRankPart",
     "Sparse",

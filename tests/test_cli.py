@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,20 +14,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from test_checkpoint import DATA
 
 import jax_signedcut as sc
-from jax_signedcut._signedcut import decompose as _decompose
-from jax_signedcut._core import tree as _tree
+from conftest import assert_same_factors
 from jax_signedcut._cli import main
-
-
-def assert_same_factors(f, g):
-  assert isinstance(g, sc.SignedCut) and f.shape == g.shape
-  for k in ("s_bits", "t_bits", "c", "num_cuts", "sparse_idx", "sparse_val", "num_sparse"):
-    a, b = getattr(f, k), getattr(g, k)
-    assert (a is None) == (b is None), k
-    if a is not None:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+from jax_signedcut._core import tree as _tree
+from jax_signedcut._signedcut import decompose as _decompose
 
 
 def run(capsys, *argv):
@@ -128,8 +122,8 @@ def test_rules_skip_width_max_error(gauss, tmp_path, capsys):
   assert code == 0, err
   assert "nomatch" in err and "warning" in err        # the rule that selected nothing
   info = {e["path"]: e for e in sc.load_info(out)["leaves"]}
-  assert info["l1.weight"]["width"] == 16
-  assert info["l2.weight"]["width"] == sc.width_for_bits(384, 96, 2)
+  assert info["l1.weight"]["value"]["slots"]["width"] == 16
+  assert info["l2.weight"]["value"]["slots"]["width"] == sc.width_for_bits(384, 96, 2)
   assert info["l1.bias"]["kind"] == "array"
   assert "l1.weight" in stdout and "total" in stdout
   code, _, err = run(capsys, "compress", d / "in.safetensors", out, "--rule",
@@ -137,7 +131,8 @@ def test_rules_skip_width_max_error(gauss, tmp_path, capsys):
   assert code == 0, err
   f = sc.load(out)
   for name in ("l1.weight", "l2.weight"):
-    assert int(f[name].num_cuts) < 300
+    cuts = f[name].part(sc.SignedCut) if isinstance(f[name], sc.Sum) else f[name]
+    assert int(cuts.num_cuts) < 300
     assert rel(tensors[name], sc.reconstruct(f[name])) <= 0.5
 
 
@@ -167,7 +162,7 @@ def test_orbax_linen_model(tmp_path, capsys):
                      "--rate", "0.5", "-q")
   assert code == 0, err
   f = sc.load(tmp_path / "c.safetensors")
-  assert isinstance(f["params"]["layers_0"]["kernel"], sc.SignedCut)
+  assert isinstance(f["params"]["layers_0"]["kernel"], (sc.SignedCut, sc.Sum))
   assert isinstance(f["params"]["layers_0"]["bias"], np.ndarray)
   code, _, err = run(capsys, "expand", tmp_path / "c.safetensors", tmp_path / "dense",
                      "--dtype", "f32", "-q")
@@ -187,7 +182,9 @@ def test_orbax_input_is_read_leaf_by_leaf(tmp_path, capsys, monkeypatch):
   """An orbax input is restored one leaf at a time (partial restores), never whole."""
   import ml_dtypes  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  from jax_signedcut import _checkpoint  # noqa: PLC0415
+
+  from jax_signedcut._checkpoint import orbax as _orbax  # noqa: PLC0415
+  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
   tree = {"enc": {"kernel": rng.standard_normal((64, 48)).astype(np.float32),
@@ -196,19 +193,19 @@ def test_orbax_input_is_read_leaf_by_leaf(tmp_path, capsys, monkeypatch):
                      np.arange(6, dtype=np.int32)]}
   with ocp.StandardCheckpointer() as ck:
     ck.save(tmp_path / "ckpt", tree)
-  specs, meta = _checkpoint.orbax_leaf_specs(tmp_path / "ckpt")
-  whole = _checkpoint.flatten(sc.load_orbax(tmp_path / "ckpt"))
+  specs, meta = _orbax.orbax_leaf_specs(tmp_path / "ckpt")
+  whole = _structure.flatten(sc.load_orbax(tmp_path / "ckpt"))
   assert [c for c, _, _ in specs] == [c for c, _ in whole]
   for i, ((comps, shape, dtype), (_, leaf)) in enumerate(zip(specs, whole)):
-    got = _checkpoint.restore_orbax_leaf(tmp_path / "ckpt", meta, i)
+    got = _orbax.restore_orbax_leaf(tmp_path / "ckpt", meta, i)
     assert got.shape == shape == np.shape(leaf) and got.dtype == dtype == np.asarray(leaf).dtype
     np.testing.assert_array_equal(got, np.asarray(leaf))
 
   calls = []
-  real = _checkpoint.restore_orbax_leaf
-  monkeypatch.setattr(_checkpoint, "restore_orbax_leaf",
+  real = _orbax.restore_orbax_leaf
+  monkeypatch.setattr(_orbax, "restore_orbax_leaf",
                       lambda d, t, i: calls.append(i) or real(d, t, i))
-  monkeypatch.setattr(_checkpoint, "load_orbax", lambda *a, **k: pytest.fail("restored whole"))
+  monkeypatch.setattr(_orbax, "load_orbax", lambda *a, **k: pytest.fail("restored whole"))
   code, _, err = run(capsys, "compress", tmp_path / "ckpt", tmp_path / "c.safetensors",
                      "--width", "20", "-q")
   assert code == 0, err
@@ -335,7 +332,8 @@ def test_console_script(small, tmp_path):
                         "--width", "4", "-q"], capture_output=True, text=True, timeout=300,
                        check=False)
   assert res.returncode == 0, res.stderr
-  assert sc.load(tmp_path / "o.safetensors")["w"].width == 4
+  w = sc.load(tmp_path / "o.safetensors")["w"]
+  assert (w.part(sc.SignedCut) if isinstance(w, sc.Sum) else w).width == 4
   res = subprocess.run([exe, "inspect", str(tmp_path / "missing.safetensors")],
                        capture_output=True, text=True, timeout=300, check=False)
   assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
@@ -376,3 +374,124 @@ def test_orbax_nnx_state_and_stacked_leaf(tmp_path, capsys):
                       key=_tree.leaf_key(jax.random.key(0), "blocks/w"))
   assert got.batch_shape == (3,)
   assert_same_factors(want, got)
+
+
+# ----------------------------------------------------------------------------
+# Methods other than signed cuts, and files of earlier format versions
+
+METHODS = ["signed_cut", "rtn", "lplr", "dsvd", "lp_lowrank"]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+  d = tmp_path_factory.mktemp("methods")
+  rng = np.random.default_rng(3)
+  tensors = {"l1.weight": rng.standard_normal((64, 48)).astype(np.float32),
+             "l2.weight": rng.standard_normal((40, 33)).astype(np.float32),
+             "l1.bias": rng.standard_normal(48).astype(np.float32)}
+  save_file(tensors, str(d / "in.safetensors"))
+  return d, tensors
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compress_every_method(small_model, tmp_path, capsys, method):
+  d, tensors = small_model
+  out = tmp_path / "o.safetensors"
+  code, stdout, err = run(capsys, "compress", d / "in.safetensors", out, "--method", method,
+                          "--bits", "4")
+  assert code == 0, err
+  f = sc.load(out)
+  for name in ("l1.weight", "l2.weight"):
+    want = sc.decompose(jnp.asarray(tensors[name]), key=_tree.leaf_key(jax.random.key(0), name),
+                        bits_per_weight=4, method=method)
+    assert_same_factors(want, f[name])
+    assert 8 * sc.nbytes(f[name]) <= 4 * tensors[name].size
+  np.testing.assert_array_equal(f["l1.bias"], tensors["l1.bias"])
+  row = next(line for line in stdout.splitlines() if line.startswith("l1.weight"))
+  assert "64x48" in row and (method == "signed_cut" or f"{method}: " in row)
+  logged = float(row.split()[-1])
+  # expand gives reconstruct's matrices; inspect --original measures the logged error.
+  code, _, err = run(capsys, "expand", out, tmp_path / "dense.safetensors", "--dtype", "f32")
+  assert code == 0, err
+  dense = load_file(str(tmp_path / "dense.safetensors"))
+  np.testing.assert_array_equal(dense["l1.weight"], np.asarray(sc.reconstruct(f["l1.weight"])))
+  code, out_text, err = run(capsys, "inspect", out, "--original", d / "in.safetensors")
+  assert code == 0, err
+  row = next(line for line in out_text.splitlines() if line.startswith("l1.weight"))
+  assert abs(float(row.split()[-1]) - logged) < 1e-3
+  assert abs(logged - rel(tensors["l1.weight"], dense["l1.weight"])) < 1e-3
+  assert sc.load_info(out)["leaves"][1]["method"] == method
+
+
+def test_methods_mixed_by_rule(small_model, tmp_path, capsys):
+  d, tensors = small_model
+  out = tmp_path / "o.safetensors"
+  code, _, err = run(capsys, "compress", d / "in.safetensors", out, "--bits", "3",
+                     "--rule", "l2=bits=8,method=rtn,option.group_size=16",
+                     "--method", "lplr", "--option", "bits=8:4", "-q")
+  assert code == 0, err
+  f = sc.load(out)
+  key = lambda name: _tree.leaf_key(jax.random.key(0), name)  # noqa: E731
+  assert_same_factors(sc.decompose(jnp.asarray(tensors["l2.weight"]), key=key("l2.weight"),
+                                bits_per_weight=8, method="rtn", options={"group_size": 16}),
+                   f["l2.weight"])
+  assert_same_factors(sc.decompose(jnp.asarray(tensors["l1.weight"]), key=key("l1.weight"),
+                                bits_per_weight=3, method="lplr", options={"bits": (8, 4)}),
+                   f["l1.weight"])
+  assert isinstance(f["l2.weight"], sc.QuantizedMatrix) and f["l2.weight"].group_size == 16
+  assert isinstance(f["l1.weight"], sc.LowRank)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "nope", "--bits", "4"], "method must be one of"),
+    (["--method", "rtn", "--width", "4"], "takes a --rate or --bits budget"),
+    (["--method", "rtn", "--bits", "4", "--max-error", "0.1"], "takes a --rate or --bits"),
+    (["--method", "rtn", "--bits", "4", "--option", "nope=1"], "takes the options"),
+    (["--bits", "4", "--option", "group_size=64"], "--option is for the other methods"),
+    (["--method", "rtn", "--bits", "0.01"], "pays for no"),
+    (["--bits", "4", "--rule", "w=bits=4,option.group_size=8"], "need the method"),
+])
+def test_method_errors(small, tmp_path, capsys, args, match):
+  err = one_line_error(*run(capsys, "compress", small, tmp_path / "o.safetensors", *args))
+  assert re.search(match, err), err
+  assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_legacy_files(tmp_path, capsys):
+  for version in ("v1", "v2"):
+    path = os.path.join(DATA, f"legacy_{version}.safetensors")
+    code, out, err = run(capsys, "inspect", path)
+    assert code == 0, err
+    if version == "v2":
+      row = next(line for line in out.splitlines() if line.startswith("pos"))
+      assert "rank 2 bf16 + cuts 6/19 + 4 sparse" in row and "32x24" in row
+    code, _, err = run(capsys, "expand", path, tmp_path / f"{version}.safetensors", "--dtype",
+                       "f32")
+    assert code == 0, err
+    dense = load_file(str(tmp_path / f"{version}.safetensors"))
+    want = sc.expand(sc.load(path), jnp.float32)
+    for name, leaf in _structure_flat(want):
+      np.testing.assert_array_equal(dense[name], np.asarray(leaf, dense[name].dtype))
+
+
+def _structure_flat(tree):
+  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
+  from jax_signedcut._core import keypath  # noqa: PLC0415
+
+  return [(keypath.join(c), leaf) for c, leaf in _structure.flatten(tree)]
+
+
+def test_truncate_leaves_other_methods_as_stored(small_model, tmp_path, capsys):
+  d, _ = small_model
+  out = tmp_path / "o.safetensors"
+  code, _, err = run(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                     "--rule", "l2=bits=8,method=rtn", "-q")
+  assert code == 0, err
+  code, _, err = run(capsys, "expand", out, tmp_path / "e.safetensors", "--truncate-bits", "2",
+                     "--dtype", "f32", "-q")
+  assert code == 0, err
+  dense = load_file(str(tmp_path / "e.safetensors"))
+  f = sc.load(out)
+  cut = sc.truncate(f["l1.weight"], bits_per_weight=2)
+  np.testing.assert_array_equal(dense["l1.weight"], np.asarray(sc.reconstruct(cut)))
+  np.testing.assert_array_equal(dense["l2.weight"], np.asarray(sc.reconstruct(f["l2.weight"])))

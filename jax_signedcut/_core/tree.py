@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._core import keypath as _keypath
 from jax_signedcut._core.protocol import is_compressed
 
 #: Leaves whose last two dims are not both at least this large are kept dense
@@ -83,28 +84,8 @@ class _Rule:
 
 
 def leaf_path(path) -> str:
-  """The ``/``-joined path of a key path from ``jax.tree_util``.
-
-  Example:
-    >>> leaf_path((jax.tree_util.DictKey("params"), jax.tree_util.SequenceKey(0)))
-    'params/0'
-  """
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  # An nnx.Variable flattens to its `value`; drop it so paths read like nnx.State.
-  if parts and path and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
-    parts.pop()
-  return "/".join(parts)
+  """The ``/``-joined path of a key path (see :mod:`jax_signedcut._core.keypath`)."""
+  return _keypath.leaf_path(path)
 
 
 def leaf_key(key: jax.Array, path: str) -> jax.Array:

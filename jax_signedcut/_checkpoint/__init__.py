@@ -1,0 +1,1 @@
+"""Checkpoints of compressed pytrees: safetensors, orbax, expand (see README.md here)."""

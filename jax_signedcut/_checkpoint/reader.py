@@ -1,0 +1,268 @@
+"""Reading a checkpoint: the header checked up front, leaves decoded and validated one at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_signedcut._checkpoint import codec as _codec
+from jax_signedcut._checkpoint import format as _format
+from jax_signedcut._checkpoint import legacy as _legacy
+from jax_signedcut._checkpoint import structure as _structure
+from jax_signedcut._checkpoint import types as _types  # noqa: F401  (registers the codecs)
+from jax_signedcut._core.protocol import map_compressed
+from jax_signedcut._parts.sum import Sum
+from jax_signedcut._signedcut import factors as _factors
+from jax_signedcut._signedcut.factors import SignedCut
+
+
+class TensorFile:
+  """A safetensors file whose tensors are read one at a time with plain reads.
+
+  ``safetensors.safe_open`` checks the header (offsets in order, the file fully
+  covered); the data are then read with ``readinto`` rather than through its
+  memory map, because pages of a mapped file stay counted in the process's
+  resident set after use: reading a checkpoint matrix by matrix through the map
+  makes the peak grow with the file size, plain reads keep it at one matrix.
+  """
+
+  def __init__(self, path):
+    from safetensors import safe_open  # noqa: PLC0415
+
+    self.path = os.fspath(path)
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"{self.path}: no such file")
+    if os.path.isdir(self.path):
+      raise _format.CheckpointError(f"{self.path}: is a directory, expected a .safetensors file")
+    try:
+      with safe_open(self.path, framework="numpy") as f:
+        self.metadata = dict(f.metadata() or {})
+      with open(self.path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+      raise _format.CheckpointError(f"{self.path}: not a readable safetensors file "
+                            f"(truncated or corrupt?): {_format.one_line(e)}") from None
+    header.pop("__metadata__", None)
+    self._start = 8 + n
+    self._entries = header
+    self._fh = open(self.path, "rb")  # noqa: SIM115  (closed by close())
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name) -> tuple[int, ...]:
+    return tuple(self._entries[name]["shape"])
+
+  def dtype(self, name):
+    """The numpy dtype of a tensor, or None for a dtype numpy cannot hold."""
+    return _format.DTYPES.get(self._entries[name]["dtype"])
+
+  def get(self, name) -> np.ndarray:
+    e = self._entries[name]
+    dtype = self.dtype(name)
+    if dtype is None:
+      raise _format.CheckpointError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}, which "
+                            "cannot be read into numpy")
+    begin, end = e["data_offsets"]
+    a = np.empty(e["shape"], dtype)
+    if a.nbytes != end - begin:
+      raise _format.CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes for "
+                                    f"shape {tuple(e['shape'])} of {dtype}")
+    self._fh.seek(self._start + begin)
+    if a.nbytes and self._fh.readinto(a.reshape(-1).view(np.uint8)) != a.nbytes:
+      raise _format.CheckpointError(f"{self.path}: tensor {name!r} is cut short (truncated file?)")
+    return a
+
+  def close(self):
+    if not self._fh.closed:
+      self._fh.close()
+
+
+class Reader:
+  """A jax_signedcut safetensors file opened lazily; tensors read on demand.
+
+  Use as a context manager. ``info`` is the parsed metadata body (entries of
+  format versions 1 and 2 rewritten into the current form, see
+  :mod:`jax_signedcut._checkpoint.legacy`); ``leaf(i)`` decodes and checks leaf ``i``.
+  """
+
+  def __init__(self, path, *, verify: bool = True):
+    self.path = os.fspath(path)
+    self.verify = verify
+    self._f = TensorFile(self.path)
+    self._names = set(self._f.keys())
+    try:
+      self.format_version, self.info = self._parse(self._f.metadata)
+    except BaseException:
+      self._f.close()
+      raise
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self):
+    self._f.close()
+
+  def _err(self, msg) -> _format.CheckpointError:
+    return _format.CheckpointError(f"{self.path}: {msg}")
+
+  def _parse(self, meta) -> tuple[int, dict]:
+    version, body = _format.parse_header(meta, self._err)
+    described = set()
+    leaves = []
+    for i, e in enumerate(body["leaves"]):
+      if version < 3 and isinstance(e, dict) and e.get("kind") == "signed_cut" \
+          and isinstance(e.get("path"), str):
+        e = _legacy.entry(e, self._err)
+      _format.check_entry(i, e, self._err)
+      if e["kind"] == "array":
+        names = [e["tensor"]]
+      else:
+        names = [s.get("tensor") for s in _codec.tensor_specs(e["value"])]
+      for name in names:
+        if name not in self._names:
+          raise self._err(f"leaf {e.get('path')!r}: tensor {name!r} is missing from the file")
+        if name in described:
+          raise self._err(f"leaf {e.get('path')!r}: tensor {name!r} is described twice")
+        described.add(name)
+      leaves.append(e)
+    extra = self._names - described
+    if extra:
+      raise self._err(f"tensors not described by the metadata: {sorted(extra)[:5]}")
+    return version, dict(body, leaves=leaves)
+
+  @property
+  def entries(self) -> list[dict]:
+    return self.info["leaves"]
+
+  @property
+  def user_metadata(self) -> dict:
+    return self.info.get("user", {})
+
+  def tensor(self, name: str, dtype=None, shape=None, what="") -> np.ndarray:
+    """Reads one tensor, checking its CRC, dtype and shape."""
+    a = self._f.get(name)
+    if self.verify:
+      want = self.info.get("crc32", {}).get(name)
+      if want is not None and _format.crc32(a) != want:
+        raise self._err(f"tensor {name!r} is corrupt (CRC-32 mismatch)")
+    if shape is not None and tuple(shape) == () and a.shape == (1,):
+      a = a.reshape(())   # safetensors' numpy API reads 0-d tensors as shape (1,)
+    if dtype is not None and a.dtype != np.dtype(dtype):
+      raise self._err(f"tensor {name!r}{what} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+      raise self._err(f"tensor {name!r}{what} has shape {tuple(a.shape)}, the metadata says "
+                      f"{tuple(shape)}")
+    return a
+
+  def leaf(self, i: int, *, full_width: bool = True):
+    """Leaf ``i``, checked: an ``np.ndarray``, or a compressed value of ``jax.Array`` s.
+
+    ``full_width=False`` leaves trimmed slots (unused cuts, sparse slots) off,
+    which is what expanding needs.
+    """
+    e = self.entries[i]
+    path = e.get("path")
+    if e["kind"] == "array":
+      try:
+        dtype = _format.numpy_dtype(e["dtype"])
+        shape = tuple(int(d) for d in e["shape"])
+      except (KeyError, TypeError, ValueError) as ex:
+        raise self._err(f"leaf {path!r}: malformed dtype/shape ({ex!r})") from None
+      return self.tensor(e["tensor"], dtype, shape)
+
+    def read(spec):
+      try:
+        dtype = _format.DTYPES[spec["dtype"]]
+        shape = tuple(int(d) for d in spec["shape"])
+      except (KeyError, TypeError, ValueError) as ex:
+        raise self._err(f"leaf {path!r}: malformed tensor description {spec!r} "
+                        f"({ex!r})") from None
+      return self.tensor(spec["tensor"], dtype, shape, f" of {path!r}")
+
+    try:
+      x = _codec.decode(e["value"], read, full=full_width)
+    except _format.CheckpointError:
+      raise
+    except ValueError as ex:
+      raise self._err(f"leaf {path!r}: {_format.one_line(ex)}") from None
+    want = (tuple(e.get("batch_shape", ())), tuple(e.get("shape", ())))
+    if (tuple(x.batch_shape), tuple(x.shape)) != want:
+      raise self._err(f"leaf {path!r}: the value has batch shape {x.batch_shape} and shape "
+                      f"{x.shape}, the entry says {want[0]} and {want[1]}")
+    return jax.tree.map(jnp.asarray, x)
+
+  def tree(self, *, full_width: bool = True):
+    items = [(e["key"], self.leaf(i, full_width=full_width)) for i, e in enumerate(self.entries)]
+    return _structure.unflatten(items, self.path)
+
+
+def has_cuts(x) -> bool:
+  """Whether a compressed value is a SignedCut or a Sum holding one (what truncation takes)."""
+  return isinstance(x, SignedCut) or (isinstance(x, Sum) and x.part(SignedCut) is not None)
+
+
+def truncate_tree(tree, rate, bits):
+  """Every leaf with cuts truncated to a rate or bits budget; other leaves as they are."""
+  if rate is None and bits is None:
+    return tree
+  if rate is not None and bits is not None:
+    raise ValueError(f"give at most one of truncate_rate and truncate_bits, got "
+                     f"truncate_rate={rate!r}, truncate_bits={bits!r}")
+  return map_compressed(
+      lambda x: _factors.truncate(x, rate=rate, bits_per_weight=bits) if has_cuts(x) else x,
+      tree)
+
+
+def load(path, *, truncate_rate: float | None = None, truncate_bits: float | None = None,
+         verify: bool = True):
+  """Loads a pytree saved by :func:`save` (or ``jax-signedcut compress``).
+
+  Files of every format version are read (versions 1 and 2 into the current
+  types: a ``SignedCut``, or a ``Sum`` of a ``LowRankPart``, the cuts and a
+  ``Sparse`` part).
+
+  Args:
+    path: the safetensors file.
+    truncate_rate: keep of every leaf with signed cuts (a ``SignedCut`` or a
+      ``Sum`` holding one) only the cuts this rate pays for after its other
+      parts (``truncate(f, rate=...)``): greedy cuts are prefix-consistent, so
+      this equals compressing at the lower rate with the same seed. Leaves of
+      other methods are returned as saved.
+    truncate_bits: the same with a bits-per-weight budget.
+    verify: check every tensor's CRC-32 (on by default).
+
+  Returns:
+    Nested dicts and lists rebuilt from the saved key paths (tuples come back
+    as lists, custom pytree nodes such as ``nnx.State`` as dicts keyed by
+    their field names; ``None`` leaves are not stored) of ``np.ndarray``
+    leaves and compressed leaves (of ``jax.Array`` s, at their saved width).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a truncated, corrupt or inconsistent file, a newer format
+      version, a file that is not a jax_signedcut checkpoint (all naming the
+      file), or a bad truncation budget.
+  """
+  with Reader(path, verify=verify) as r:
+    tree = r.tree()
+  return truncate_tree(tree, truncate_rate, truncate_bits)
+
+
+def load_info(path) -> dict:
+  """The metadata of a saved file: ``{"version", "leaves", "crc32", "user"}``.
+
+  Leaf entries of older format versions are given in the current form;
+  ``"version"`` is the file's own format version.
+  """
+  with Reader(path, verify=False) as r:
+    return r.info

@@ -1,0 +1,179 @@
+"""Writing a checkpoint: leaves encoded one at a time, the file renamed into place when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+
+import jax
+import numpy as np
+
+from jax_signedcut._checkpoint import codec as _codec
+from jax_signedcut._checkpoint import format as _format
+from jax_signedcut._checkpoint import structure as _structure
+from jax_signedcut._checkpoint import types as _types  # noqa: F401  (registers the codecs)
+from jax_signedcut._core import keypath as _keypath
+from jax_signedcut._core.protocol import is_compressed
+
+
+def encode_leaf(comps, leaf, *, extra: dict | None = None) -> tuple[list, dict]:
+  """Tensors ``[(name, np.ndarray)]`` and the metadata entry of one leaf.
+
+  Raises:
+    TypeError: traced values, a dtype safetensors cannot store, or a
+      compressed type with no registered codec.
+  """
+  path = _keypath.join(comps)
+  entry: dict = {"key": comps, "path": path}
+  if is_compressed(leaf):
+    node, tensors = _codec.encode(leaf, path)
+    entry.update(kind="compressed", type=node["type"], shape=[int(d) for d in leaf.shape],
+                 batch_shape=[int(d) for d in leaf.batch_shape], nbytes=int(leaf.nbytes),
+                 value=node)
+  else:
+    if isinstance(leaf, jax.core.Tracer):
+      raise TypeError("save needs concrete arrays: call it outside jax.jit")
+    a = np.asarray(leaf)
+    if a.dtype not in _format.CODES:
+      raise TypeError(f"leaf {path!r}: dtype {a.dtype} cannot be stored in safetensors")
+    entry.update(kind="array", tensor=path, dtype=str(a.dtype), shape=list(a.shape))
+    tensors = [(path, a)]
+  if extra:
+    entry.update(extra)
+  return tensors, entry
+
+
+class Writer:
+  """Writes a safetensors file one tensor at a time, atomically.
+
+  Tensors are appended to a spool file as they come (so only one is in memory
+  at a time); :meth:`finish` writes the header and the data to a temporary
+  file in the destination's directory and ``os.replace`` s it onto the
+  destination. An exception (or Ctrl-C) before that leaves no output file and
+  removes the temporaries.
+  """
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(self.path))
+    if not os.path.isdir(d):
+      raise FileNotFoundError(f"{self.path}: the directory {d} does not exist")
+    if os.path.isdir(self.path):
+      raise IsADirectoryError(f"{self.path}: is a directory; name the output file")
+    fd, self._spool_name = tempfile.mkstemp(prefix=".spool-", suffix=".tmp", dir=d)
+    self._spool = os.fdopen(fd, "wb")
+    self._header: dict = {}
+    self._crc: dict = {}
+    self._offset = 0
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    self._cleanup()
+
+  def _cleanup(self):
+    if not self._spool.closed:
+      self._spool.close()
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self._spool_name)
+
+  def add(self, name: str, array) -> None:
+    """Appends one tensor."""
+    if name in self._header or name == "__metadata__":
+      raise ValueError(f"{self.path}: two tensors named {name!r} (or a reserved name)")
+    a = np.ascontiguousarray(array)
+    if a.dtype not in _format.CODES:
+      raise TypeError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+    data = _format.bytes_view(a)     # no copy: the array may be the largest in the file
+    self._spool.write(data)
+    self._header[name] = {"dtype": _format.CODES[a.dtype], "shape": list(a.shape),
+                          "data_offsets": [self._offset, self._offset + a.nbytes]}
+    self._crc[name] = zlib.crc32(data)
+    self._offset += a.nbytes
+
+  @property
+  def crc32(self) -> dict:
+    return dict(self._crc)
+
+  def finish(self, metadata: dict[str, str]) -> None:
+    """Writes header + data and renames the result onto the destination."""
+    self._spool.close()
+    header = dict(self._header)
+    header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    d = os.path.dirname(os.path.abspath(self.path))
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=d)
+    try:
+      with os.fdopen(fd, "wb") as out, open(self._spool_name, "rb") as spool:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        shutil.copyfileobj(spool, out, 1 << 22)
+        out.flush()
+        os.fsync(out.fileno())
+      os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual mode
+      os.replace(tmp, self.path)
+    except BaseException:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+      raise
+    finally:
+      self._cleanup()
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def save(path, tree, *, metadata: dict | None = None) -> None:
+  """Saves a pytree of compressed values and arrays to a safetensors file.
+
+  Every compressed type (signed cuts, sums of parts, RTN codes, LPLR/DSVD/ℓp
+  factors, tensor cuts) is stored by its registered codec; only the used cut
+  and sparse slots are written. The file is written to a temporary name and
+  renamed, so an interrupted save leaves no partial file.
+
+  Args:
+    path: destination file (conventionally ``*.safetensors``).
+    tree: a pytree (dicts, lists, tuples, ``nnx.State``, …) whose leaves are
+      compressed values or arrays of a safetensors dtype.
+    metadata: JSON-serialisable dict stored in the header (``load_info`` gives
+      it back under ``"user"``).
+
+  Raises:
+    TypeError: a leaf of an unsupported type/dtype, or traced values.
+    ValueError: two leaves that would share a tensor name, or metadata that
+      is not JSON-serialisable.
+
+  Example:
+    >>> import jax, tempfile, os
+    >>> import jax_signedcut as sc
+    >>> a = jax.random.normal(jax.random.key(0), (32, 32))
+    >>> tree = {"w": sc.decompose(a, key=jax.random.key(1), rate=0.5), "q": sc.rtn(a, bits=4),
+    ...         "b": jax.numpy.ones(32)}
+    >>> p = os.path.join(tempfile.mkdtemp(), "f.safetensors")
+    >>> sc.save(p, tree)
+    >>> back = sc.load(p)
+    >>> bool((back["q"].codes == tree["q"].codes).all()), back["b"].shape
+    (True, (32,))
+  """
+  try:
+    json.dumps(metadata or {})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"metadata must be JSON-serialisable: {e}") from None
+  with Writer(path) as w:
+    entries = []
+    for comps, leaf in _structure.flatten(tree):
+      tensors, entry = encode_leaf(comps, leaf)
+      for name, a in tensors:
+        w.add(name, a)
+      entries.append(entry)
+    w.finish(_format.header_metadata(entries, w.crc32, metadata))

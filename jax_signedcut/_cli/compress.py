@@ -1,0 +1,148 @@
+"""``jax-signedcut compress``: a dense checkpoint in, one leaf at a time, a compressed file out."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from jax_signedcut._cli import measure as _measure
+from jax_signedcut._cli import table as _table
+from jax_signedcut._cli.args import CliError, check_method_args, default_budget
+
+
+def progress(total, desc, quiet):
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  return tqdm(total=total, desc=desc, unit="leaf", disable=True if quiet else None,
+              file=sys.stderr, leave=False)
+
+
+def release_memory() -> None:
+  """Hands freed heap pages back to the OS between matrices (glibc only).
+
+  Without it glibc keeps the freed buffers of one matrix around and the next
+  matrix's land next to them, so the peak creeps up over the first few.
+  """
+  try:
+    import ctypes  # noqa: PLC0415
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _budget_dict(b) -> dict | None:
+  if b is None:
+    return None
+  d = {k: v for k, v in b._asdict().items() if v is not None}
+  if "options" in d:
+    d["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["options"]}
+  return d
+
+
+def _compress_leaf(x, *, key, job, args, method, options, path):
+  """One leaf's compressed value (the signed cut path keeps its lean leaf-by-leaf variant)."""
+  from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
+
+  if method == "signed_cut":
+    outliers = args.outliers if job.outliers is None else job.outliers
+    lowrank = args.lowrank if job.lowrank is None else job.lowrank
+    # x is ours: the outliers are zeroed in its buffer (no remainder copy);
+    # with a low-rank part it is kept to measure the error exactly.
+    f = _decompose._decompose_leaf(  # noqa: SLF001
+        x, key=key, width=job.width, rate=job.rate, bits_per_weight=job.bits_per_weight,
+        max_error=job.max_error, outliers=outliers, backend=args.backend, donate=not lowrank,
+        progress_desc=None if args.quiet else path, lowrank=lowrank)
+    return f, {"outliers": outliers, **({"lowrank": lowrank} if lowrank else {})}
+  f = _decompose.decompose(x, key=key, rate=job.rate, bits_per_weight=job.bits_per_weight,
+                           method=method, options=options or None)
+  return f, {}
+
+
+def run(args) -> int:
+  import jax  # noqa: PLC0415
+
+  from jax_signedcut._checkpoint import format as _format  # noqa: PLC0415
+  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
+  from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
+  from jax_signedcut._cli import sources as _sources  # noqa: PLC0415
+  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
+
+  check_method_args(args)
+  default = default_budget(args)
+  rules = list(args.rule or [])
+  if default is None and not any(b is not None for _, b in rules):
+    raise CliError("no budget: give --rate, --bits, --width or --max-error (or a --rule with a "
+                   "budget)")
+  arg_options = dict(args.option or [])
+  key = jax.random.key(args.seed)
+  with _sources.open_source(args.input) as src, _writer.Writer(args.output) as writer:
+    shapes = _structure.unflatten(
+        [(c, jax.ShapeDtypeStruct(s, d)) for c, _, s, d in src.entries], args.input) \
+        if src.entries else {}
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      try:
+        plan, _ = _tree.plan(shapes, rules=rules, skip=args.skip or (), min_dim=args.min_dim,
+                             default=default, method_default=args.method)
+      except ValueError as e:
+        raise CliError(str(e)) from None
+    for w in caught:
+      print(f"jax-signedcut: warning: {w.message}", file=sys.stderr)
+    jobs = dict(zip(plan.paths, plan.jobs))
+    entries = []
+    bar = progress(len(src.entries), "compress", args.quiet)
+    try:
+      for i, (comps, path, shape, dtype) in enumerate(src.entries):
+        job = jobs.get(path)
+        bar.set_postfix_str(f"{path} {_table.shape_str(shape)}")
+        a = src.get(i)
+        source = {"dtype": str(dtype), "nbytes": int(a.nbytes)}
+        if job is None:
+          tensors, entry = _writer.encode_leaf(comps, a, extra={"source": source})
+        else:
+          a2 = _measure.sum_squares(a)
+          x = jax.numpy.asarray(a)
+          del a
+          method = job.method or args.method
+          options = dict(job.options or ()) if job.method is not None or job.options \
+              else arg_options
+          try:
+            f, used = _compress_leaf(x, key=_tree.leaf_key(key, path), job=job, args=args,
+                                     method=method, options=options, path=path)
+          except (ValueError, TypeError) as e:
+            raise CliError(f"leaf {path!r} of shape {_table.shape_str(shape)}: {e}") from None
+          f = jax.block_until_ready(f)
+          err = _measure.estimate(a2, f)
+          if err is None:
+            err = _measure.exact(a2, x, f)
+          del x
+          budget = _budget_dict(job)
+          budget.update(used)
+          if method != "signed_cut":
+            budget.update(method=method, **({"options": options} if options else {}))
+          tensors, entry = _writer.encode_leaf(comps, f, extra={
+              "source": source, "method": method, "budget": budget, "rel_error_est": err})
+          del f
+        for name, t in tensors:
+          writer.add(name, t)
+        del tensors
+        entries.append(entry)
+        release_memory()
+        bar.update(1)
+    finally:
+      bar.close()
+    user = {"tool": "jax-signedcut compress", "source": os.path.basename(
+        os.path.normpath(args.input)), "seed": args.seed, "method": args.method,
+            "default_budget": _budget_dict(default),
+            "rules": [[r, _budget_dict(b)] for r, b in rules],
+            "skip": list(args.skip or []), "outliers": args.outliers, "min_dim": args.min_dim}
+    if arg_options:
+      user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
+    if args.lowrank:
+      user["lowrank"] = args.lowrank
+    writer.finish(_format.header_metadata(entries, writer.crc32, user))
+  if not args.quiet:
+    _table.summary(entries)
+    print(f"wrote {args.output} ({_table.fmt_bytes(os.path.getsize(args.output))})")
+  return 0
