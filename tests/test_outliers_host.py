@@ -16,21 +16,21 @@ from hypothesis import given, settings, strategies as st
 from safetensors.numpy import save_file
 
 import jax_signedcut as sc
-from conftest import cuts, part
+from conftest import assert_same_factors, cuts, part
 from jax_signedcut._signedcut import decompose as _decompose
 from jax_signedcut._signedcut import outliers as _outliers
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._cli import main
 
-FIELDS = ("s_bits", "t_bits", "c", "sparse_idx", "sparse_val", "num_sparse", "num_cuts")
-
-
 def assert_bit_identical(f, g):
-  for k in FIELDS:
-    a, b = np.asarray(getattr(f, k)), np.asarray(getattr(g, k))
-    assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
-    # Bytes, not values: c and sparse_val must agree in every bit (signed zeros too).
-    assert np.atleast_1d(a).tobytes() == np.atleast_1d(b).tobytes(), k
+  fl, fd = jax.tree.flatten(f)
+  gl, gd = jax.tree.flatten(g)
+  assert fd == gd, (fd, gd)
+  for i, (a, b) in enumerate(zip(fl, gl)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+    # Bytes, not values: c and the sparse values must agree in every bit (signed zeros too).
+    assert np.atleast_1d(a).tobytes() == np.atleast_1d(b).tobytes(), i
 
 
 def student_t(shape, seed, planted=5):
@@ -132,6 +132,4 @@ def test_leafwise_and_cli_equal_the_jitted_tree(tmp_path, capsys):
   for name, a in flat.items():
     w = sc.decompose(jnp.asarray(a), key=_tree.leaf_key(key, name), rate=0.5)
     g = got[name]
-    for k in FIELDS:
-      np.testing.assert_array_equal(np.asarray(getattr(w, k)), np.asarray(getattr(g, k)),
-                                    err_msg=f"{name} {k}")
+    assert_same_factors(w, g)
