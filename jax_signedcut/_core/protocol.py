@@ -284,7 +284,8 @@ def relative_error(a, f):
     return jax.tree.map(lambda fl, al: relative_error(al, fl) if is_compressed(fl) else None,
                         f, a, is_leaf=is_compressed)
   check_compressed(f)
-  a = jnp.asarray(a)
+  from jax_signedcut._core import checks as _checks  # noqa: PLC0415
+  a = jnp.asarray(_checks.as_array("a", a))
   want = tuple(f.batch_shape) + tuple(f.shape)
   if a.shape != want:
     raise ValueError(f"a has shape {a.shape} but f compresses matrices of shape {want}")
@@ -295,8 +296,12 @@ def relative_error(a, f):
 def _relative_error(a, f):
   # One compiled program per shape and type: eagerly, a reconstruction's ops
   # would otherwise dispatch one by one.
+  from jax_signedcut._core import scaling as _scaling  # noqa: PLC0415
   a = a.astype(jnp.float32)
   axes = tuple(range(len(f.batch_shape), a.ndim))
-  num = jnp.sqrt(jnp.sum(jnp.square(a - f._dense()), axis=axes))  # noqa: SLF001
-  den = jnp.sqrt(jnp.sum(jnp.square(a), axis=axes))
+  # Both norms of A·2⁻ᵏ (exact, k from max|A|), so that huge matrices do not overflow.
+  k = _scaling.exponent(a, axes)
+  k = k.reshape(k.shape + (1,) * len(axes))
+  num = jnp.sqrt(jnp.sum(jnp.square(_scaling.ldexp(a - f._dense(), -k)), axis=axes))  # noqa: SLF001
+  den = jnp.sqrt(jnp.sum(jnp.square(_scaling.ldexp(a, -k)), axis=axes))
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), num)

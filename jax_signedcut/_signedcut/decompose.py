@@ -20,7 +20,7 @@ from jax_signedcut._signedcut import factors as _factors
 from jax_signedcut._parts import lowrank as _lowrank
 from jax_signedcut._signedcut import oracle as _oracle
 from jax_signedcut._signedcut import outliers as _outliers
-from jax_signedcut._signedcut import scaling as _scaling
+from jax_signedcut._core import scaling as _scaling
 from jax_signedcut._core import progress as _progress
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._core import tree as _tree
@@ -54,11 +54,14 @@ def _warn_subnormal(a, name="a"):
   """Warns (eagerly) if a matrix's entries are all float32 subnormals: its cuts are 0."""
   if isinstance(a, jax.core.Tracer):
     return
-  x = a if isinstance(a, jax.Array) else np.asarray(a, np.float32)
-  e = np.asarray(_max_exponents(jnp.asarray(x, jnp.float32)))
-  nonzero = np.asarray(jnp.any(jnp.asarray(x) != 0, axis=(-2, -1))) if (
-      e == 0).any() else True
-  tiny = (e < _SMALLEST_NORMAL_EXPONENT) & nonzero
+  if isinstance(a, jax.Array):
+    e = np.asarray(_max_exponents(a))
+    top = np.where(e == 0, 1.0, 0.0)   # e = 0 only for |max| in [1, 2) or all zeros
+  else:
+    x = np.asarray(a)
+    top = np.maximum(np.max(x, axis=(-2, -1)), -np.min(x, axis=(-2, -1))).astype(np.float32)
+    e = np.where(top > 0, np.frexp(np.where(top > 0, top, 1))[1] - 1, 0)
+  tiny = (e < _SMALLEST_NORMAL_EXPONENT) & (top != 0)
   if np.any(tiny):
     warnings.warn(
         f"{name} has {int(np.sum(tiny))} matrix(es) whose largest entry is below the float32 "
@@ -378,11 +381,15 @@ def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None, lo
                backend=backend, budget=budget, lowpart=lowpart)
 
 
-def _scale_down(a):
+def _scale_down(a, rescale=None):
   """``(a·2⁻ᵏ, k)`` of the f32 matrices a (N, m, n), k per matrix (``_scaling``).
 
-  No copy is made when every k is 0 (every ordinary matrix).
+  ``rescale``: None decides in the graph (a ``lax.cond``); False (the host
+  found every k = 0) returns ``a`` itself with no scaling op at all, so the
+  leaf-by-leaf path keeps its memory profile for ordinary matrices.
   """
+  if rescale is False:
+    return a, jnp.zeros(a.shape[:1], jnp.int32)
   k = _scaling.exponent(a)
   scaled = jax.lax.cond(jnp.any(k != 0), lambda x: _scaling.ldexp(x, -k[:, None, None]),
                         lambda x: x, a)
@@ -395,7 +402,7 @@ def _scale_up(x, k):
   return jnp.where(k == 0, x, _scaling.ldexp(x, k).astype(x.dtype))
 
 
-def _split_lowrank(a, lowrank):
+def _split_lowrank(a, lowrank, rescale=None):
   """(a − U·Vᵀ, (U, V)) of the remainders a (N, m, n), or (a, None) for rank 0.
 
   The SVD runs on a·2⁻ᵏ (exact; see ``_scaling``) so that singular values of
@@ -403,7 +410,7 @@ def _split_lowrank(a, lowrank):
   """
   if not lowrank:
     return a, None
-  scaled, k = _scale_down(a)
+  scaled, k = _scale_down(a, rescale)
   rem, lr_u, lr_v = jax.vmap(functools.partial(_lowrank.extract, r=lowrank))(scaled)
   rem = jax.lax.cond(jnp.any(k != 0), lambda x: _scaling.ldexp(x, k[:, None, None]),
                      lambda x: x, rem)
@@ -451,7 +458,8 @@ def _account(cuts, others, a, full2, k_full, *, width, max_error, budget, lowran
   return cuts
 
 
-def _cuts(a, key, sparse, stats, *, batch, width, max_error, backend, budget, lowpart=None):
+def _cuts(a, key, sparse, stats, *, batch, width, max_error, backend, budget, lowpart=None,
+          rescale=None):
   """The cuts of the remainders a (N, m, n), then the sparse and low-rank parts' accounting.
 
   ``stats`` is ``_full_stats`` of the matrices before the split. The backends
@@ -475,7 +483,7 @@ def _cuts(a, key, sparse, stats, *, batch, width, max_error, backend, budget, lo
     from jax_signedcut._kernels import greedy as _ffi  # noqa: PLC0415  (loads the extension lazily)
     return _ffi.greedy(a, words, max_error=max_error)
 
-  scaled, k = _scale_down(a)
+  scaled, k = _scale_down(a, rescale)
   if backend == "ffi":
     s_bits, t_bits, c, num_cuts = run_ffi(scaled, words)
   elif backend == "auto":
@@ -530,19 +538,20 @@ _zero_entries_in_place = jax.jit(_zero_entries, donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "budget",
-                                             "lowrank"))
+                                             "lowrank", "rescale"))
 def _decompose_split(rem, key, sparse_idx, sparse_val, num_sparse, stats, *, width,
-                     max_error, backend, budget, lowrank=0):
+                     max_error, backend, budget, lowrank=0, rescale=None):
   batch = rem.shape[:-2]
   m, n = rem.shape[-2:]
   count = math.prod(batch)
   k_max = sparse_idx.shape[-1]
   sparse = (sparse_idx.reshape(count, k_max), sparse_val.reshape(count, k_max),
             num_sparse.reshape(count))
-  rem, lowpart = _split_lowrank(rem.reshape(count, m, n), lowrank)
+  rem, lowpart = _split_lowrank(rem.reshape(count, m, n), lowrank, rescale)
   stats = jax.tree.map(lambda x: x.reshape(count), stats)
   return _cuts(rem, key, sparse, stats, batch=batch, width=width, max_error=max_error,
-               backend=backend, budget=budget, lowpart=lowpart)
+               backend=backend, budget=budget, lowpart=lowpart,
+               rescale=None if lowrank else rescale)
 
 
 def _on_cpu(x) -> bool:
@@ -627,8 +636,13 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
   if num.any():
     factor = np.where(np.arange(k_max) < num[:, None], np.float32(0), np.float32(1))
     x = (_zero_entries_in_place if own else _zero_entries_copy)(x, idx, factor)
+  # Whether a remainder needs the power-of-two scaling, found on the host (a view
+  # on CPU, no copy) so that ordinary matrices compile without any scaling op.
+  host = np.asarray(x).reshape(count, m, n)
+  rescale = None if any(_scaling.host_exponent(host[b]) for b in range(count)) else False
+  del host
   _release_heap()
   shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
   return run(lambda: _decompose_split(x, key, shape(idx), shape(val), shape(num), stats,
                                      width=w, max_error=max_error, backend=backend,
-                                     budget=budget, lowrank=lowrank))
+                                     budget=budget, lowrank=lowrank, rescale=rescale))
