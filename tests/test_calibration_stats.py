@@ -53,6 +53,18 @@ def test_nnx_matches_explicit_moments_with_mask():
   assert cal.tokens == n and cal.layout == "flax"
   np.testing.assert_allclose(cal.hessians["net/a/kernel"], h_a, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(cal.hessians["net/b/kernel"], h_b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(cal.means["net/a/kernel"], np.concatenate(keep).mean(0), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_bias_correction_keeps_the_mean_output():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(50, 4)) + 2.0
+  w = rng.normal(size=(4, 3))
+  w_hat = w + rng.normal(size=(4, 3)) * 0.3
+  corr = np.asarray(stats.bias_correction(x.mean(0), jnp.asarray(w, jnp.float32),
+                                          jnp.asarray(w_hat, jnp.float32)))
+  np.testing.assert_allclose((x @ w_hat + corr).mean(0), (x @ w).mean(0), rtol=1e-4, atol=1e-4)
 
 
 def test_nnx_model_with_mask_argument_and_paths():

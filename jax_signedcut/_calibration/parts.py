@@ -81,7 +81,11 @@ class InputScaled:
   def matmul(self, x: jax.Array) -> jax.Array:
     """``x @ A`` for x (..., m): ``(x / scale) @ inner``, A never materialised."""
     x = jnp.asarray(x)
-    xs = (x.astype(jnp.float32) / self.scale).astype(x.dtype)
+    if self.batch_shape:
+      raise ValueError(f"matmul needs one matrix (batch shape ()), got {self.batch_shape}; "
+                       "map over stacked parts with jax.vmap")
+    scale = self.scale.reshape((1,) * (x.ndim - 1) + self.scale.shape)
+    xs = (x.astype(jnp.float32) / scale).astype(x.dtype)
     return _inner_matmul(xs, self.inner)
 
 

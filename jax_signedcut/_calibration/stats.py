@@ -52,11 +52,16 @@ class Calibration:
     tokens: N, the number of calibration tokens (rows of X) behind them.
     layout: ``"flax"`` (weights named here are (in, out)) or ``"torch"``
       ((out, in)).
+    means: optional ``{weight name: mean input (in,)}`` float32 (from
+      :func:`calibrate`; the file format does not carry it). With it, the
+      mean output shift of a compressed kernel can be folded into the bias:
+      ``b' = b + meanᵀ (W − Ŵ)`` (see :func:`bias_correction`).
   """
 
   hessians: Mapping[str, np.ndarray]
   tokens: int
   layout: str = "flax"
+  means: Mapping[str, np.ndarray] | None = None
 
   def for_weight(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The (in, in) matrix of weight ``name`` after checking it against the weight's ``shape``.
@@ -86,15 +91,23 @@ class Calibration:
 
 
 def _masked_moment(x, mask, where):
-  """(xᵀx, token count) of a layer input x (..., in), rows weighted by the token mask."""
+  """(xᵀx, Σx, token count) of a layer input x (..., in), rows weighted by the token mask."""
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   if mask is None:
-    return jnp.matmul(x2.T, x2, precision=_HI), jnp.float32(x2.shape[0])
+    return (jnp.matmul(x2.T, x2, precision=_HI), jnp.sum(x2, axis=0),
+            jnp.float32(x2.shape[0]))
   if tuple(mask.shape) != tuple(x.shape[:-1]):
     raise ValueError(f"the token mask has shape {tuple(mask.shape)} but the input of {where} "
                      f"has shape {tuple(x.shape)}: the mask must match its leading dims")
   w = mask.reshape(-1).astype(jnp.float32)
-  return jnp.matmul(x2.T * w[None, :], x2, precision=_HI), jnp.sum(w)
+  xw = x2.T * w[None, :]
+  return jnp.matmul(xw, x2, precision=_HI), jnp.sum(xw, axis=1), jnp.sum(w)
+
+
+def _add(record, name, moment):
+  if name in record:  # a layer called twice per batch: both calls count
+    moment = tuple(a + b for a, b in zip(record[name], moment))
+  record[name] = moment
 
 
 class _Accumulator:
@@ -102,16 +115,20 @@ class _Accumulator:
 
   def __init__(self):
     self.sums: dict[str, np.ndarray] = {}
+    self.firsts: dict[str, np.ndarray] = {}
     self.counts: dict[str, float] = {}
 
   def add(self, moments):
-    for name, (h, n) in moments.items():
+    for name, (h, first, n) in moments.items():
       h = np.asarray(h, np.float64)
+      first = np.asarray(first, np.float64)
       if name in self.sums:
         self.sums[name] += h
+        self.firsts[name] += first
         self.counts[name] += float(n)
       else:
         self.sums[name] = h.copy()
+        self.firsts[name] = first.copy()
         self.counts[name] = float(n)
 
   def result(self, layout) -> Calibration:
@@ -123,7 +140,8 @@ class _Accumulator:
       raise ValueError(f"calibration saw zero tokens for {bad[:4]} (all masked, or no batches)")
     hess = {k: ((s + s.T) / (2 * self.counts[k])).astype(np.float32)
             for k, s in self.sums.items()}
-    return Calibration(hessians=hess, tokens=min(tokens), layout=layout)
+    means = {k: (f / self.counts[k]).astype(np.float32) for k, f in self.firsts.items()}
+    return Calibration(hessians=hess, tokens=min(tokens), layout=layout, means=means)
 
 
 def _split_batch(batch, token_mask):
@@ -183,10 +201,7 @@ def calibrate(model, batches: Iterable, *, token_mask: Callable | None = None) -
     def recording_call(self, inputs, *a, **k):
       name = names.get(id(self))
       if name is not None:
-        h, n = _masked_moment(inputs, mask, name)
-        if name in record:  # a layer called twice per batch: both calls count
-          h, n = h + record[name][0], n + record[name][1]
-        record[name] = (h, n)
+        _add(record, name, _masked_moment(inputs, mask, name))
       return original(self, inputs, *a, **k)
 
     with _patched(nnx.Linear, "__call__", recording_call):
@@ -231,10 +246,7 @@ def calibrate_linen(module, variables, batches: Iterable, *, token_mask: Callabl
     def interceptor(next_fun, args_, kwargs_, context):
       if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
         name = "/".join(("params",) + tuple(context.module.path) + ("kernel",))
-        h, n = _masked_moment(args_[0], mask, name)
-        if name in record:
-          h, n = h + record[name][0], n + record[name][1]
-        record[name] = (h, n)
+        _add(record, name, _masked_moment(args_[0], mask, name))
       return next_fun(*args_, **kwargs_)
 
     with nn.intercept_methods(interceptor):
@@ -374,6 +386,16 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 def _check_layout(layout):
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def bias_correction(mean: np.ndarray | jax.Array, w: jax.Array, w_hat: jax.Array) -> jax.Array:
+  """``meanᵀ (W − Ŵ)`` (out,): add it to the bias so that the mean output is kept exactly.
+
+  ``‖X E‖² = N (‖meanᵀE‖² + tr(Eᵀ Σ E))`` with Σ the input covariance: the
+  first term is the mean output shift, which a bias absorbs for free.
+  """
+  e = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)
+  return jnp.matmul(jnp.asarray(mean, jnp.float32), e, precision=_HI)
 
 
 def damped(h: np.ndarray | jax.Array, damp: float = 0.01) -> jax.Array:
