@@ -150,3 +150,24 @@ def test_reader_rejects_bad_files(tmp_path, tensor, metadata, match):
 def test_reader_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError):
     stats.load_calibration(tmp_path / "nope.safetensors")
+
+
+def test_bert_statistics_exclude_padding_and_name_hf_weights():
+  from jax_signedcut.models import bert
+
+  cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
+                        intermediate_size=24, max_position=12)
+  model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.array([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]])
+  mask = (ids != 0).astype(jnp.int32)
+  cal = stats.calibrate(model, [(ids, mask)], token_mask=lambda b: b[1])
+  assert cal.tokens == 7 and len(cal.hessians) == 6
+  assert cal.hessians["layers/0/output/kernel"].shape == (24, 24)
+  # Padding changes nothing: the same texts padded further give the same statistics.
+  ids2 = jnp.pad(ids, ((0, 0), (0, 4)))
+  cal2 = stats.calibrate(model, [(ids2, (ids2 != 0).astype(jnp.int32))], token_mask=lambda b: b[1])
+  np.testing.assert_allclose(cal2.hessians["layers/0/query/kernel"],
+                             cal.hessians["layers/0/query/kernel"], rtol=1e-4, atol=1e-6)
+  names = bert.hf_kernel_names(cfg)
+  assert names["layers/0/query/kernel"] == "encoder.layer.0.attention.self.query.weight"
+  assert set(names) == set(cal.hessians)
