@@ -296,12 +296,4 @@ const Kernels& Avx512Kernels() {
   return k;
 }
 
-bool Avx512Supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2");
-}
-
 }  // namespace signedcut
