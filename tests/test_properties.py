@@ -17,9 +17,9 @@ from jax_signedcut._signedcut import oracle, start
 KEY = jax.random.key(0)
 F32_MAX = float(np.finfo(np.float32).max)
 # Few examples and small shapes from a short list (each new shape compiles).
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
-SHAPES = [(1, 5), (7, 1), (3, 3), (17, 9), (33, 31), (8, 40)]
+SHAPES = [(1, 5), (7, 1), (17, 9), (33, 31)]
 KINDS = ["gauss", "zeros", "const", "huge", "tiny", "subnormal", "heavy", "one_huge", "ints"]
 
 
@@ -80,7 +80,7 @@ def test_contract_every_backend(kind, shape, seed):
       np.testing.assert_array_equal(np.asarray(f.s_bits)[:1], np.asarray(g.s_bits)[:1])
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=4)
 @given(kind=st.sampled_from(["gauss", "huge", "one_huge", "heavy"]),
        shape=st.sampled_from(SHAPES), seed=st.integers(0, 9))
 def test_max_error_backends_agree_within_one_cut(kind, shape, seed):

@@ -42,14 +42,19 @@ def integer(name: str, v, *, minimum: int | None = None, maximum: int | None = N
   Raises:
     TypeError (or ``error``): ``v`` is not an integer. ValueError: out of range.
   """
+  if minimum is not None and maximum is not None:
+    bounds = f" in {minimum}..{maximum}"
+  elif minimum is not None:
+    bounds = f" >= {minimum}"
+  elif maximum is not None:
+    bounds = f" <= {maximum}"
+  else:
+    bounds = ""
   if not is_integer(v):
-    raise error(f"{name} must be an int, got {v!r} of type {type(v).__name__}")
+    raise error(f"{name} must be an int{bounds}, got {v!r} of type {type(v).__name__}")
   v = int(v)
   if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
-    lo = "" if minimum is None else f">= {minimum}"
-    hi = "" if maximum is None else f"<= {maximum}"
-    raise ValueError(f"{name} must be an int {' and '.join(x for x in (lo, hi) if x)}, "
-                     f"got {v}")
+    raise ValueError(f"{name} must be an int{bounds}, got {v}")
   return v
 
 
@@ -129,9 +134,10 @@ def finite_values(name: str, a) -> None:
     bad = tuple(int(i) for i in np.argwhere(~finite)[0])
     value = np.asarray(np.asarray(a)[bad] if not isinstance(a, jax.Array) else a[bad],
                        dtype=np.float32)
-    raise ValueError(
-        f"{name} of shape {tuple(a.shape)} has {int((~finite).sum())} non-finite entries "
-        f"(NaN/Inf), e.g. at index {bad}: {value}")
+    where = f"{name}[{', '.join(map(str, bad))}] = {value}" if name.isidentifier() \
+        else f"at index {bad}: {value}"
+    raise ValueError(f"{name} has {int((~finite).sum())} non-finite entries (NaN/Inf), e.g. "
+                     f"{where}")
 
 
 @jax.jit

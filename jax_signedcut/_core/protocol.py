@@ -179,15 +179,11 @@ def check_range(name: str, field: str, x, lo: int, hi: int) -> None:
     raise ValueError(f"{name}.{field} must hold values in {lo}..{hi}, got {bad}")
 
 
-@jax.jit
-def _min_max_impl(x):
-  return jnp.min(x), jnp.max(x)
-
-
 def _min_max(x):
-  if isinstance(x, np.ndarray):
-    return x.min(), x.max()
-  return _min_max_impl(x)
+  # On the host: a concrete value closed over by a caller's jax.jit is read as it is,
+  # where a jitted reduction would be traced. The checked fields are small (counts, indices).
+  x = np.asarray(x)
+  return x.min(), x.max()
 
 
 def check_shape(name: str, shape) -> tuple[int, ...]:

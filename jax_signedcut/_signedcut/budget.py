@@ -97,7 +97,7 @@ def resolve_width(m: int, n: int, *, width=None, rate=None, bits_per_weight=None
                                               if v is not None))
         + " (to stop at a target error, pass max_error together with one of them as the cap)")
   if width is not None:
-    return _checks.integer("width", width, minimum=1, maximum=_checks.INT32_MAX)
+    return _checks.integer("width", width, minimum=1)
   if rate is not None:
     return width_for_rate(m, n, rate)
   return width_for_bits(m, n, bits_per_weight)

@@ -246,7 +246,7 @@ def _check_single(a, key, width, rate, bits_per_weight, max_error, outliers, bac
   m, n = a.shape[-2:]
   w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
   if w > _checks.INT32_MAX:
-    raise ValueError(f"width={w} (from the budget) exceeds the int32 range of num_cuts")
+    raise ValueError(f"width={w} exceeds 2**31 - 1, the most cuts num_cuts (int32) can count")
   _check_allocation(w, m, n, math.prod(a.shape[:-2]))
   _warn_subnormal(a)
   max_error = _check_max_error(max_error)
