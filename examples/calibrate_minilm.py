@@ -100,25 +100,60 @@ def _load_part(fn, shape):
   return InputScaled(scale=jnp.asarray(z["scale"]), inner=inner), np.asarray(z["gains"])
 
 
-def stage_cuts(model, cal, cache, top_bits, say):
-  """H-aware cuts of every kernel at ``top_bits`` (cached per kernel)."""
-  parts, gains = {}, {}
-  key = jax.random.key(0)
-  for path in sorted(cal.hessians):
-    w = jnp.asarray(_var(model, path)[...])
-    m, n = w.shape
-    fn = os.path.join(cache, path.replace("/", ".") + ".npz")
-    if not os.path.exists(fn):
-      t0 = time.perf_counter()
-      width = sc.width_for_bits(m, n, top_bits)
-      part, g = cuts.calibrated_cuts(w, cal.hessians[path], width=width,
-                                     key=jax.random.fold_in(key, zlib.crc32(path.encode())))
-      f = part.inner
-      np.savez(fn, scale=np.asarray(part.scale), s_bits=np.asarray(f.s_bits),
-               t_bits=np.asarray(f.t_bits), c=np.asarray(f.c), gains=np.asarray(g))
-      say(f"  cuts {path}: {width} in {time.perf_counter() - t0:.1f} s")
-    parts[path], gains[path] = _load_part(fn, (m, n))
-  return parts, gains
+class Choice:
+  """A calibrated part or the plain ``SignedCut`` it lost to, behind one interface."""
+
+  def __init__(self, part):
+    self.part = part
+    self.plain = isinstance(part, sc.SignedCut)
+
+  def reconstruct(self):
+    return sc.reconstruct(self.part) if self.plain else self.part.reconstruct()
+
+  @property
+  def nbytes(self):
+    return sc.nbytes(self.part) if self.plain else self.part.nbytes
+
+
+class StageCuts:
+  """H-aware cuts of every kernel at ``top_bits``, made once and cached per kernel (``.npz``).
+
+  With ``wait``, a kernel whose file another process is still writing is waited for
+  instead of being made again.
+  """
+
+  def __init__(self, model, cal, cache, top_bits, say, wait=False):
+    self.model, self.cal, self.cache, self.top_bits, self.say = model, cal, cache, top_bits, say
+    self.wait = wait
+    self.parts, self.gains = {}, {}
+
+  def file(self, path):
+    return os.path.join(self.cache, path.replace("/", ".") + ".npz")
+
+  def ready(self, path):
+    return path in self.parts or os.path.exists(self.file(path))
+
+  def __getitem__(self, path):
+    if path not in self.parts:
+      w = jnp.asarray(_var(self.model, path)[...])
+      m, n = w.shape
+      fn = self.file(path)
+      while self.wait and not os.path.exists(fn):
+        time.sleep(5)
+      if not os.path.exists(fn):
+        t0 = time.perf_counter()
+        width = sc.width_for_bits(m, n, self.top_bits)
+        part, g = cuts.calibrated_cuts(w, self.cal.hessians[path], width=width,
+                                       key=jax.random.fold_in(jax.random.key(0),
+                                                              zlib.crc32(path.encode())))
+        f = part.inner
+        np.savez(fn, scale=np.asarray(part.scale), s_bits=np.asarray(f.s_bits),
+                 t_bits=np.asarray(f.t_bits), c=np.asarray(f.c), gains=np.asarray(g))
+        self.say(f"  cuts {path}: {width} in {time.perf_counter() - t0:.1f} s")
+      else:
+        time.sleep(1)   # a file that just appeared may still be being written
+      self.parts[path], self.gains[path] = _load_part(fn, (m, n))
+    return self.parts[path]
 
 
 def sensitivities(model_dir, tok, model, cal, fits, texts):
@@ -167,6 +202,10 @@ def main(argv=None):
                  default="plain,rtn,gptq,gptq+bc,calibrated,calibrated+bc,allocated+bc",
                  help="'+bc': the mean output shift of each kernel folded into its bias")
   p.add_argument("--out", default=None, help="write the results as JSON")
+  p.add_argument("--top-bits", type=float, default=None,
+                 help="budget of the cached cuts (default: the largest of --bits)")
+  p.add_argument("--wait", action="store_true",
+                 help="wait for cut files another process is writing into --cache")
   args = p.parse_args(argv)
   budgets = [float(b) for b in args.bits.split(",")]
   methods = args.methods.split(",")
@@ -192,11 +231,7 @@ def main(argv=None):
   kernels = sorted(cal.hessians)
   weights = {path: jnp.asarray(_var(model, path)[...]) for path in kernels + list(EMBEDDINGS)}
 
-  parts = gains = None
-  if any(m.startswith(("calibrated", "allocated")) for m in methods):
-    t0 = time.perf_counter()
-    parts, gains = stage_cuts(model, cal, args.cache, max(budgets), say)
-    say(f"H-aware cuts: {time.perf_counter() - t0:.1f} s")
+  parts = StageCuts(model, cal, args.cache, args.top_bits or max(budgets), say, wait=args.wait)
 
   plain_fn = os.path.join(args.cache, "plain.safetensors")
   if not os.path.exists(plain_fn):
@@ -211,16 +246,30 @@ def main(argv=None):
       return args.sparse
     return next(f for pattern, f in SPARSE_BY_KIND if pattern in path)
 
-  cache = {}
+  cache, systems = {}, {}
+
+  def system(path):
+    if path not in systems:   # one Gram per kernel: every budget's refit slices it
+      systems[path] = cuts.gram(parts[path], weights[path], cal.hessians[path])
+    return systems[path]
 
   def fitted(bits, per):
     """Calibrated parts of every kernel at ``bits`` (or the per-kernel bits ``per``), memoised."""
     key = (bits, None if per is None else tuple(sorted(per.items())))
     if key not in cache:
-      cache[key] = {path: cuts.fit_budget(parts[path], weights[path], cal.hessians[path],
-                                          bits_per_weight=bits if per is None else per[path],
-                                          sparse_fraction=sparse_for(path))
-                    for path in kernels}
+      order = sorted(kernels, key=lambda p: not parts.ready(p))   # ready kernels first
+      cache[key] = {}
+      for path in order:
+        b = bits if per is None else per[path]
+        ours = cuts.fit_budget(parts[path], weights[path], cal.hessians[path], bits_per_weight=b,
+                               sparse_fraction=sparse_for(path), system=system(path))
+        # The H-aware cuts can lose to plain cuts (with their magnitude outliers) under the
+        # very H they were fit to (the FFN output kernels): keep whichever is better there.
+        theirs = sc.truncate(plain[path], bits_per_weight=b)
+        e_ours = objective.output_error(weights[path], ours.reconstruct(), cal.hessians[path])
+        e_theirs = objective.output_error(weights[path], sc.reconstruct(theirs),
+                                          cal.hessians[path])
+        cache[key][path] = Choice(ours) if float(e_ours) <= float(e_theirs) else Choice(theirs)
     return cache[key]
 
   evaluate = Evaluator(model_dir, tok)
@@ -250,14 +299,15 @@ def main(argv=None):
         if method.startswith("allocated"):
           if sens is None:
             low = min(budgets)
-            sens = sensitivities(model_dir, tok, model, cal, fitted(low, None), CALIBRATION[:128])
-          per = allocation(parts, gains, model, cal, bits, sens, sparse_for)
+            sens = sensitivities(model_dir, tok, model, cal, fitted(low, None), CALIBRATION[:64])
+          per = allocation(parts.parts, parts.gains, model, cal, bits, sens, sparse_for)
           chosen = fitted(bits, per)
         else:
           per = None
           chosen = fitted(bits, None)
         for path in kernels:
           dense[path], nbytes = chosen[path].reconstruct(), nbytes + chosen[path].nbytes
+        plain_kept = sorted(p for p in kernels if chosen[p].plain)
       if method.endswith("+bc"):      # the mean output shift goes into the (dense) bias
         for path in kernels:
           bias = path[:-len("kernel")] + "bias"
@@ -267,9 +317,13 @@ def main(argv=None):
       total = sum(np.prod(weights[p].shape) for p in kernels)
       r.update(bits=bits, method=method, kernel_bits=8 * nbytes / total,
                seconds=time.perf_counter() - t0)
+      if method.startswith(("calibrated", "allocated")):
+        r["plain_kept"] = plain_kept
       if per is not None:
         r["allocation"] = {p: round(v, 2) for p, v in per.items()}
       results.append(r)
+      if "plain_kept" in r:
+        say(f"  plain cuts kept for {len(r['plain_kept'])} kernels: {r['plain_kept']}")
       say(f"{bits:g} bits  {method:10s} kernels {r['kernel_bits']:.2f} b/w  cos mean "
           f"{r['cos_mean']:.4f} min {r['cos_min']:.4f}  top-1 agree {r['top1_agree']}/20 "
           f"({r['seconds']:.0f} s)", flush=True)

@@ -129,6 +129,11 @@ def test_calibrated_cuts_budget_parts_and_matmul():
     x = jax.random.normal(jax.random.key(1), (3, 40))
     np.testing.assert_allclose(np.asarray(got.matmul(x)), np.asarray(x @ got.reconstruct()),
                                rtol=1e-4, atol=1e-4)
+    # The precomputed system of all cuts gives the same refit as forming it per budget.
+    fast = cuts.fit_budget(part, w, h, bits_per_weight=4, sparse_fraction=sparse,
+                           system=cuts.gram(part, w, h))
+    np.testing.assert_allclose(np.asarray(fast.reconstruct()), np.asarray(got.reconstruct()),
+                               rtol=1e-3, atol=1e-4)
   # The refit never loses to the greedy scales under the metric it solves in.
   greedy = cuts.fit_budget(part, w, h, bits_per_weight=4, refit=False)
   refit = cuts.fit_budget(part, w, h, bits_per_weight=4)

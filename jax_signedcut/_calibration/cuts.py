@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +142,42 @@ def _sparse_dense(idx, val, shape):
   return jnp.zeros((m * n,), jnp.float32).at[idx].add(val).reshape(m, n)
 
 
+class Gram(NamedTuple):
+  """The least-squares system of all cuts of a part under its metric (prefixes give any width).
+
+  Attributes:
+    hs: (w, m) rows ``s_jᵀ H_s``.
+    g: (w, w) ``(s_jᵀ H_s s_k)(t_jᵀ t_k)``.
+    b: (w,) ``s_jᵀ H_s W' t_j``.
+  """
+
+  hs: jax.Array
+  g: jax.Array
+  b: jax.Array
+
+
+def gram(part: InputScaled, w: jax.Array, h: jax.Array,
+         options: CutOptions = CutOptions()) -> Gram:
+  """The :class:`Gram` of every cut of ``part`` (compute once, refit many budgets from it)."""
+  w, h = _check_pair(w, h)
+  d = part.scale
+  metric = search_metric(h / d[:, None] / d[None, :], options)
+  s, t = _signs(part.inner)
+  hs = jnp.matmul(s, metric, precision=_HI)
+  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
+  b = jnp.sum(jnp.matmul(hs, d[:, None] * w, precision=_HI) * t, axis=1)
+  return Gram(hs=hs, g=g, b=b)
+
+
+def _solve(g, b, ridge):
+  lam = ridge * jnp.mean(jnp.diagonal(g)) + 1e-30
+  return jax.scipy.linalg.solve(g + lam * jnp.eye(g.shape[0], dtype=g.dtype), b, assume_a="pos")
+
+
 def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight: float,
                sparse_fraction: float = 0.0, options: CutOptions = CutOptions(),
-               refit: bool = True, ridge: float = 1e-6, rounds: int = 2) -> InputScaled:
+               refit: bool = True, ridge: float = 1e-6, rounds: int = 2,
+               system: Gram | None = None) -> InputScaled:
   """The calibrated result at one budget: truncate the cuts, add a sparse part, refit.
 
   The budget is ``bits_per_weight · m·n / 8`` bytes; the scales take ``4 m``,
@@ -160,6 +194,8 @@ def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight
     refit: refit c (and the sparse values) by least squares under the metric.
     ridge: relative ridge of the c solve.
     rounds: alternations of c and sparse-value refits.
+    system: the :func:`gram` of ``part`` (optional): the refit then only slices
+      it and solves, instead of forming the system of the kept cuts.
 
   Returns:
     An :class:`InputScaled` whose inner ``SignedCut`` has ``num_cuts`` cuts and
@@ -190,7 +226,13 @@ def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight
   idx = val = None
   sp = jnp.zeros_like(target)
   for r in range(max(1, rounds)):
-    if refit:
+    if refit and system is not None:
+      b = system.b[:cuts]
+      if idx is not None:   # b_j − s_jᵀ H_s P t_j over the sparse entries P
+        rows, cols = jnp.asarray(idx) // n, jnp.asarray(idx) % n
+        b = b - jnp.sum(system.hs[:cuts, rows] * jnp.asarray(val)[None, :] * t[:, cols], axis=1)
+      c = _solve(system.g[:cuts, :cuts], b, ridge)
+    elif refit:
       c = objective.refit_scales(s, t, target - sp, metric, ridge=ridge)
     if k_sparse == 0:
       break
