@@ -247,9 +247,8 @@ def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight
   inner = sc.SignedCut(s_bits=f.s_bits[:cuts], t_bits=f.t_bits[:cuts], c=c.astype(jnp.float32),
                        num_cuts=jnp.int32(cuts), shape=(m, n))
   if idx is not None:
-    inner = dataclasses.replace(inner, sparse_idx=jnp.asarray(idx, jnp.int32),
-                                sparse_val=jnp.asarray(val, jnp.float32),
-                                num_sparse=jnp.int32(len(idx)))
+    inner = sc.Sum((inner, sc.Sparse(jnp.asarray(idx, jnp.int32), jnp.asarray(val, jnp.float32),
+                                     jnp.int32(len(idx)), shape=(m, n))))
   return InputScaled(scale=d, inner=inner)
 
 
