@@ -44,7 +44,9 @@ sanitized_pytest() {
 sanitized_pytest tests/test_ffi_kernel.py \
   -k "bit_identical or threads or fixed_point or odd_shapes or zero or max_error or extension"
 echo "sanitize.sh: kernel tests passed under ASan+UBSan with no report"
-# The packed-apply kernel: every core against the oracle (odd shapes, the
-# table-lookup projection's partial blocks, threads), stray tail bits.
-sanitized_pytest tests/test_apply.py -k "oracle or tail_bits or equals_scalar"
+# The packed-apply kernel: every core this CPU has (scalar, AVX-512, and the
+# bf16 paths: AVX512-BF16 and AMX tiles) against the oracle (odd shapes, the
+# table-lookup projection's partial blocks, partial tiles, threads), stray
+# tail bits.
+sanitized_pytest tests/test_apply.py -rs -k "oracle or tail_bits or equals_scalar or rounded_x or pays"
 echo "sanitize.sh: apply kernel tests passed under ASan+UBSan with no report"

@@ -12,15 +12,17 @@ ratios to the f32 ``nnx.Linear`` of the same regime and run:
   reads, so it leaves no dirty lines to write back and no XLA threads busy.
 
 Factors are random sign bits (any valid SignedCut costs the same to apply); no
-decomposition is run. Rows: the packed-apply CPU kernel (``impl="ffi"``, what
-``"auto"`` picks on CPU below ``FFI_MAX_ROWS`` = 128 rows) and the pure-JAX
-blocked path (``impl="jnp"``, what other platforms and larger CPU batches
-use); below the table, the time of one expansion for ``dense=True`` and the
-batch from which it pays.
+decomposition is run. Rows: the packed-apply CPU kernel as ``"auto"`` runs it
+(``ffi``: the core named in brackets, a bf16 core — AMX or AVX512-BF16, x
+rounded to bf16 — from 8 rows where the CPU has one), the same kernel with
+``precision="highest"`` (``ffi f32``: the f32 AVX-512 or scalar core), and
+optionally (``--jnp``) the pure-JAX blocked path (``impl="jnp"``, what other
+platforms use); below the table, the time of one expansion for ``dense=True``
+and the batch from which it pays.
 
 Usage:
-  python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--batches 1,64]
-                                       [--markdown FILE]
+  python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--batches 1,8,64,512]
+                                       [--jnp] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -45,14 +47,15 @@ def _bytes(module) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module)))
 
 
-def _runner(module, impl=None):
+def _runner(module, impl=None, precision=None):
   graphdef, state = nnx.split(module)
   if impl is None:
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   else:
     def fn_(s, x):
       layer = nnx.merge(graphdef, s)
-      return _apply.apply_signed_cut(x, layer.factors, layer.bias[...], impl=impl)
+      return _apply.apply_signed_cut(x, layer.factors, layer.bias[...], impl=impl,
+                                     precision=precision)
     fn = jax.jit(fn_)
   return lambda x: fn(state, x)
 
@@ -79,7 +82,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--size", type=int, default=4096)
   ap.add_argument("--rounds", type=int, default=15)
-  ap.add_argument("--batches", default="1,64")
+  ap.add_argument("--batches", default="1,8,64,512")
+  ap.add_argument("--jnp", action="store_true", help="also time the pure-JAX path")
   ap.add_argument("--markdown", default=None, help="also write the table to this file")
   args = ap.parse_args()
   load = os.getloadavg()
@@ -87,31 +91,38 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   rngs = nnx.Rngs(0)
   layers = {
-      "nnx.Linear f32": (nnx.Linear(m, n, rngs=rngs), None),
+      "nnx.Linear f32": (nnx.Linear(m, n, rngs=rngs), None, None),
       "nnx.Linear bf16": (nnx.Linear(m, n, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                     rngs=rngs), None),
+                                     rngs=rngs), None, None),
   }
   for rate in (0.5, 0.25):
     w = sc.width_for_rate(m, n, rate)
     layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
-    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi"] = (layer, "ffi")
-    layers[f"SignedCutDense rate {rate:g} (w={w}) jnp"] = (layer, "jnp")
+    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi"] = (layer, "ffi", None)
+    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi f32"] = (layer, "ffi", "highest")
+    if args.jnp:
+      layers[f"SignedCutDense rate {rate:g} (w={w}) jnp"] = (layer, "jnp", None)
   rows = []
   for batch in batches:
     x = jax.random.normal(jax.random.key(2), (batch, m))
     runs = {}
-    for name, (layer, impl) in layers.items():
+    for name, (layer, impl, precision) in layers.items():
       if impl == "ffi" and not _apply._has_ffi_kernel():  # noqa: SLF001
         continue
       xin = x.astype(jnp.bfloat16) if "bf16" in name else x
-      run = _runner(layer, impl)
+      run = _runner(layer, impl, precision)
       jax.block_until_ready(run(xin))  # compile
-      runs[name] = (run, xin)
+      if impl == "ffi":
+        w_ = layer.factors.width
+        core = _apply.apply_core("auto", exact=precision is not None, rows=batch,
+                                 work=batch * w_ * (m + n))
+        name = f"{name} [{core}]"
+      runs[name] = (run, xin, layer)
     warm = {name: [] for name in runs}
     cold = {name: [] for name in runs}
     rounds = args.rounds if batch <= 8 else max(3, args.rounds // 3)
     for _ in range(rounds):
-      for name, (run, xin) in runs.items():
+      for name, (run, xin, _) in runs.items():
         _time(run, xin)
         warm[name].append(_time(run, xin))
         _flush()
@@ -121,7 +132,7 @@ def main():
     for name in runs:
       wmed, cmed = statistics.median(warm[name]), statistics.median(cold[name])
       rows.append((batch, name, wmed * 1e3, wmed / wbase, cmed * 1e3, cmed / cbase,
-                   _bytes(layers[name][0])))
+                   _bytes(runs[name][2])))
 
   # dense=True pays for expanding the factors on every call: time it once at rate ½.
   w = sc.width_for_rate(m, n, 0.5)
@@ -134,7 +145,8 @@ def main():
       f"SignedCutDense vs nnx.Linear, {m}x{n}; {platform.machine()} {os.cpu_count()} cores, "
       f"jax {jax.__version__}, backend {jax.default_backend()}; medians of interleaved rounds, warm and cold (see the docstring)",
       "",
-      f"load average before the run: {' '.join(f'{v:.1f}' for v in load)}",
+      f"load average before the run: {' '.join(f'{v:.1f}' for v in load)}; after: "
+      f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}",
       "",
       "| batch | layer | warm ms | × Linear f32 (warm) | cold ms | × Linear f32 (cold) "
       "| param bytes |",
@@ -150,8 +162,8 @@ def main():
     if batch == max(batches):
       per_row[name] = ms / batch
   lin = per_row.get("nnx.Linear f32")
-  fac = per_row.get(f"SignedCutDense rate 0.5 (w={w}) ffi") or per_row.get(
-      f"SignedCutDense rate 0.5 (w={w}) jnp")
+  fac = min((v for k, v in per_row.items() if k.startswith(f"SignedCutDense rate 0.5 (w={w})")),
+            default=None)
   if lin is not None and fac is not None and fac > lin:
     lines.append(f"dense=True beats the factored product from batch ≈ "
                  f"{t_expand * 1e3 / (fac - lin):.0f} (expansion / (factored − dense) per row "

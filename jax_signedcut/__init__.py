@@ -27,6 +27,8 @@ from jax_signedcut._core.protocol import nbytes as nbytes
 from jax_signedcut._core.protocol import reconstruct as reconstruct
 from jax_signedcut._core.protocol import relative_error as relative_error
 from jax_signedcut._parts.lowrank import LowRankPart as LowRankPart
+from jax_signedcut._parts.scaled import InputScaled as InputScaled
+from jax_signedcut._parts.scaled import Transposed as Transposed
 from jax_signedcut._parts.sparse import Sparse as Sparse
 from jax_signedcut._parts.sum import Sum as Sum
 from jax_signedcut._signedcut.factors import SignedCut as SignedCut
@@ -61,6 +63,8 @@ __all__ = [
     "Budget",
     "CheckpointError",
     "Compressed",
+    "InputScaled",
+    "Transposed",
     "LowRankPart",
     "Sparse",
     "Sum",

@@ -1,8 +1,13 @@
-"""apply_signed_cut: pure-JAX blocks and the CPU FFI kernel (both cores) vs x @ reconstruct(f).
+"""apply_signed_cut: pure-JAX blocks and the CPU FFI kernel (every core) vs x @ reconstruct(f).
 
-Tolerances: all paths accumulate in f32 in different orders; against the
+Tolerances: the f32 paths accumulate in f32 in different orders; against the
 float64 oracle ``x @ S diag(c) Tᵀ`` they agree to 2e-6 · (|x|·|S diag(c) Tᵀ|)
-elementwise-bounded sums, checked here as |Δ| ≤ 1e-5 · max|y| + 1e-6.
+elementwise-bounded sums, checked here as |Δ| ≤ 1e-5 · max|y| + 1e-6. The bf16
+cores (AMX, AVX512-BF16) round x to bf16 and then compute in f32 with p in two
+bf16 halves (2⁻¹⁷ relative): they are checked against the float64 oracle of
+the rounded x at 3e-5 · max|y|, and against the scalar f32 core run on the
+rounded x; a bf16 core that did not round x, or any other slip, fails that.
+Cores this CPU lacks are skipped with the reason (pytest -rs shows which ran).
 """
 
 from __future__ import annotations
@@ -43,6 +48,26 @@ def _oracle(x, f):
   return np.asarray(x, np.float64) @ w
 
 
+def _close_bf16(y, x, f):
+  """A bf16 core's y against the float64 oracle of bf16(x).
+
+  p = c ∘ (x·S) enters the second product as two bf16 halves (2⁻¹⁷ relative
+  each), so besides f32 accumulation the error is bounded by ~2⁻¹⁶·Σ_j |p_j|
+  (which matters where the cuts cancel); a core that rounded p to one bf16
+  would be off by ~2⁻⁹·Σ_j |p_j|.
+  """
+  m, _ = f.shape
+  xb = _bf16(x).astype(np.float64)
+  s = _packing.unpack_signs_np(np.asarray(f.s_bits), m).astype(np.float64)
+  p_abs = np.abs((xb @ s.T) * np.asarray(f.c, np.float64)[None, :]).sum(axis=1)  # (rows,)
+  ref = _oracle(xb, f)
+  y = np.asarray(y, np.float64)
+  assert y.shape == ref.shape
+  bound = 3e-5 * np.abs(ref).max() + 2e-5 * p_abs[:, None] + 1e-6
+  bad = np.abs(y - ref) > bound
+  assert not bad.any(), f"{bad.sum()} of {bad.size} off: max |Δ| {np.abs(y - ref).max():.3g}"
+
+
 def _close(y, ref, rtol=1e-5):
   y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
   assert y.shape == ref.shape
@@ -54,32 +79,97 @@ def _close(y, ref, rtol=1e-5):
 # cuts in the table-lookup projection that the AVX-512 core uses for up to 4 rows.
 SHAPES = [(33, 97, 300), (1, 1, 3), (1000, 7, 50), (64, 256, 513), (300, 520, 40),
           (545, 33, 70), (1024, 1000, 1500)]
-IMPLS = ["jnp", pytest.param("ffi", marks=needs_ffi), pytest.param("scalar", marks=needs_ffi)]
+BF16_CORES = ("avx512_bf16", "amx")
+
+
+def _core_skip(core):
+  """The reason this machine cannot run `core`, or None."""
+  if not HAS_FFI:
+    return "signedcut_apply kernel not built"
+  try:
+    _apply.apply_core(core)
+  except ValueError as e:
+    return f"{core}: {e}"
+  return None
+
+
+def _core_param(core):
+  why = _core_skip(core)
+  return pytest.param(core, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+
+
+CORES = [_core_param(c) for c in ("scalar", "avx512", *BF16_CORES)]
+IMPLS = ["jnp", pytest.param("ffi", marks=needs_ffi), *CORES]
 
 
 def _run(impl, x2, f):
   if impl == "jnp":
     return _apply.apply_jnp(x2, f)
-  return _apply.apply_ffi(x2, f, force_scalar=impl == "scalar")
+  if impl == "ffi":
+    return _apply.apply_ffi(x2, f, exact=True)
+  return _apply.apply_ffi(x2, f, core=impl)
+
+
+def _bf16(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
 
 
 @pytest.mark.parametrize("m, n, w", SHAPES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5, 17])
 def test_every_core_matches_the_oracle(m, n, w, impl, rows):
   f = _random_factors(m, n, w, seed=m + n)
   x = jax.random.normal(jax.random.key(rows), (rows, m))
-  _close(_run(impl, x, f), _oracle(x, f))
+  if impl in BF16_CORES:
+    _close_bf16(_run(impl, x, f), x, f)
+  else:
+    _close(_run(impl, x, f), _oracle(x, f))
+
+
+@needs_ffi
+@settings(derandomize=True, deadline=None, max_examples=12)
+@given(m=st.integers(1, 300), n=st.integers(1, 300), w=st.integers(1, 700),
+       rows=st.integers(1, 40), core=st.sampled_from(BF16_CORES))
+def test_bf16_cores_equal_scalar_on_rounded_x(m, n, w, rows, core):
+  why = _core_skip(core)
+  if why is not None:
+    pytest.skip(why)
+  f = _random_factors(m, n, w, seed=m * 5 + n)
+  x = np.random.default_rng(w).standard_normal((rows, m), np.float32)
+  got = _apply.apply_ffi(jnp.asarray(x), f, core=core)
+  _close_bf16(got, x, f)
+  _close(got, _apply.apply_ffi(jnp.asarray(_bf16(x)), f, core="scalar"), rtol=1e-4)
+  # x really was rounded: the unrounded product is further away than the
+  # tolerance above (by ~2⁻⁹ relative) wherever x has more than 8 significant bits.
+  assert np.abs(np.asarray(got) - _oracle(x, f)).max() > 3e-5 * np.abs(_oracle(x, f)).max()
+
+
+@needs_ffi
+def test_auto_core_choice():
+  """auto: f32 below BF16_MIN_ROWS rows or with exact, else the best bf16 core if any."""
+  f32 = _apply.apply_core("auto", rows=1)
+  assert f32 in ("scalar", "avx512")
+  assert _apply.apply_core("auto", exact=True, rows=512) == f32
+  best = next((c for c in ("amx", "avx512_bf16") if _core_skip(c) is None), f32)
+  big = _apply.BF16_MIN_WORK
+  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS, work=big) == best
+  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS - 1, work=big) == f32
+  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS, work=big - 1) == f32
+  with pytest.raises(ValueError, match="impl must be"):
+    _apply.apply_core("tpu")
 
 
 @needs_ffi
 @pytest.mark.parametrize("m, n, w", SHAPES[:3])
 def test_kernel_ignores_stray_tail_bits(m, n, w):
   f = _random_factors(m, n, w, dirty_tail=True)
-  x = jax.random.normal(jax.random.key(0), (3, m))
+  x = jax.random.normal(jax.random.key(0), (9, m))
   ref = _oracle(x, f)
-  for scalar in (False, True):
-    _close(_apply.apply_ffi(x, f, force_scalar=scalar), ref)
+  for core in ("scalar", "avx512", *BF16_CORES):
+    if _core_skip(core) is None:
+      got = _apply.apply_ffi(x, f, core=core)
+      _close_bf16(got, x, f) if core in BF16_CORES else _close(got, ref)
+  _close(_apply.apply_ffi(x, f, force_scalar=True), ref)
 
 
 @needs_ffi
@@ -87,9 +177,11 @@ def test_kernel_ignores_stray_tail_bits(m, n, w):
 @given(m=st.integers(1, 300), n=st.integers(1, 300), w=st.integers(1, 80),
        rows=st.integers(1, 9))
 def test_avx512_equals_scalar_hypothesis(m, n, w, rows):
+  if _core_skip("avx512") is not None:
+    pytest.skip(_core_skip("avx512"))
   f = _random_factors(m, n, w, seed=m * 7 + n)
   x = jnp.asarray(np.random.default_rng(w).standard_normal((rows, m), np.float32))
-  a = _apply.apply_ffi(x, f)
+  a = _apply.apply_ffi(x, f, core="avx512")
   b = _apply.apply_ffi(x, f, force_scalar=True)
   _close(a, b)
   _close(a, _oracle(x, f))
@@ -106,14 +198,21 @@ def test_public_apply_batch_shapes_dtypes(impl, dtype, batch):
   ref = _oracle(np.asarray(x, np.float32).reshape(-1, m), f).reshape(*batch, n) + np.asarray(bias)
   y = jax.jit(lambda x: _apply.apply_signed_cut(x, f, bias, impl=impl))(x)
   assert y.dtype == dtype and y.shape == (*batch, n)
-  _close(y, ref, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  # From BF16_MIN_ROWS rows the kernel may round x to bf16 (precision=None).
+  rows = int(np.prod(batch))
+  bf16_math = impl == "auto" and HAS_FFI and _apply.apply_core(
+      "auto", rows=rows, work=rows * w * (m + n)) in BF16_CORES
+  _close(y, ref, rtol=1e-5 if dtype == jnp.float32 and not bf16_math else 1e-2)
+  if dtype == jnp.float32:
+    y = _apply.apply_signed_cut(x, f, bias, impl=impl, precision="highest")
+    _close(y, ref, rtol=1e-5)
 
 
 def test_vmap_and_dense_option():
   f = _random_factors(40, 70, 90)
   xs = jax.random.normal(jax.random.key(2), (3, 6, 40))
   ref = _oracle(xs.reshape(-1, 40), f).reshape(3, 6, 70)
-  _close(jax.vmap(lambda x: _apply.apply_signed_cut(x, f))(xs), ref)
+  _close(jax.vmap(lambda x: _apply.apply_signed_cut(x, f, precision="highest"))(xs), ref)
   _close(_apply.apply_signed_cut(xs, f, dense=True), ref)
   # Stacked factors mapped together with their activations (nn.scan / jax.vmap layers).
   fs = jax.tree.map(lambda a, b: jnp.stack([a, b]), f, _random_factors(40, 70, 90, seed=9))
@@ -134,6 +233,10 @@ def test_bad_input():
     _apply.apply_signed_cut(jnp.ones((2, 33)), fs)
   with pytest.raises(ValueError, match="impl must be"):
     _apply.apply_signed_cut(jnp.ones((2, 33)), f, impl="cuda")
+  with pytest.raises(ValueError, match="precision must be"):
+    _apply.apply_signed_cut(jnp.ones((2, 33)), f, precision="bf16")
+  with pytest.raises(ValueError, match="core must be"):
+    _apply.apply_ffi(jnp.ones((2, 33)), f, core="avx2")
 
 
 @pytest.mark.parametrize("impl", ["auto", "jnp"])
@@ -197,18 +300,26 @@ def _apply_in_subprocess(tmp_path, f, x, *, env=None, prefix=()):
   return np.load(tmp_path / "out.npy")
 
 
-@needs_ffi
-def test_env_var_forces_the_scalar_core(tmp_path):
-  """JAX_SIGNEDCUT_APPLY_IMPL=scalar (read once by the extension) == force_scalar=True."""
+@pytest.mark.parametrize("core", CORES)
+def test_env_var_picks_the_core(tmp_path, core):
+  """JAX_SIGNEDCUT_APPLY_IMPL=<core> (read once by the extension) == core=<core>."""
   f = _random_factors(300, 257, 70)
-  x = np.random.default_rng(0).standard_normal((3, 300), np.float32)
-  got = _apply_in_subprocess(tmp_path, f, x, env={"JAX_SIGNEDCUT_APPLY_IMPL": "scalar"})
-  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f,
-                                                                 force_scalar=True)))
+  x = np.random.default_rng(0).standard_normal((9, 300), np.float32)
+  got = _apply_in_subprocess(tmp_path, f, x, env={"JAX_SIGNEDCUT_APPLY_IMPL": core})
+  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f, core=core)))
 
 
 @needs_ffi
-def test_result_does_not_depend_on_the_thread_count(tmp_path):
+def test_env_var_bad_value_is_an_error(tmp_path):
+  f = _random_factors(30, 20, 7)
+  x = np.ones((2, 30), np.float32)
+  import subprocess  # noqa: PLC0415
+  with pytest.raises(subprocess.CalledProcessError):
+    _apply_in_subprocess(tmp_path, f, x, env={"JAX_SIGNEDCUT_APPLY_IMPL": "avx2"})
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_result_does_not_depend_on_the_thread_count(tmp_path, core):
   """The cuts are split into partitions fixed by the shape: one CPU or two, same bits."""
   import os  # noqa: PLC0415
   import shutil  # noqa: PLC0415
@@ -216,6 +327,26 @@ def test_result_does_not_depend_on_the_thread_count(tmp_path):
     pytest.skip("needs taskset and at least two usable CPUs to compare one with several")
   f = _random_factors(1024, 1000, 1500, seed=5)  # rows·w·(m+n): several partitions
   x = np.random.default_rng(1).standard_normal((3, 1024), np.float32)
-  got = _apply_in_subprocess(tmp_path, f, x,
+  got = _apply_in_subprocess(tmp_path, f, x, env={"JAX_SIGNEDCUT_APPLY_IMPL": core},
                              prefix=("taskset", "-c", str(min(os.sched_getaffinity(0)))))
-  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f)))
+  np.testing.assert_array_equal(got, np.asarray(_apply.apply_ffi(jnp.asarray(x), f, core=core)))
+
+
+@needs_ffi
+def test_public_apply_rounds_x_only_where_a_bf16_core_pays():
+  """precision=None: a bf16 core from BF16_MIN_ROWS rows and BF16_MIN_WORK; "highest": f32."""
+  best = next((c for c in ("amx", "avx512_bf16") if _core_skip(c) is None), None)
+  if best is None:
+    pytest.skip("no bf16 core on this CPU: " + "; ".join(_core_skip(c) for c in BF16_CORES))
+  m, n, w = 512, 512, 300  # 16 rows: 16·w·(m + n) ≈ 4.9M ≥ BF16_MIN_WORK
+  f = _random_factors(m, n, w, seed=3)
+  x = jax.random.normal(jax.random.key(6), (16, m))
+  fast = jax.jit(lambda x: _apply.apply_signed_cut(x, f))(x)
+  _close_bf16(fast, x, f)
+  np.testing.assert_array_equal(np.asarray(fast), np.asarray(_apply.apply_ffi(x, f, core=best)))
+  exact = _apply.apply_signed_cut(x, f, precision=jax.lax.Precision.HIGHEST)
+  _close(exact, _oracle(x, f))
+  assert np.abs(np.asarray(fast) - np.asarray(exact)).max() > 1e-4 * np.abs(exact).max()
+  # Below the work threshold the same rows stay in f32.
+  small = _random_factors(40, 30, 20)
+  _close(_apply.apply_signed_cut(x[:, :40], small), _oracle(x[:, :40], small))

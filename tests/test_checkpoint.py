@@ -54,6 +54,10 @@ MAKERS = {
     "lp_lowrank": lambda: sc.lp_lowrank(gaussian((30, 20), 0), rank=3, p=1.5, iters=3),
     "signed_tensor_cut": lambda: sc.decompose_tensor(gaussian((5, 6, 7), 0), key=jax.random.key(0),
                                                      width=4),
+    "input_scaled": lambda: sc.InputScaled(
+        jnp.linspace(0.5, 2.0, 40, dtype=jnp.float32),
+        sc.decompose(heavy(jax.random.key(3), (40, 70)), key=jax.random.key(4), rate=0.5)),
+    "transposed": lambda: sc.Transposed(sc.rtn(gaussian((37, 50), 0), bits=4)),
     "signed_tensor_cut_stacked": lambda: jax.vmap(
         lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(
             gaussian((2, 5, 6, 7), 0)),

@@ -324,8 +324,8 @@ def test_bad_matrix(a, exc, match, backend):
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(), ValueError, "exactly one of width, rate, bits_per_weight must be given, got none"),
     (dict(width=3, rate=0.5), ValueError, "got width=3, rate=0.5"),
-    (dict(width=0), ValueError, "width must be >= 1, got 0"),
-    (dict(width=-4), ValueError, "width must be >= 1, got -4"),
+    (dict(width=0), ValueError, "width must be an int >= 1, got 0"),
+    (dict(width=-4), ValueError, "width must be an int >= 1, got -4"),
     (dict(width=2.5), TypeError, "width must be an int"),
     (dict(rate=1e-6), ValueError, "rate=1e-06 gives width 0"),
     (dict(bits_per_weight=0.01), ValueError, "bits_per_weight=0.01 gives width 0"),

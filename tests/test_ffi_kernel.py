@@ -328,3 +328,31 @@ def test_threads_env_var_gives_the_same_factors():
   import hashlib
   want = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in out)).hexdigest()
   assert got.stdout.strip() == want
+
+
+# sha256 (first 16 hex digits) of (s_bits, t_bits, c, num_cuts) from the release
+# kernel (commit 6afb051), scalar and AVX-512 alike: faster kernels must give the
+# same bits for the same key. (Widths past 32 cross flushes of the pending block.)
+RELEASE_FACTORS = [
+    ((1, 1), 3, 0, "2ea83602240d86db"),
+    ((33, 97), 40, 1, "fa61b6b92c8a669e"),
+    ((97, 33), 70, 2, "039d5b92ad0934ea"),
+    ((300, 257), 100, 3, "24bd83074549123d"),
+    ((2, 64, 70), 35, 4, "bbb5667526ce4790"),
+    ((520, 1030), 80, 5, "44a0d3e486bddf19"),
+    ((300, 4100), 100, 6, "447b36869b7bc915"),
+    ((1000, 7), 70, 7, "d511c0e02de18ff2"),
+]
+
+
+@pytest.mark.parametrize("shape,width,seed,digest", RELEASE_FACTORS)
+@pytest.mark.parametrize("impl", ["scalar", pytest.param("avx512", marks=needs_avx512)])
+def test_factors_bit_identical_to_the_release(shape, width, seed, digest, impl):
+  import hashlib  # noqa: PLC0415
+  a = jax.random.normal(jax.random.key(seed + 10), shape, jnp.float32)
+  a = a if a.ndim == 3 else a[None]
+  words = _start.start_words(jax.random.key(seed), width, shape[-1])
+  h = hashlib.sha256()
+  for x in _ffi.greedy(a, words, impl=impl):
+    h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+  assert h.hexdigest()[:16] == digest

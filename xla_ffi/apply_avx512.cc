@@ -347,9 +347,4 @@ SIGNEDCUT_AVX512 void ApplyProjectLutAvx512(const ApplyArgs& a, const float* tab
   }
 }
 
-bool ApplyHasAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
-
 }  // namespace signedcut

@@ -1,10 +1,11 @@
 // XLA FFI handler `signedcut_apply`: y = ((x·S) ∘ c)·Tᵀ from packed factors,
-// and the threaded driver choosing the scalar or AVX-512 cores.
+// the choice of core, and the threaded driver.
 //
 // Three layers, as in jax's examples/ffi: the cores (apply_scalar.cc,
-// apply_avx512.cc) on raw pointers; ApplySignedCut, which splits the work over
-// threads; and ApplyImpl, which checks the buffers and returns ffi::Error —
-// it never throws, aborts or prints.
+// apply_avx512.cc; the bf16 paths apply_bf16_layout.cc with apply_amx.cc or
+// apply_avx512bf16.cc) on raw pointers; ApplySignedCut, which splits the work
+// over threads; and ApplyImpl, which checks the buffers and returns
+// ffi::Error — it never throws, aborts or prints.
 #include <algorithm>
 #include <atomic>
 #include <memory>
@@ -20,7 +21,10 @@
 #include <sched.h>
 #endif
 
+#include "apply_bf16.h"
+#include "apply_bf16_driver.h"
 #include "apply_kernel.h"
+#include "cpu_features.h"
 #include "ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,24 +32,6 @@ namespace ffi = xla::ffi;
 
 namespace signedcut {
 namespace {
-
-bool EnvForcesScalar() {
-  static const bool forced = [] {
-    const char* v = std::getenv("JAX_SIGNEDCUT_APPLY_IMPL");
-    return v != nullptr && std::strcmp(v, "scalar") == 0;
-  }();
-  return forced;
-}
-
-// CPUs this process may run on (the affinity mask, so that taskset and
-// container CPU sets are respected), at least 1.
-int UsableCpus() {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-}
 
 // Partitions of the cuts for a problem of this shape: each owns an output
 // buffer of rows·n floats, and the buffers are summed in a fixed order. More
@@ -67,33 +53,90 @@ int64_t Partitions(int64_t rows, int64_t m, int64_t n, int64_t w) {
 // masked adds each, but are repeated per row).
 constexpr int64_t kLutMaxRows = 4;
 
+ApplyCore Supported(ApplyCore core, std::string* error) {
+  std::string why;
+  switch (core) {
+    case ApplyCore::kScalar:
+      return core;
+    case ApplyCore::kAvx512:
+      if (Cpu().avx512bw) return core;
+      why = "this CPU lacks AVX-512 F and BW";
+      break;
+    case ApplyCore::kAvx512Bf16:
+      if (Cpu().avx512_bf16) return core;
+      why = "this CPU lacks AVX512_BF16 (with AVX-512 F, BW, VL, DQ, VPOPCNTDQ and BMI2)";
+      break;
+    case ApplyCore::kAmx:
+      if (Cpu().avx512_bf16 && AmxUsable(&why)) return core;
+      if (why.empty()) why = "this CPU lacks AVX512_BF16, which the AMX path also uses";
+      break;
+    default:
+      *error = "signedcut_apply: unknown implementation " +
+               std::to_string(static_cast<int>(core));
+      return ApplyCore::kAuto;
+  }
+  *error = std::string("signedcut_apply: the ") + ApplyCoreName(core) +
+           " implementation was requested but " + why;
+  return ApplyCore::kAuto;
+}
+
+ApplyCore BestF32() { return Cpu().avx512bw ? ApplyCore::kAvx512 : ApplyCore::kScalar; }
+
+ApplyCore BestBf16() {
+  if (Cpu().avx512_bf16 && AmxUsable()) return ApplyCore::kAmx;
+  if (Cpu().avx512_bf16) return ApplyCore::kAvx512Bf16;
+  return ApplyCore::kAuto;
+}
+
+bool IsBf16(ApplyCore core) {
+  return core == ApplyCore::kAvx512Bf16 || core == ApplyCore::kAmx;
+}
+
 // Shared between the caller and the workers it spawned. A worker that starts
 // after every partition has been claimed touches only this (kept alive by
 // shared_ptr), never the caller's buffers.
 struct ApplyJob {
   ApplyArgs a;
-  bool avx;
+  ApplyCore core;
   int64_t parts;
-  float* y;                    // partition 0's buffer (the output)
-  std::vector<float> extra;    // partitions 1.. (parts − 1) · rows · n
-  std::vector<float> tables;  // lookup tables of x (few rows), else empty
+  float* y;                    // f32 cores: partition 0's buffer (the output)
+  std::vector<float> extra;    // f32 cores: partitions 1..; bf16: all partitions
+  std::vector<float> tables;   // lookup tables of x (few rows), else empty
+  // bf16 cores
+  Bf16Shape shape;
+  std::vector<uint16_t> xv;
+  std::vector<Bf16Scratch> scratch;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+
+  int64_t BufferFloats() const {
+    return IsBf16(core) ? shape.rows_pad * shape.ldy : a.rows * a.n;
+  }
 
   void Work() {
     for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
       const int64_t j0 = a.w * k / parts, j1 = a.w * (k + 1) / parts;
-      float* out = k == 0 ? y : extra.data() + (k - 1) * a.rows * a.n;
-      if (avx) {
-        if (tables.empty()) {
-          ApplyProjectAvx512(a, j0, j1);
-        } else {
-          ApplyProjectLutAvx512(a, tables.data(), j0, j1);
+      switch (core) {
+        case ApplyCore::kAmx:
+        case ApplyCore::kAvx512Bf16:
+          Bf16Partition(core == ApplyCore::kAmx ? AmxCore() : Avx512Bf16Core(), a, shape,
+                        xv.data(), j0, j1, extra.data() + k * BufferFloats(), scratch[k]);
+          break;
+        case ApplyCore::kAvx512: {
+          float* out = k == 0 ? y : extra.data() + (k - 1) * BufferFloats();
+          if (tables.empty()) {
+            ApplyProjectAvx512(a, j0, j1);
+          } else {
+            ApplyProjectLutAvx512(a, tables.data(), j0, j1);
+          }
+          ApplyExpandAvx512(a, j0, j1, out);
+          break;
         }
-        ApplyExpandAvx512(a, j0, j1, out);
-      } else {
-        ApplyProjectScalar(a, j0, j1);
-        ApplyExpandScalar(a, j0, j1, out);
+        default: {
+          float* out = k == 0 ? y : extra.data() + (k - 1) * BufferFloats();
+          ApplyProjectScalar(a, j0, j1);
+          ApplyExpandScalar(a, j0, j1, out);
+        }
       }
       done.fetch_add(1, std::memory_order_release);
     }
@@ -102,37 +145,99 @@ struct ApplyJob {
 
 }  // namespace
 
+const char* ApplyCoreName(ApplyCore core) {
+  switch (core) {
+    case ApplyCore::kScalar:
+      return "scalar";
+    case ApplyCore::kAvx512:
+      return "avx512";
+    case ApplyCore::kAvx512Bf16:
+      return "avx512_bf16";
+    case ApplyCore::kAmx:
+      return "amx";
+    default:
+      return "auto";
+  }
+}
+
+ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_t work,
+                           std::string* error) {
+  if (requested != ApplyCore::kAuto) return Supported(requested, error);
+  // The environment's choice, resolved once.
+  struct EnvPick {
+    ApplyCore core = ApplyCore::kAuto;  // kAuto: none
+    std::string error;
+  };
+  static const EnvPick env = [] {
+    EnvPick p;
+    const std::string& v = EnvChoice("JAX_SIGNEDCUT_APPLY_IMPL");
+    if (v.empty() || v == "auto") return p;
+    for (ApplyCore c : {ApplyCore::kScalar, ApplyCore::kAvx512, ApplyCore::kAvx512Bf16,
+                        ApplyCore::kAmx}) {
+      if (v == ApplyCoreName(c)) {
+        p.core = Supported(c, &p.error);
+        return p;
+      }
+    }
+    p.error = "JAX_SIGNEDCUT_APPLY_IMPL must be 'scalar', 'avx512', 'avx512_bf16', 'amx' or "
+              "'auto', got '" + v + "'";
+    return p;
+  }();
+  if (!env.error.empty()) {
+    *error = env.error;
+    return ApplyCore::kAuto;
+  }
+  if (env.core != ApplyCore::kAuto) {
+    return exact && IsBf16(env.core) ? BestF32() : env.core;
+  }
+  if (!exact && rows >= kBf16MinRows && work >= kBf16MinWork) {
+    const ApplyCore b = BestBf16();
+    if (b != ApplyCore::kAuto) return b;
+  }
+  return BestF32();
+}
+
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
-                    bool force_scalar, int threads, const TaskRunner& spawn) {
+                    ApplyCore core, int threads, const TaskRunner& spawn) {
   if (threads <= 0) threads = UsableCpus();
   const int64_t parts = Partitions(rows, m, n, w);
   threads = static_cast<int>(std::min<int64_t>(threads, parts));
+  const bool bf16 = IsBf16(core);
   std::shared_ptr<ApplyJob> job;
   std::vector<float> p, row_sums;
   try {
     job = std::make_shared<ApplyJob>();
-    job->extra.assign(static_cast<size_t>((parts - 1) * rows * n), 0.0f);
-    p.resize(static_cast<size_t>(rows * w));
-    row_sums.resize(static_cast<size_t>(rows));
+    job->core = core;
+    job->a = ApplyArgs{x, s_bits, t_bits, c, nullptr, nullptr, rows, m, n, w};
+    if (bf16) {
+      job->shape = Bf16ShapeOf(rows, m, n);
+      job->xv.resize(static_cast<size_t>(Bf16XvElems(job->shape)));
+      for (int64_t k = 0; k < parts; ++k) job->scratch.emplace_back(job->shape);
+      job->extra.assign(static_cast<size_t>(parts * job->BufferFloats()), 0.0f);
+    } else {
+      job->extra.assign(static_cast<size_t>((parts - 1) * job->BufferFloats()), 0.0f);
+      p.resize(static_cast<size_t>(rows * w));
+      row_sums.resize(static_cast<size_t>(rows));
+      if (core == ApplyCore::kAvx512 && rows <= kLutMaxRows) {
+        job->tables.resize(static_cast<size_t>(rows * ApplyTablesFloats(m)));
+      }
+    }
   } catch (const std::bad_alloc&) {
     return false;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < m; ++i) s += x[r * m + i];
-    row_sums[r] = s;
-  }
-  std::fill(y, y + rows * n, 0.0f);
-  job->a = ApplyArgs{x, s_bits, t_bits, c, p.data(), row_sums.data(), rows, m, n, w};
-  job->avx = !force_scalar && !EnvForcesScalar() && ApplyHasAvx512();
-  if (job->avx && rows <= kLutMaxRows) {
-    try {
-      job->tables.resize(static_cast<size_t>(rows * ApplyTablesFloats(m)));
-    } catch (const std::bad_alloc&) {
-      return false;
+  if (bf16) {
+    Bf16BuildXv(x, rows, m, job->shape, job->xv.data());
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < m; ++i) s += x[r * m + i];
+      row_sums[r] = s;
     }
-    ApplyBuildTablesAvx512(job->a, job->tables.data());
+    std::fill(y, y + rows * n, 0.0f);
+    job->a.p = p.data();
+    job->a.row_sums = row_sums.data();
+    if (!job->tables.empty()) ApplyBuildTablesAvx512(job->a, job->tables.data());
   }
   job->parts = parts;
   job->y = y;
@@ -154,18 +259,40 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
   while (job->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
   for (auto& th : own) th.join();
 
+  const int64_t stride = job->BufferFloats();
+  if (bf16) {
+    // y = Σ over partitions, in a fixed order.
+    const int64_t ldy = job->shape.ldy;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* yr = y + r * n;
+      std::copy(job->extra.data() + r * ldy, job->extra.data() + r * ldy + n, yr);
+      for (int64_t k = 1; k < parts; ++k) {
+        const float* e = job->extra.data() + k * stride + r * ldy;
+        for (int64_t i = 0; i < n; ++i) yr[i] += e[i];
+      }
+    }
+    return true;
+  }
   // y = Σ_j p_j − 2·(Σ over partitions of the negative parts), in a fixed order.
   for (int64_t r = 0; r < rows; ++r) {
     float p_sum = 0.0f;
     for (int64_t j = 0; j < w; ++j) p_sum += p[r * w + j];
     float* yr = y + r * n;
     for (int64_t k = 1; k < parts; ++k) {
-      const float* e = job->extra.data() + ((k - 1) * rows + r) * n;
+      const float* e = job->extra.data() + (k - 1) * stride + r * n;
       for (int64_t i = 0; i < n; ++i) yr[i] += e[i];
     }
     for (int64_t i = 0; i < n; ++i) yr[i] = p_sum - 2.0f * yr[i];
   }
   return true;
+}
+
+int UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 }  // namespace signedcut
@@ -184,7 +311,7 @@ int64_t Prod(ffi::Span<const int64_t> dims, size_t upto) {
 // over) split y's rows into G equal groups.
 ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                      ffi::Buffer<ffi::U32> t_bits, ffi::Buffer<ffi::F32> c,
-                     ffi::ResultBuffer<ffi::F32> y, int32_t force_scalar,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t impl, int32_t exact,
                      ffi::ThreadPool pool) {
   const auto xd = x.dimensions(), sd = s_bits.dimensions(), td = t_bits.dimensions(),
              cd = c.dimensions(), yd = y->dimensions();
@@ -219,6 +346,10 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                                        signedcut::DimsToString(yd) + " for factor batch " + signedcut::DimsToString(sd));
   const int64_t x_stride = xrows == yrows ? rows * m : 0;
   if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  std::string error;
+  const signedcut::ApplyCore core = signedcut::ResolveApplyCore(
+      static_cast<signedcut::ApplyCore>(impl), exact != 0, rows, rows * w * (m + n), &error);
+  if (core == signedcut::ApplyCore::kAuto) return ffi::Error::InvalidArgument(error);
   // Helpers run on XLA's intra-op pool (the threads XLA's own ops use, which
   // otherwise sit spinning next to ours); the caller is one worker.
   const int threads = static_cast<int>(
@@ -231,7 +362,7 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                                    s_bits.typed_data() + g * w * sd.back(),
                                    t_bits.typed_data() + g * w * td.back(),
                                    c.typed_data() + g * w, y->typed_data() + g * rows * n, rows,
-                                   m, n, w, force_scalar != 0, threads, spawn))
+                                   m, n, w, core, threads, spawn))
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                         "signedcut_apply: could not allocate the (rows, w) scratch");
   }
@@ -247,5 +378,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SignedCutApply, ApplyImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()  // t_bits (..., w, ceil(n/32))
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c (..., w) scales
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (..., n)
-                                  .Attr<int32_t>("force_scalar")   // 1: portable core
+                                  .Attr<int32_t>("impl")   // 0 auto, 1 scalar, 2 avx512,
+                                                           // 3 avx512_bf16, 4 amx
+                                  .Attr<int32_t>("exact")  // 1: auto picks f32 cores only
                                   .Ctx<ffi::ThreadPool>());

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace signedcut {
 
@@ -41,7 +42,7 @@ void ApplyProjectScalar(const ApplyArgs& a, int64_t j0, int64_t j1);
 void ApplyExpandScalar(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 
 // AVX-512 (F + BW) cores, compiled with per-function target attributes. Only
-// call them when ApplyHasAvx512() is true.
+// call them when Cpu().avx512bw (cpu_features.h) is true.
 void ApplyProjectAvx512(const ApplyArgs& a, int64_t j0, int64_t j1);
 // The same projection by table lookup, for few rows: for every group of four
 // entries of x, a 16-float table of its partial sums (one per sign pattern),
@@ -52,7 +53,6 @@ int64_t ApplyTablesFloats(int64_t m);
 void ApplyBuildTablesAvx512(const ApplyArgs& a, float* tables);
 void ApplyProjectLutAvx512(const ApplyArgs& a, const float* tables, int64_t j0, int64_t j1);
 void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
-bool ApplyHasAvx512();
 
 // Runs a task on another thread, now or later, or inline. ApplySignedCut never
 // waits for a task to start (only for work a task has claimed), so tasks that
@@ -60,17 +60,43 @@ bool ApplyHasAvx512();
 // thread pool (ffi::ThreadPool) promises.
 using TaskRunner = std::function<void(std::function<void()>)>;
 
-// The whole product. The cuts are split into a number of partitions that
-// depends only on the shape (so the result is the same bit for bit however
-// the work is scheduled); up to `threads` workers (0: the usable CPUs) claim
-// partitions one at a time, so a worker that is held up by another process
-// leaves its share to the others. The caller is one worker; `spawn` starts
-// the others (empty: std::thread). AVX-512 when available and not
-// `force_scalar` (or the environment variable JAX_SIGNEDCUT_APPLY_IMPL=scalar,
-// read once). Returns false if the scratch could not be allocated.
+// The implementations of the product. kScalar and kAvx512 compute in f32
+// (the reference); kAvx512Bf16 (vdpbf16ps) and kAmx (AMX tiles) round x to
+// bf16 and accumulate in f32 (apply_bf16.h states their numerics).
+enum class ApplyCore : int32_t { kAuto = 0, kScalar = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+
+// `auto` picks a bf16 core only from this many rows and this much work,
+// rows·w·(m + n) multiply-adds: with fewer rows the f32 cores stream the bits
+// at the memory floor, and on small products the bf16 paths' set-up (layout
+// of x, expansion of the signs) costs as much as it saves, so there is
+// nothing to buy with the rounding of x.
+inline constexpr int64_t kBf16MinRows = 8;
+inline constexpr int64_t kBf16MinWork = int64_t{1} << 22;
+
+const char* ApplyCoreName(ApplyCore core);
+
+// The core a call runs. kAuto: the environment variable
+// JAX_SIGNEDCUT_APPLY_IMPL ("scalar", "avx512", "avx512_bf16", "amx" or
+// "auto"; read once) if set, else the best core this CPU has; bf16 cores only
+// from kBf16MinRows rows and kBf16MinWork = rows·w·(m + n), and never if
+// `exact` (then the best f32 core). An explicit core is used as asked.
+// Returns kAuto and sets *error if the core is unknown or not supported here.
+ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_t work,
+                           std::string* error);
+
+// The whole product y = x·S·diag(c)·Tᵀ with a resolved core. The cuts are
+// split into a number of partitions that depends only on the shape (so the
+// result is the same bit for bit however the work is scheduled); up to
+// `threads` workers (0: the usable CPUs) claim partitions one at a time, so a
+// worker that is held up by another process leaves its share to the others.
+// The caller is one worker; `spawn` starts the others (empty: std::thread).
+// Returns false if the scratch could not be allocated.
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
-                    bool force_scalar, int threads, const TaskRunner& spawn = {});
+                    ApplyCore core, int threads, const TaskRunner& spawn = {});
+
+// CPUs this process may run on (its affinity mask), at least 1.
+int UsableCpus();
 
 }  // namespace signedcut
 

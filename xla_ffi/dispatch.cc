@@ -1,11 +1,13 @@
-// Chooses the kernel table once, at first use (simdjson-style): the
-// JAX_SIGNEDCUT_KERNEL environment variable ("scalar" or "avx512") if set,
-// else the best implementation the CPU supports. A per-call `impl` attribute
-// (see ffi.cc) lets tests run every implementation in one process.
-// ResolveThreads does the same for the thread count (JAX_SIGNEDCUT_THREADS).
+// Chooses the greedy's kernel table once, at first use, by the policy of
+// cpu_features.h: the JAX_SIGNEDCUT_KERNEL environment variable ("scalar" or
+// "avx512") if set, else the best implementation the CPU supports. A per-call
+// `impl` attribute (see ffi.cc) lets tests run every implementation in one
+// process. ResolveThreads does the same for the thread count
+// (JAX_SIGNEDCUT_THREADS).
 #include <cstdlib>
 #include <string>
 
+#include "cpu_features.h"
 #include "kernel.h"
 
 namespace signedcut {
@@ -37,8 +39,7 @@ Choice Resolve(Impl impl) {
 }
 
 Choice ResolveAuto() {
-  const char* env = std::getenv("JAX_SIGNEDCUT_KERNEL");
-  const std::string want = env == nullptr ? "" : env;
+  const std::string& want = EnvChoice("JAX_SIGNEDCUT_KERNEL");
   if (want.empty() || want == "auto") {
     return Resolve(Avx512Supported() ? Impl::kAvx512 : Impl::kScalar);
   }
@@ -51,10 +52,13 @@ Choice ResolveAuto() {
 
 }  // namespace
 
+bool Avx512Supported() { return Cpu().avx512; }
+
 void ResolveThreads(int64_t requested, GreedyConfig* cfg) {
   static const int64_t from_env = [] {
-    const char* env = std::getenv("JAX_SIGNEDCUT_THREADS");
-    if (env == nullptr) return int64_t{0};
+    const std::string& s = EnvChoice("JAX_SIGNEDCUT_THREADS");
+    if (s.empty()) return int64_t{0};
+    const char* env = s.c_str();
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
     return (end != env && *end == '\0' && v > 0) ? static_cast<int64_t>(v) : int64_t{0};

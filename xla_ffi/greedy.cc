@@ -458,9 +458,16 @@ class Greedy {
           left[(i - lo) * p + k] = neg ? -ws_.pc[k] : ws_.pc[k];
         }
       }
-      k_.flush_rows(ws_.r.get() + lo * ws_.ldr, ws_.ldr, hi - lo, ws_.n, left, p, ws_.tf.get(),
-                    ws_.ldr, t_next_, ws_.ur.get() + lo, ws_.row_sumsq.data() + lo);
-      ImageStarts(lo, hi);
+      // In blocks of rows that stay in L2 between the flush and the start
+      // images that read them again.
+      const int64_t blk = std::max<int64_t>(4, (int64_t{1} << 18) / ws_.ldr / 4 * 4);
+      for (int64_t b0 = lo; b0 < hi; b0 += blk) {
+        const int64_t b1 = std::min(hi, b0 + blk);
+        k_.flush_rows(ws_.r.get() + b0 * ws_.ldr, ws_.ldr, b1 - b0, ws_.n, left + (b0 - lo) * p,
+                      p, ws_.tf.get(), ws_.ldr, t_next_, ws_.ur.get() + b0,
+                      ws_.row_sumsq.data() + b0);
+        ImageStarts(b0, b1);
+      }
       return;
     }
     c -= cm_.count;

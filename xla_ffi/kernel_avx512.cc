@@ -17,6 +17,8 @@
 namespace signedcut {
 namespace {
 
+inline int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
+
 SIGNEDCUT_AVX512 inline __mmask16 TailMask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF)
                          : static_cast<__mmask16>((1u << remaining) - 1u);
@@ -49,54 +51,47 @@ SIGNEDCUT_AVX512 inline __m512 SignedAdd(__m512 acc, __m512 x, __mmask16 neg) {
   return _mm512_mask_sub_ps(_mm512_add_ps(acc, x), neg, acc, x);
 }
 
+// y[i] += Σ_{g < G} coef[g]·rows[g][i], the rows added one after another (so
+// the sum is the scalar table's), while the next G rows are prefetched.
+template <int G>
+SIGNEDCUT_AVX512 inline void AddRowGroup(float* y, const float* const* rows, const float* coef,
+                                         const float* const* next, int64_t len) {
+  __m512 c[G];
+  for (int g = 0; g < G; ++g) c[g] = _mm512_set1_ps(coef[g]);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    if (next != nullptr) {
+      for (int g = 0; g < G; ++g) {
+        _mm_prefetch(reinterpret_cast<const char*>(next[g] + i), _MM_HINT_T0);
+      }
+    }
+    __m512 v = _mm512_loadu_ps(y + i);
+    for (int g = 0; g < G; ++g) v = _mm512_add_ps(v, _mm512_mul_ps(c[g], _mm512_loadu_ps(rows[g] + i)));
+    _mm512_storeu_ps(y + i, v);
+  }
+  if (i < len) {
+    const __mmask16 k = TailMask(len - i);
+    __m512 v = _mm512_maskz_loadu_ps(k, y + i);
+    for (int g = 0; g < G; ++g) {
+      v = _mm512_add_ps(v, _mm512_mul_ps(c[g], _mm512_maskz_loadu_ps(k, rows[g] + i)));
+    }
+    _mm512_mask_storeu_ps(y + i, k, v);
+  }
+}
+
 SIGNEDCUT_AVX512 void AddRows(float* y, const float* const* rows, const float* coef,
                               int64_t count, int64_t len) {
+  // Eight rows per pass over y: y (up to 56 KiB at 14336 entries) makes one
+  // round trip per eight rows instead of per four. Flipped rows are
+  // scattered: the next group's rows are fetched one group ahead, line by
+  // line, instead of waiting for the hardware prefetcher to notice each new
+  // stream.
   int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const float *r0 = rows[r], *r1 = rows[r + 1], *r2 = rows[r + 2], *r3 = rows[r + 3];
-    const __m512 c0 = _mm512_set1_ps(coef[r]), c1 = _mm512_set1_ps(coef[r + 1]);
-    const __m512 c2 = _mm512_set1_ps(coef[r + 2]), c3 = _mm512_set1_ps(coef[r + 3]);
-    // Flipped rows are scattered: fetch the next group's rows one group
-    // ahead, line by line, instead of waiting for the hardware prefetcher to
-    // notice each new stream.
-    const bool ahead = r + 8 <= count;
-    const char* n0 = reinterpret_cast<const char*>(ahead ? rows[r + 4] : r0);
-    const char* n1 = reinterpret_cast<const char*>(ahead ? rows[r + 5] : r1);
-    const char* n2 = reinterpret_cast<const char*>(ahead ? rows[r + 6] : r2);
-    const char* n3 = reinterpret_cast<const char*>(ahead ? rows[r + 7] : r3);
-    int64_t i = 0;
-    for (; i + 16 <= len; i += 16) {
-      _mm_prefetch(n0 + 4 * i, _MM_HINT_T0);
-      _mm_prefetch(n1 + 4 * i, _MM_HINT_T0);
-      _mm_prefetch(n2 + 4 * i, _MM_HINT_T0);
-      _mm_prefetch(n3 + 4 * i, _MM_HINT_T0);
-      __m512 v = _mm512_loadu_ps(y + i);
-      v = _mm512_add_ps(v, _mm512_mul_ps(c0, _mm512_loadu_ps(r0 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c1, _mm512_loadu_ps(r1 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c2, _mm512_loadu_ps(r2 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c3, _mm512_loadu_ps(r3 + i)));
-      _mm512_storeu_ps(y + i, v);
-    }
-    if (i < len) {
-      const __mmask16 k = TailMask(len - i);
-      __m512 v = _mm512_maskz_loadu_ps(k, y + i);
-      v = _mm512_add_ps(v, _mm512_mul_ps(c0, _mm512_maskz_loadu_ps(k, r0 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c1, _mm512_maskz_loadu_ps(k, r1 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c2, _mm512_maskz_loadu_ps(k, r2 + i)));
-      v = _mm512_add_ps(v, _mm512_mul_ps(c3, _mm512_maskz_loadu_ps(k, r3 + i)));
-      _mm512_mask_storeu_ps(y + i, k, v);
-    }
+  for (; r + 8 <= count; r += 8) {
+    AddRowGroup<8>(y, rows + r, coef + r, r + 16 <= count ? rows + r + 8 : nullptr, len);
   }
-  for (; r < count; ++r) {
-    const float* r0 = rows[r];
-    const __m512 c0 = _mm512_set1_ps(coef[r]);
-    for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 k = TailMask(len - i);
-      __m512 v = _mm512_maskz_loadu_ps(k, y + i);
-      v = _mm512_add_ps(v, _mm512_mul_ps(c0, _mm512_maskz_loadu_ps(k, r0 + i)));
-      _mm512_mask_storeu_ps(y + i, k, v);
-    }
-  }
+  for (; r + 4 <= count; r += 4) AddRowGroup<4>(y, rows + r, coef + r, nullptr, len);
+  for (; r < count; ++r) AddRowGroup<1>(y, rows + r, coef + r, nullptr, len);
 }
 
 SIGNEDCUT_AVX512 void SignedRowdots(float* out, const float* m, int64_t ld, int64_t rows,
@@ -259,31 +254,56 @@ SIGNEDCUT_AVX512 void FlushRows(float* m, int64_t ld, int64_t rows, int64_t len,
   }
 }
 
+// 16 lanes of x·row for rows r0.. (nr ≤ 4) and vectors k0.. (nk ≤ 4) over
+// columns [j0, j1), added to acc (4 × 4 chains).
+SIGNEDCUT_AVX512 inline void RowdotsBlock(__m512 (&acc)[4][4], const float* m, int64_t ld,
+                                          int nr, const float* x, int64_t ldx, int nk,
+                                          int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 k = TailMask(j1 - j);
+    __m512 xs[4];
+    for (int b = 0; b < 4; ++b) {
+      xs[b] = b < nk ? _mm512_maskz_loadu_ps(k, x + b * ldx + j) : _mm512_setzero_ps();
+    }
+    for (int a = 0; a < 4; ++a) {
+      if (a >= nr) break;
+      const __m512 v = _mm512_maskz_loadu_ps(k, m + a * ld + j);
+      for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_fmadd_ps(v, xs[b], acc[a][b]);
+    }
+  }
+}
+
 SIGNEDCUT_AVX512 void MultiRowdots(float* out, int64_t ldo, const float* m, int64_t ld,
                                    int64_t rows, const float* x, int64_t ldx, int64_t q,
                                    int64_t len) {
-  // 4 rows × 4 vectors per pass: 16 independent accumulator chains.
+  // 4 rows × 4 vectors per pass: 16 independent accumulator chains. The
+  // columns go in blocks of kCols, so that the block of all q vectors (up to
+  // 32 × 8 KiB) stays in L2 while the 4 rows pass them; each chain still adds
+  // its columns in order (the partial sums wait in `saved`), as the scalar
+  // table does. More than kMaxQ vectors: one block.
+  constexpr int64_t kCols = 2048, kMaxQ = 32;
+  const int64_t cols = q <= kMaxQ ? kCols : RoundUp16(len);
+  alignas(64) float saved[kMaxQ / 4][4][4][kLanes];
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, rows - r0));
-    for (int64_t k0 = 0; k0 < q; k0 += 4) {
-      const int nk = static_cast<int>(std::min<int64_t>(4, q - k0));
-      __m512 acc[4][4];
-      for (auto& row : acc)
-        for (auto& a : row) a = _mm512_setzero_ps();
-      for (int64_t j = 0; j < len; j += 16) {
-        const __mmask16 k = TailMask(len - j);
-        __m512 xs[4];
-        for (int b = 0; b < 4; ++b) {
-          xs[b] = b < nk ? _mm512_maskz_loadu_ps(k, x + (k0 + b) * ldx + j) : _mm512_setzero_ps();
-        }
-        for (int a = 0; a < 4; ++a) {
-          if (a >= nr) break;
-          const __m512 v = _mm512_maskz_loadu_ps(k, m + (r0 + a) * ld + j);
-          for (int b = 0; b < 4; ++b) acc[a][b] = _mm512_fmadd_ps(v, xs[b], acc[a][b]);
+    for (int64_t j0 = 0; j0 < len; j0 += cols) {
+      const int64_t j1 = std::min(len, j0 + cols);
+      const bool first = j0 == 0, last = j1 == len;
+      for (int64_t k0 = 0; k0 < q; k0 += 4) {
+        const int nk = static_cast<int>(std::min<int64_t>(4, q - k0));
+        __m512 acc[4][4];
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b)
+            acc[a][b] = first ? _mm512_setzero_ps() : _mm512_load_ps(saved[k0 / 4 % (kMaxQ / 4)][a][b]);
+        RowdotsBlock(acc, m + r0 * ld, ld, nr, x + k0 * ldx, ldx, nk, j0, j1);
+        if (last) {
+          for (int a = 0; a < nr; ++a)
+            for (int b = 0; b < nk; ++b) out[(k0 + b) * ldo + r0 + a] = SumLanes(acc[a][b]);
+        } else {
+          for (int a = 0; a < 4; ++a)
+            for (int b = 0; b < 4; ++b) _mm512_store_ps(saved[k0 / 4][a][b], acc[a][b]);
         }
       }
-      for (int a = 0; a < nr; ++a)
-        for (int b = 0; b < nk; ++b) out[(k0 + b) * ldo + r0 + a] = SumLanes(acc[a][b]);
     }
   }
 }
@@ -294,14 +314,6 @@ const Kernels& Avx512Kernels() {
   static const Kernels k = {"avx512",     AddRows,   SignedRowdots, FinishImage,
                             XorPopcounts, FlushRows, MultiRowdots};
   return k;
-}
-
-bool Avx512Supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2");
 }
 
 }  // namespace signedcut

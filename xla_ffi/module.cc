@@ -6,24 +6,22 @@
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
+#include "apply_kernel.h"
+#include "cpu_features.h"
 #include "kernel.h"
 
 #include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
 
-extern "C" XLA_FFI_Error* SignedCutGreedy(XLA_FFI_CallFrame* call_frame);
-// --- issue 5: packed-apply kernel (xla_ffi/apply_ffi.cc) ---
-extern "C" XLA_FFI_Error* SignedCutApply(XLA_FFI_CallFrame* call_frame);
-// --- end issue 5 ---
+extern "C" XLA_FFI_Error* SignedCutGreedy(XLA_FFI_CallFrame* call_frame);  // ffi.cc
+extern "C" XLA_FFI_Error* SignedCutApply(XLA_FFI_CallFrame* call_frame);   // apply_ffi.cc
 
 NB_MODULE(_signedcut_ffi, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["signedcut_greedy"] = nb::capsule(reinterpret_cast<void*>(&SignedCutGreedy));
-    // --- issue 5: packed-apply kernel ---
     d["signedcut_apply"] = nb::capsule(reinterpret_cast<void*>(SignedCutApply));
-    // --- end issue 5 ---
     return d;
   });
   m.def(
@@ -41,6 +39,37 @@ NB_MODULE(_signedcut_ffi, m) {
         "Cuts recorded by the greedy kernel in this process so far (for progress bars).");
   m.def("avx512_supported", &signedcut::Avx512Supported,
         "Whether this CPU runs the AVX-512 kernel.");
+  m.def(
+      "apply_core_name",
+      [](int impl, bool exact, int64_t rows, int64_t work) {
+        std::string error;
+        const signedcut::ApplyCore core = signedcut::ResolveApplyCore(
+            static_cast<signedcut::ApplyCore>(impl), exact, rows, work, &error);
+        if (core == signedcut::ApplyCore::kAuto) throw nb::value_error(error.c_str());
+        return std::string(signedcut::ApplyCoreName(core));
+      },
+      nb::arg("impl") = 0, nb::arg("exact") = false, nb::arg("rows") = 64,
+      nb::arg("work") = int64_t{1} << 40,
+      "The apply core a call with this `impl` (0 auto, 1 scalar, 2 avx512, 3 avx512_bf16, "
+      "4 amx), `exact` flag, number of rows and work rows·w·(m + n) runs.");
+  m.attr("bf16_min_rows") = signedcut::kBf16MinRows;
+  m.attr("bf16_min_work") = signedcut::kBf16MinWork;
+  m.def(
+      "cpu_features",
+      []() {
+        const signedcut::CpuFeatures& f = signedcut::Cpu();
+        std::string why;
+        const bool amx = signedcut::AmxUsable(&why);
+        nb::dict d;
+        d["avx512"] = f.avx512;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512_bf16"] = f.avx512_bf16;
+        d["amx_bf16"] = f.amx_bf16;
+        d["amx_usable"] = amx;
+        d["amx_why_not"] = why;
+        return d;
+      },
+      "What this CPU and OS let the kernels use (AMX: whether Linux granted the tile state).");
 #ifdef SIGNEDCUT_JAXLIB_VERSION
   m.attr("built_with_jaxlib") = SIGNEDCUT_JAXLIB_VERSION;
 #endif

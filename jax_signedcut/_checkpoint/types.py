@@ -19,6 +19,7 @@ from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._methods import rtn as _rtn
 from jax_signedcut._methods.lplr import LowRank
 from jax_signedcut._methods.rtn import QuantizedMatrix
+from jax_signedcut._parts.scaled import InputScaled, Transposed
 from jax_signedcut._parts.lowrank import LowRankPart
 from jax_signedcut._parts.sparse import Sparse
 from jax_signedcut._parts.sum import Sum
@@ -181,6 +182,14 @@ def _sum_validate(s: Sum) -> None:
     raise ValueError(f"parts have different batch shapes {sorted(batches)}")
 
 
+def _input_scaled_validate(p: InputScaled) -> None:
+  m, _ = _dims(p.shape, 2)
+  expect(p.scale, "scale", np.dtype(np.float32), (*p.inner.batch_shape, m))
+  _finite(p.scale, "the input scales")
+  if np.any(p.scale <= 0):
+    raise ValueError("the input scales must be > 0")
+
+
 # ----------------------------------------------------------------------------
 # RTN codes, LPLR/DSVD/lp factors, tensor cuts.
 
@@ -273,6 +282,8 @@ _codec.register(Sum, "sum", validate=_sum_validate)
 _codec.register(QuantizedMatrix, "quantized", validate=_quantized_validate)
 _codec.register(LowRank, "low_rank", validate=_low_rank_validate)
 _codec.register(SignedTensorCut, "signed_tensor_cut", validate=_tensor_cut_validate)
+_codec.register(InputScaled, "input_scaled", validate=_input_scaled_validate)
+_codec.register(Transposed, "transposed", validate=lambda t: None)
 
 
 def describe(node) -> str:

@@ -12,7 +12,13 @@ A subclass provides:
 * ``stored_bytes()``: bytes stored per matrix, an array of the batch shape
   (traceable, so budgets can be accounted under ``jax.jit``);
 * optionally ``_matmul(x)``: ``x @ A`` for one unbatched matrix and x (B, m)
-  without materialising A (the default builds the dense matrix).
+  without materialising A (the default builds the dense matrix);
+* optionally ``check(name)``: that the arrays agree with ``shape`` and with
+  each other (always, from the static shapes) and hold valid values (indices
+  in range, counts within capacity; only when the values are concrete). The
+  public functions call it at the boundary (:func:`check_compressed`), so a
+  malformed value is refused with a message naming the field instead of
+  giving a wrong answer or an error from deep inside XLA.
 
 It gets, for free, ``reconstruct(dtype)``, ``nbytes`` (exact, concrete) and
 ``matmul(x)``. The functions below apply the same to any pytree that holds
@@ -59,13 +65,17 @@ class Compressed:
     """Bytes stored for each matrix of the batch: an int/float array of ``batch_shape``."""
     raise NotImplementedError
 
+  def check(self, name: str = "f") -> Compressed:
+    """``self`` if its arrays are consistent with its shape, else a ValueError naming ``name``."""
+    return self
+
   def _matmul(self, x2: jax.Array) -> jax.Array:
     """``x2 @ A`` in f32 for one unbatched matrix A and f32 rows x2 (B, m)."""
     return jnp.matmul(x2, self._dense(), precision=_HI)
 
   def reconstruct(self, dtype=jnp.float32) -> jax.Array:
     """The dense matrices (*batch_shape, *shape) in ``dtype``."""
-    return _reconstruct(self, jnp.dtype(dtype))
+    return _reconstruct(self.check(), jnp.dtype(dtype))
 
   @property
   def nbytes(self) -> int:
@@ -86,6 +96,7 @@ class Compressed:
     Returns:
       f32 (..., n).
     """
+    self.check()
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"x must be a float array, got dtype {x.dtype}")
@@ -121,11 +132,66 @@ def is_compressed(x: Any) -> bool:
 
 
 def check_compressed(f: Any, name: str = "f") -> Compressed:
-  """``f`` if it is a compressed value, else a TypeError naming ``name``."""
+  """``f`` if it is a valid compressed value (``f.check``), else an error naming ``name``.
+
+  Raises:
+    TypeError: ``f`` is not a compressed value.
+    ValueError: its arrays disagree with its shape or hold invalid values.
+  """
   if not isinstance(f, Compressed):
     raise TypeError(f"{name} must be a compressed matrix (a SignedCut, QuantizedMatrix, "
                     f"LowRank, Sum, …), got {type(f).__name__}")
-  return f
+  return f.check(name)
+
+
+def is_concrete(x) -> bool:
+  """Whether ``x`` holds values (not a tracer), so that value checks can run."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_field(name: str, field: str, x, shape: tuple, kind: str) -> None:
+  """That ``name.field`` is an array of ``shape`` whose dtype is of ``kind``.
+
+  ``kind`` is ``"uint32"``, ``"int"`` (any integer dtype) or ``"float"``.
+
+  Raises:
+    TypeError: not an array or the wrong dtype. ValueError: the wrong shape.
+  """
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name}.{field} must be an array, got {type(x).__name__}")
+  dtype = jnp.dtype(x.dtype)
+  ok = {"uint32": dtype == jnp.uint32,
+        "int": jnp.issubdtype(dtype, jnp.integer),
+        "float": jnp.issubdtype(dtype, jnp.floating)}[kind]
+  if not ok:
+    raise TypeError(f"{name}.{field} must have a {kind} dtype, got {dtype}")
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name}.{field} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_range(name: str, field: str, x, lo: int, hi: int) -> None:
+  """That every entry of concrete ``name.field`` is in ``[lo, hi]`` (skipped when traced)."""
+  if not is_concrete(x) or x.size == 0:
+    return
+  x_lo, x_hi = (int(v) for v in _min_max(x))
+  if x_lo < lo or x_hi > hi:
+    bad = x_lo if x_lo < lo else x_hi
+    raise ValueError(f"{name}.{field} must hold values in {lo}..{hi}, got {bad}")
+
+
+def _min_max(x):
+  # On the host: a concrete value closed over by a caller's jax.jit is read as it is,
+  # where a jitted reduction would be traced. The checked fields are small (counts, indices).
+  x = np.asarray(x)
+  return x.min(), x.max()
+
+
+def check_shape(name: str, shape) -> tuple[int, ...]:
+  """That a static ``shape`` is a tuple of positive ints."""
+  if not isinstance(shape, tuple) or not shape or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape):
+    raise ValueError(f"{name}.shape must be a tuple of positive ints, got {shape!r}")
+  return tuple(int(d) for d in shape)
 
 
 def map_compressed(fn, tree, *rest):
@@ -168,7 +234,7 @@ def reconstruct(tree, dtype=jnp.float32):
     {'b': (3,), 'q': (16, 12)}
   """
   if is_compressed(tree):
-    return tree.reconstruct(dtype)
+    return check_compressed(tree, "tree").reconstruct(dtype)
   if _is_array_like(tree):
     raise TypeError(f"reconstruct takes a compressed matrix or a pytree of them, got a "
                     f"{type(tree).__name__}")
@@ -213,7 +279,9 @@ def relative_error(a, f):
       check_compressed(f)
     return jax.tree.map(lambda fl, al: relative_error(al, fl) if is_compressed(fl) else None,
                         f, a, is_leaf=is_compressed)
-  a = jnp.asarray(a)
+  check_compressed(f)
+  from jax_signedcut._core import checks as _checks  # noqa: PLC0415
+  a = jnp.asarray(_checks.as_array("a", a))
   want = tuple(f.batch_shape) + tuple(f.shape)
   if a.shape != want:
     raise ValueError(f"a has shape {a.shape} but f compresses matrices of shape {want}")
@@ -224,8 +292,12 @@ def relative_error(a, f):
 def _relative_error(a, f):
   # One compiled program per shape and type: eagerly, a reconstruction's ops
   # would otherwise dispatch one by one.
+  from jax_signedcut._core import scaling as _scaling  # noqa: PLC0415
   a = a.astype(jnp.float32)
   axes = tuple(range(len(f.batch_shape), a.ndim))
-  num = jnp.sqrt(jnp.sum(jnp.square(a - f._dense()), axis=axes))  # noqa: SLF001
-  den = jnp.sqrt(jnp.sum(jnp.square(a), axis=axes))
+  # Both norms of A·2⁻ᵏ (exact, k from max|A|), so that huge matrices do not overflow.
+  k = _scaling.exponent(a, axes)
+  k = k.reshape(k.shape + (1,) * len(axes))
+  num = jnp.sqrt(jnp.sum(jnp.square(_scaling.ldexp(a - f._dense(), -k)), axis=axes))  # noqa: SLF001
+  den = jnp.sqrt(jnp.sum(jnp.square(_scaling.ldexp(a, -k)), axis=axes))
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), num)

@@ -30,7 +30,6 @@ same leaf key (the batch semantics of single-array ``decompose``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import re
 import warnings
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core import checks as _checks
 from jax_signedcut._signedcut import budget as _budget
 from jax_signedcut._core import keypath as _keypath
 from jax_signedcut._core.protocol import is_compressed
@@ -108,14 +108,11 @@ def _check_budget(b, where: str) -> Budget:
                      f"got {b!r}")
   k, v = given[0]
   if k == "width":
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-      raise ValueError(f"{where}: width must be an int >= 1, got {v!r}")
-  elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-    raise ValueError(f"{where}: {k} must be a finite number > 0, got {v!r}")
-  me = b.max_error
-  if me is not None and (isinstance(me, bool) or not isinstance(me, numbers.Real)
-                         or not math.isfinite(me) or me <= 0):
-    raise ValueError(f"{where}: max_error must be a finite number > 0, got {me!r}")
+    _checks.integer(f"{where}: width", v, minimum=1, error=ValueError)
+  else:
+    _checks.real(f"{where}: {k}", v)
+  if b.max_error is not None:
+    _checks.real(f"{where}: max_error", b.max_error)
   if b.outliers is not None:
     from jax_signedcut._signedcut import outliers as _outliers  # noqa: PLC0415
     try:
@@ -217,8 +214,7 @@ def plan(tree, *, rules, skip, min_dim, default: Budget | None,
   """Resolves rules for every leaf. Returns the plan and the flat leaves."""
   rules = _check_rules(rules)
   skips = _check_skip(skip)
-  if isinstance(min_dim, bool) or not isinstance(min_dim, numbers.Integral) or min_dim < 1:
-    raise ValueError(f"min_dim must be an int >= 1, got {min_dim!r}")
+  _checks.integer("min_dim", min_dim, minimum=1, error=ValueError)
   if default is None and not any(r.budget is not None for r in rules):
     raise ValueError(
         "decompose on a pytree needs a budget: pass rules=[(regex, Budget(...)), ...] "
@@ -257,15 +253,7 @@ def plan(tree, *, rules, skip, min_dim, default: Budget | None,
 
 
 def _check_finite(leaf, path):
-  if isinstance(leaf, jax.core.Tracer):
-    return
-  finite = np.asarray(jnp.isfinite(leaf)) if isinstance(leaf, jax.Array) \
-      else np.isfinite(np.asarray(leaf, dtype=np.float32))
-  if not finite.all():
-    bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-    raise ValueError(
-        f"leaf {path!r} of shape {tuple(leaf.shape)} has {int((~finite).sum())} non-finite "
-        f"entries (NaN/Inf), e.g. at index {bad}: {np.asarray(leaf[bad], np.float32)}")
+  _checks.finite_values(f"leaf {path!r} of shape {tuple(leaf.shape)}", leaf)
 
 
 def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, skip,

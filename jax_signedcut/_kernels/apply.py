@@ -8,16 +8,25 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   (w×m and w×n floats) are never materialised whole — XLA on CPU would
   otherwise expand them before the GEMM at batch ≥ 8 (docs/figures.md, section 6);
 * on CPU, the ``signedcut_apply`` XLA FFI kernel (``xla_ffi/apply_*.cc``),
-  which reads the sign bits directly: ``x·s_j = Σx − 2·Σ_{bit i set} x_i``
-  (for up to 4 rows by table lookup: a 16-entry table of partial sums per four
-  entries of x, indexed by the sign nibbles of 16 cuts at once with one
-  vpermps; for more rows with AVX-512 masked adds), then ``y += c_j p_j t_j``
-  with masked adds. The cuts are split into a fixed number of partitions that
-  the caller and XLA's intra-op threads claim one at a time, so the result does
-  not depend on the schedule. ``impl="auto"`` picks it with
-  ``jax.lax.platform_dependent`` for fewer than ``FFI_MAX_ROWS`` rows when the
-  extension provides it. It is differentiable in x and c (``jax.custom_vjp``:
-  the x-cotangent is the same kernel on the transposed factors).
+  which reads the sign bits directly. Its f32 cores (scalar, AVX-512) compute
+  ``x·s_j = Σx − 2·Σ_{bit i set} x_i`` (for up to 4 rows by table lookup: a
+  16-entry table of partial sums per four entries of x, indexed by the sign
+  nibbles of 16 cuts at once with one vpermps; for more rows with AVX-512
+  masked adds), then ``y += c_j p_j t_j`` with masked adds. Its bf16 cores
+  (AMX tiles, or AVX512-BF16 ``vdpbf16ps`` on CPUs without AMX) expand the
+  signs to ±1 bf16 tiles and run both products as tile GEMMs: x is rounded to
+  bf16, products are exact and sums f32, and p enters the second product as
+  two bf16 halves (≈ 16 mantissa bits). The core is chosen once per process
+  (``JAX_SIGNEDCUT_APPLY_IMPL`` = ``scalar``, ``avx512``, ``avx512_bf16`` or
+  ``amx`` overrides the CPU check); bf16 cores only from ``BF16_MIN_ROWS``
+  rows and ``BF16_MIN_WORK`` multiply-adds, never with
+  ``precision="highest"``. The cuts are split into a fixed
+  number of partitions that the caller and XLA's intra-op threads claim one at
+  a time, so the result does not depend on the schedule. ``impl="auto"`` picks
+  the kernel with ``jax.lax.platform_dependent`` when the extension provides
+  it (in f32 only below ``FFI_MAX_ROWS`` rows). It is differentiable in x and
+  c (``jax.custom_vjp``: the x-cotangent is the same kernel on the transposed
+  factors).
 
 Activations may be f32, bf16 or f16: everything accumulates in f32 and the
 result has ``x.dtype``.
@@ -44,6 +53,13 @@ BLOCK = 256
 #: blocked-GEMM path at 64 rows (rate ½) and 1.1× at 256 rows (rate ¼): the
 #: GEMMs amortise their per-call unpacking of the signs over the batch.
 FFI_MAX_ROWS = 128
+#: The kernel's ``auto`` uses a bf16 core (AMX or AVX512-BF16) only from
+#: ``BF16_MIN_ROWS`` rows and ``BF16_MIN_WORK`` = rows·w·(m + n) multiply-adds
+#: (smaller products gain nothing from it); the extension's constants.
+BF16_MIN_ROWS = 8
+BF16_MIN_WORK = 1 << 22
+#: The kernel's cores (its ``impl`` attribute).
+APPLY_IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
 
 _HI = jax.lax.Precision.HIGHEST
 _APPLY_TARGET = "signedcut_apply"
@@ -98,29 +114,58 @@ def _has_ffi_kernel() -> bool:
   return _extension.has_target(_APPLY_TARGET)
 
 
-def _ffi_raw(x2, s_bits, t_bits, c, n, force_scalar):
+def apply_core(impl: str = "auto", *, exact: bool = False, rows: int = 64,
+               work: int = 1 << 40) -> str:
+  """The kernel core a call runs here ("scalar", "avx512", "avx512_bf16" or "amx").
+
+  Args:
+    impl: the requested core (see :func:`apply_ffi`).
+    exact: f32 cores only.
+    rows: rows of x.
+    work: rows·w·(m + n) of the call.
+
+  Raises:
+    ValueError: unknown ``impl``, one this CPU cannot run, or no kernel built.
+  """
+  if impl not in APPLY_IMPLS:
+    raise ValueError(f"impl must be one of {tuple(APPLY_IMPLS)}, got {impl!r}")
+  if not _has_ffi_kernel():
+    raise ValueError("the signedcut_apply kernel is not built into this jax_signedcut")
+  ext = _extension.module()
+  assert (ext.bf16_min_rows, ext.bf16_min_work) == (
+      BF16_MIN_ROWS, BF16_MIN_WORK), "extension and package disagree"
+  return ext.apply_core_name(APPLY_IMPLS[impl], bool(exact), int(rows), int(work))
+
+
+@functools.cache
+def _has_bf16_core() -> bool:
+  return _has_ffi_kernel() and apply_core("auto") in ("amx", "avx512_bf16")
+
+
+def _ffi_raw(x2, s_bits, t_bits, c, n, impl, exact):
   if not _has_ffi_kernel():  # also registers the targets (imports _ffi) on first use
     raise ValueError("the signedcut_apply kernel is not built into this jax_signedcut")
   call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                           vmap_method="expand_dims")
-  return call(x2, s_bits, t_bits, c.astype(jnp.float32), force_scalar=np.int32(force_scalar))
+  return call(x2, s_bits, t_bits, c.astype(jnp.float32), impl=np.int32(APPLY_IMPLS[impl]),
+              exact=np.int32(exact))
 
 
 # The kernel has no autodiff rule of its own: the x-cotangent is the same
 # kernel on the transposed factors (Wᵀ = T·diag(c)·Sᵀ), the c-cotangent comes
 # from the pure-JAX path, and the sign bits get float0 (they are integers).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar):
-  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], force_scalar)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ffi_apply(x2, s_bits, t_bits, c, shape, impl, exact):
+  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], impl, exact)
 
 
-def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, force_scalar):
-  return _ffi_apply(x2, s_bits, t_bits, c, shape, force_scalar), (x2, s_bits, t_bits, c)
+def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, impl, exact):
+  return _ffi_apply(x2, s_bits, t_bits, c, shape, impl, exact), (x2, s_bits, t_bits, c)
 
 
-def _ffi_apply_bwd(shape, force_scalar, res, g):
+def _ffi_apply_bwd(shape, impl, exact, res, g):
   x2, s_bits, t_bits, c = res
-  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], force_scalar)
+  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], impl, exact)
   _, vjp_c = jax.vjp(
       lambda c: apply_jnp(x2, SignedCut(s_bits, t_bits, c, jnp.int32(0), shape=shape)), c)
   (gc,) = vjp_c(g)
@@ -131,21 +176,30 @@ def _ffi_apply_bwd(shape, force_scalar, res, g):
 _ffi_apply.defvjp(_ffi_apply_fwd, _ffi_apply_bwd)
 
 
-def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False) -> jax.Array:
+def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False, core: str = "auto",
+              exact: bool = False) -> jax.Array:
   """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32 (differentiable in x2 and c).
 
   Args:
     x2: f32 activations (B, m).
     f: factors of one (m, n) matrix.
-    force_scalar: use the portable core even where AVX-512 is available
-      (the environment variable ``JAX_SIGNEDCUT_APPLY_IMPL=scalar``, read once
-      by the extension, does the same for every call).
+    force_scalar: use the portable core (same as ``core="scalar"``).
+    core: ``"auto"`` (the environment variable ``JAX_SIGNEDCUT_APPLY_IMPL``,
+      read once by the extension, else the best core of this CPU), or one of
+      ``"scalar"``, ``"avx512"`` (f32), ``"avx512_bf16"``, ``"amx"`` (x
+      rounded to bf16, f32 accumulation); an explicit core this CPU cannot
+      run is an error at run time.
+    exact: with ``core="auto"``, use the f32 cores only.
   """
-  return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape), int(bool(force_scalar)))
+  if core not in APPLY_IMPLS:
+    raise ValueError(f"core must be one of {tuple(APPLY_IMPLS)}, got {core!r}")
+  return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape),
+                    "scalar" if force_scalar else core, bool(exact))
 
 
 def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
-                     dense: bool = False, impl: str = "auto") -> jax.Array:
+                     dense: bool = False, impl: str = "auto",
+                     precision: str | None = None) -> jax.Array:
   """``y = x·W + b`` with ``W = S·diag(c)·Tᵀ`` (m, n) = (in, out) given as factors.
 
   Args:
@@ -161,8 +215,13 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
       ≈ 1300–2600 on the 2-core CPU, see ``benchmarks/DENSE_RESULTS.md``).
       To expand once and reuse, reconstruct outside the jitted step
       (``SignedCutDense.to_linear``).
-    impl: ``"auto"`` (on CPU the FFI kernel when built and fewer than
-      ``FFI_MAX_ROWS`` rows, else pure JAX), ``"jnp"`` or ``"ffi"`` (CPU only).
+    impl: ``"auto"`` (on CPU the FFI kernel when built, in f32 only for fewer
+      than ``FFI_MAX_ROWS`` rows; else pure JAX), ``"jnp"`` or ``"ffi"`` (CPU
+      only).
+    precision: ``None`` lets the CPU kernel round x to bf16 (f32
+      accumulation) from ``BF16_MIN_ROWS`` rows where the CPU has AMX or
+      AVX512-BF16; ``"highest"`` (or ``jax.lax.Precision.HIGHEST``) keeps every
+      path in f32. The pure-JAX path is always f32.
 
   Returns:
     (..., n) in ``x.dtype``, accumulated in f32.
@@ -186,6 +245,11 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
   if impl == "ffi" and not _has_ffi_kernel():
     raise ValueError("impl='ffi' needs the compiled signedcut_apply kernel, which this "
                      "build of jax_signedcut does not provide")
+  if precision == jax.lax.Precision.HIGHEST:
+    precision = "highest"
+  if precision not in (None, "highest"):
+    raise ValueError(f"precision must be None or 'highest', got {precision!r}")
+  exact = precision == "highest"
   m, n = f.shape
   batch = x.shape[:-1]
   x2 = x.reshape(-1, m).astype(jnp.float32)
@@ -196,7 +260,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
     y = None
     for p in parts:
       # The cuts take the implementation asked for; every other part its own product.
-      yp = cuts_matmul(x2, p, impl=impl) if isinstance(p, SignedCut) \
+      yp = cuts_matmul(x2, p, impl=impl, exact=exact) if isinstance(p, SignedCut) \
           else p._matmul(x2)  # noqa: SLF001
       y = yp if y is None else y + yp
   if bias is not None:
@@ -204,11 +268,21 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
   return y.reshape(*batch, n).astype(x.dtype)
 
 
-def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto") -> jax.Array:
-  """``x2 · S·diag(c)·Tᵀ`` (B, n) f32 for f32 x2 (B, m), by ``impl`` (see apply_signed_cut)."""
-  if impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel()
-                                           or x2.shape[0] >= FFI_MAX_ROWS)):
+def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto",
+                exact: bool = False) -> jax.Array:
+  """``x2 · S·diag(c)·Tᵀ`` (B, n) f32 for f32 x2 (B, m), by ``impl`` (see apply_signed_cut).
+
+  ``exact`` keeps the CPU kernel on its f32 cores (``precision="highest"``).
+  """
+  m, n = f.shape
+  rows = x2.shape[0]
+  # Where the kernel takes a bf16 core it beats the blocked GEMMs at every batch size.
+  bf16 = (not exact and rows >= BF16_MIN_ROWS and rows * f.width * (m + n) >= BF16_MIN_WORK
+          and _has_bf16_core())
+  kernel_rows = bf16 or rows < FFI_MAX_ROWS
+  if impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel() or not kernel_rows)):
     return apply_jnp(x2, f)
   if impl == "ffi":
-    return apply_ffi(x2, f)
-  return _extension.on_platform(x2, f, cpu=apply_ffi, default=apply_jnp)
+    return apply_ffi(x2, f, exact=exact)
+  return _extension.on_platform(x2, f, cpu=functools.partial(apply_ffi, exact=exact),
+                                default=apply_jnp)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core import protocol as _protocol
 from jax_signedcut._core.protocol import Compressed
 
 BYTES_PER_ENTRY = 2            # bfloat16
@@ -69,6 +70,18 @@ class LowRankPart(Compressed):
   @property
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.u.shape[:-2])
+
+  def check(self, name: str = "f") -> LowRankPart:
+    """That u is (..., m, r) and v (..., n, r) with one batch shape and rank."""
+    m, n = _protocol.check_shape(name, self.shape)
+    u = self.u
+    if not hasattr(u, "shape") or u.ndim < 2:
+      raise ValueError(f"{name}.u must have shape (..., {m}, r), got "
+                       f"{getattr(u, 'shape', u)!r}")
+    batch, r = tuple(u.shape[:-2]), u.shape[-1]
+    _protocol.check_field(name, "u", u, batch + (m, r), "float")
+    _protocol.check_field(name, "v", self.v, batch + (n, r), "float")
+    return self
 
   def _dense(self):
     return product(self.u, self.v)

@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_signedcut._core import protocol as _protocol
 from jax_signedcut._core.protocol import Compressed
 
 #: Bytes one stored entry takes: an int32 flat index and an f32 value.
@@ -46,6 +47,26 @@ class Sparse(Compressed):
   @property
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.idx.shape[:-1])
+
+  def check(self, name: str = "f") -> Sparse:
+    """That idx, val and count fit each other, and (when concrete) that every index is
+    in ``0..m·n−1`` and every count in ``0..k``: an index out of range would be
+    dropped by one product and clamped by another.
+
+    Raises:
+      TypeError / ValueError: naming ``name`` and the field.
+    """
+    m, n = _protocol.check_shape(name, self.shape)
+    idx = self.idx
+    if not hasattr(idx, "shape") or idx.ndim < 1:
+      raise ValueError(f"{name}.idx must have shape (..., k), got {getattr(idx, 'shape', idx)!r}")
+    batch, k = tuple(idx.shape[:-1]), idx.shape[-1]
+    _protocol.check_field(name, "idx", idx, batch + (k,), "int")
+    _protocol.check_field(name, "val", self.val, batch + (k,), "float")
+    _protocol.check_field(name, "count", self.count, batch, "int")
+    _protocol.check_range(name, "idx", idx, 0, m * n - 1)
+    _protocol.check_range(name, "count", self.count, 0, k)
+    return self
 
   def _dense(self):
     m, n = self.shape

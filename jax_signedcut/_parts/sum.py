@@ -52,6 +52,16 @@ class Sum(Compressed):
           raise ValueError(f"every part must have shape {shape}, got parts[{i}].shape = "
                            f"{tuple(p.shape)}")
 
+  def check(self, name: str = "f") -> Sum:
+    """Every part's own ``check`` (named ``name.parts[i]``) and one batch shape."""
+    for i, p in enumerate(self.parts):
+      check_compressed(p, f"{name}.parts[{i}]")
+      if tuple(p.batch_shape) != tuple(self.parts[0].batch_shape):
+        raise ValueError(f"every part of {name} must have batch shape "
+                         f"{tuple(self.parts[0].batch_shape)}, got {name}.parts[{i}] with "
+                         f"{tuple(p.batch_shape)}")
+    return self
+
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.parts[0].shape)

@@ -14,7 +14,8 @@ error instead.
 from __future__ import annotations
 
 import math
-import numbers
+
+from jax_signedcut._core import checks as _checks
 
 
 def bytes_per_cut(m: int, n: int) -> int:
@@ -29,13 +30,11 @@ def bytes_per_stored_cut(m: int, n: int) -> int:
 
 def _check_dims(m, n):
   for name, v in (("m", m), ("n", n)):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-      raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    _checks.integer(name, v, minimum=1, error=ValueError)
 
 
 def _check_positive(name, v):
-  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-    raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+  _checks.real(name, v)
 
 
 def _width_for_bytes(m, n, budget_bytes, what):
@@ -98,11 +97,7 @@ def resolve_width(m: int, n: int, *, width=None, rate=None, bits_per_weight=None
                                               if v is not None))
         + " (to stop at a target error, pass max_error together with one of them as the cap)")
   if width is not None:
-    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
-      raise TypeError(f"width must be an int, got {width!r} of type {type(width).__name__}")
-    if width < 1:
-      raise ValueError(f"width must be >= 1, got {width}")
-    return int(width)
+    return _checks.integer("width", width, minimum=1)
   if rate is not None:
     return width_for_rate(m, n, rate)
   return width_for_bits(m, n, bits_per_weight)

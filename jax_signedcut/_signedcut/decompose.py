@@ -7,16 +7,20 @@ import dataclasses
 import functools
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core import checks as _checks
 from jax_signedcut._signedcut import budget as _budget
+from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut import factors as _factors
 from jax_signedcut._parts import lowrank as _lowrank
 from jax_signedcut._signedcut import oracle as _oracle
 from jax_signedcut._signedcut import outliers as _outliers
+from jax_signedcut._core import scaling as _scaling
 from jax_signedcut._core import progress as _progress
 from jax_signedcut._signedcut import start as _start
 from jax_signedcut._core import tree as _tree
@@ -28,39 +32,51 @@ from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut.factors import SignedCut
 
 BACKENDS = ("auto", "jnp", "ffi")
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 
 def _check_matrix(a, name="a"):
-  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
-    a = np.asarray(a)
-  dtype = jnp.dtype(a.dtype)
-  if not any(dtype == jnp.dtype(d) for d in _FLOAT_DTYPES):
-    raise TypeError(
-        f"{name} must be a float32, bfloat16, float16 or float64 array, got dtype {dtype}")
-  if a.ndim < 2:
-    raise ValueError(f"{name} must have shape (..., m, n) with ndim >= 2, got shape {a.shape}")
-  if any(d == 0 for d in a.shape):
-    raise ValueError(f"{name} must not be empty, got shape {a.shape}")
-  if not isinstance(a, jax.core.Tracer):
-    finite = np.isfinite(np.asarray(a, dtype=np.float32)) if not isinstance(a, jax.Array) \
-        else np.asarray(jnp.isfinite(a))
-    if not finite.all():
-      bad = np.argwhere(~finite)[0]
-      value = np.asarray(a[tuple(bad)], dtype=np.float32)
-      raise ValueError(
-          f"{name} has {int((~finite).sum())} non-finite entries (NaN/Inf), e.g. "
-          f"{name}[{', '.join(map(str, bad))}] = {value}")
-  return a
+  return _checks.float_matrix(name, a)
 
 
 def _check_max_error(max_error):
-  if max_error is None:
-    return None
-  if isinstance(max_error, bool) or not isinstance(max_error, numbers.Real) \
-      or not math.isfinite(max_error) or max_error <= 0:
-    raise ValueError(f"max_error must be a finite number > 0, got {max_error!r}")
-  return float(max_error)
+  return None if max_error is None else _checks.real("max_error", max_error)
+
+
+_SMALLEST_NORMAL_EXPONENT = -126
+
+
+@jax.jit
+def _max_exponents(a):
+  return _scaling.max_exponent(a, (-2, -1))
+
+
+def _warn_subnormal(a, name="a"):
+  """Warns (eagerly) if a matrix's entries are all float32 subnormals: its cuts are 0."""
+  if isinstance(a, jax.core.Tracer):
+    return
+  if isinstance(a, jax.Array):
+    e = np.asarray(_max_exponents(a))
+    top = np.where(e == 0, 1.0, 0.0)   # e = 0 only for |max| in [1, 2) or all zeros
+  else:
+    x = np.asarray(a)
+    top = np.maximum(np.max(x, axis=(-2, -1)), -np.min(x, axis=(-2, -1))).astype(np.float32)
+    e = np.where(top > 0, np.frexp(np.where(top > 0, top, 1))[1] - 1, 0)
+  tiny = (e < _SMALLEST_NORMAL_EXPONENT) & (top != 0)
+  if np.any(tiny):
+    warnings.warn(
+        f"{name} has {int(np.sum(tiny))} matrix(es) whose largest entry is below the float32 "
+        f"normal range (2^-126 ≈ 1.2e-38): their cut scales would be subnormal, are "
+        "flushed to 0, and the decomposition is all zeros. Scale the matrix up first.",
+        UserWarning, stacklevel=4)
+
+
+def _check_allocation(w, m, n, count):
+  """A clear error, before any allocation, for a width no machine could hold."""
+  words = _packing.num_words(m) + 2 * _packing.num_words(n)   # s, t and the start signs
+  nbytes = w * count * (4 * words + 4)
+  _checks.allocation("width", w, nbytes,
+                     f"the factors of {count} matrix(es) of shape ({m}, {n}) "
+                     f"({4 * words + 4} bytes per cut)")
 
 
 def decompose(a, *, key, width: int | None = None, rate: float | None = None,
@@ -169,6 +185,9 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     >>> bool(sc.relative_error(a, f) < 0.5)
     True
   """
+  if a is None or isinstance(a, (numbers.Number, str, bytes)):
+    raise TypeError(f"a must be an array of shape (..., m, n) or a pytree of them, got "
+                    f"{type(a).__name__} {a!r:.40}")
   if not _tree.is_single_array(a):
     return _decompose_pytree(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                              max_error=max_error, outliers=outliers, backend=backend,
@@ -208,8 +227,7 @@ def _compress_other(a, *, key, width, rate, bits_per_weight, max_error, outliers
     raise ValueError(f"method {method!r} needs exactly one of rate, bits_per_weight, got "
                      f"rate={rate!r}, bits_per_weight={bits_per_weight!r}")
   k, v = given[0]
-  if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-    raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+  _checks.real(k, v)
   bits = float(v) * 16 if k == "rate" else float(v)
   a = _check_matrix(a)
   key = _start.as_key(key)
@@ -227,6 +245,10 @@ def _check_single(a, key, width, rate, bits_per_weight, max_error, outliers, bac
   a = _check_matrix(a)
   m, n = a.shape[-2:]
   w = _budget.resolve_width(m, n, width=width, rate=rate, bits_per_weight=bits_per_weight)
+  if w > _checks.INT32_MAX:
+    raise ValueError(f"width={w} exceeds 2**31 - 1, the most cuts num_cuts (int32) can count")
+  _check_allocation(w, m, n, math.prod(a.shape[:-2]))
+  _warn_subnormal(a)
   max_error = _check_max_error(max_error)
   mode = _outliers.check_mode(outliers)
   budget = None
@@ -353,38 +375,76 @@ def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None, lo
   if k_max:
     a, *sparse = jax.vmap(
         functools.partial(_outliers.extract, mode=outliers, k_max=k_max))(a)
-  finite, full2 = _full_stats(a_full, with_norm=bool(k_max or lowrank) and max_error is not None)
+  stats = _full_stats(a_full, with_norm=bool(k_max or lowrank) and max_error is not None)
   a, lowpart = _split_lowrank(a, lowrank)
-  return _cuts(a, key, sparse, full2, finite, batch=batch, width=width, max_error=max_error,
+  return _cuts(a, key, sparse, stats, batch=batch, width=width, max_error=max_error,
                backend=backend, budget=budget, lowpart=lowpart)
 
 
-def _split_lowrank(a, lowrank):
-  """(a − U·Vᵀ, (U, V)) of the remainders a (N, m, n), or (a, None) for rank 0."""
+def _scale_down(a, rescale=None):
+  """``(a·2⁻ᵏ, k)`` of the f32 matrices a (N, m, n), k per matrix (``_scaling``).
+
+  ``rescale``: None decides in the graph (a ``lax.cond``); False (the host
+  found every k = 0) returns ``a`` itself with no scaling op at all, so the
+  leaf-by-leaf path keeps its memory profile for ordinary matrices.
+  """
+  if rescale is False:
+    return a, jnp.zeros(a.shape[:1], jnp.int32)
+  k = _scaling.exponent(a)
+  scaled = jax.lax.cond(jnp.any(k != 0), lambda x: _scaling.ldexp(x, -k[:, None, None]),
+                        lambda x: x, a)
+  return scaled, k
+
+
+def _scale_up(x, k):
+  """``x·2ᵏ`` of small per-matrix arrays x (N, ...), bit for bit x where k = 0."""
+  k = k.reshape(k.shape + (1,) * (x.ndim - 1))
+  return jnp.where(k == 0, x, _scaling.ldexp(x, k).astype(x.dtype))
+
+
+def _split_lowrank(a, lowrank, rescale=None):
+  """(a − U·Vᵀ, (U, V)) of the remainders a (N, m, n), or (a, None) for rank 0.
+
+  The SVD runs on a·2⁻ᵏ (exact; see ``_scaling``) so that singular values of
+  huge matrices do not overflow; U and V get 2^⌈k/2⌉ and 2^⌊k/2⌋ back.
+  """
   if not lowrank:
     return a, None
-  a, lr_u, lr_v = jax.vmap(functools.partial(_lowrank.extract, r=lowrank))(a)
-  return a, (lr_u, lr_v)
+  scaled, k = _scale_down(a, rescale)
+  rem, lr_u, lr_v = jax.vmap(functools.partial(_lowrank.extract, r=lowrank))(scaled)
+  rem = jax.lax.cond(jnp.any(k != 0), lambda x: _scaling.ldexp(x, k[:, None, None]),
+                     lambda x: x, rem)
+  lr_u = _scale_up(lr_u.astype(jnp.float32), k - k // 2).astype(lr_u.dtype)
+  lr_v = _scale_up(lr_v.astype(jnp.float32), k // 2).astype(lr_v.dtype)
+  return rem, (lr_u, lr_v)
 
 
 def _full_stats(a, *, with_norm):
-  """(finite (N,), ‖A‖² (N,) or None) of the f32 matrices (N, m, n) before the split."""
+  """(finite (N,), ‖A·2⁻ᵏ‖² (N,) or None, k (N,)) of the f32 matrices (N, m, n) before the split.
+
+  The norm is taken of A scaled by the power of two of ``_scaling.exponent`` (k = 0,
+  no scaling, for every ordinary matrix) so that it cannot overflow.
+  """
   finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
-  return finite, jnp.sum(jnp.square(a), axis=(-2, -1)) if with_norm else None
+  k = _scaling.exponent(a)
+  full2 = jnp.sum(jnp.square(_scaling.ldexp(a, -k[:, None, None])), axis=(-2, -1)) \
+      if with_norm else None
+  return finite, full2, k
 
 
-def _account(cuts, others, a, full2, *, width, max_error, budget, lowrank):
+def _account(cuts, others, a, full2, k_full, *, width, max_error, budget, lowrank):
   """The cuts of a decomposition with other parts, limited by ``max_error`` and the budget.
 
   The backend stopped at ``max_error`` relative to the remainder after the
   other parts, which is no later than needed; stop at ``max_error·‖A‖``
-  instead, using ‖R_k‖² = ‖remainder‖² − mn Σ_{j<k} c_j². With a rate or bits
+  instead, using ‖R_k‖² = ‖remainder‖² − mn Σ_{j<k} c_j², every term scaled by
+  the 2⁻²ᵏ that ``full2`` was (``_full_stats``). With a rate or bits
   budget, the other parts' bytes are paid first and the cuts get the rest.
   """
   m, n = cuts.shape
   if max_error is not None:
-    c = cuts.c
-    rem2 = jnp.sum(jnp.square(a), axis=(-2, -1))
+    c = _scaling.ldexp(cuts.c, -k_full[:, None])
+    rem2 = jnp.sum(jnp.square(_scaling.ldexp(a, -k_full[:, None, None])), axis=(-2, -1))
     r2 = rem2[:, None] - (m * n) * jnp.cumsum(jnp.square(c), axis=-1) + (m * n) * jnp.square(c)
     needed = jnp.sum(r2 > jnp.float32(max_error) ** 2 * full2[:, None], axis=-1,
                      dtype=jnp.int32)
@@ -398,9 +458,15 @@ def _account(cuts, others, a, full2, *, width, max_error, budget, lowrank):
   return cuts
 
 
-def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, budget,
-          lowpart=None):
-  """The cuts of the remainders a (N, m, n), then the sparse and low-rank parts' accounting."""
+def _cuts(a, key, sparse, stats, *, batch, width, max_error, backend, budget, lowpart=None,
+          rescale=None):
+  """The cuts of the remainders a (N, m, n), then the sparse and low-rank parts' accounting.
+
+  ``stats`` is ``_full_stats`` of the matrices before the split. The backends
+  see each remainder scaled by 2⁻ᵏ (``_scaling``: exact, and k = 0 for every
+  ordinary matrix, which is then not copied) and the scales c get 2ᵏ back.
+  """
+  finite, full2, k_full = stats
   count, m, n = a.shape
   if key.shape == ():
     words = _start.start_words(key, width, n)
@@ -417,13 +483,17 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
     from jax_signedcut._kernels import greedy as _ffi  # noqa: PLC0415  (loads the extension lazily)
     return _ffi.greedy(a, words, max_error=max_error)
 
+  scaled, k = _scale_down(a, rescale)
   if backend == "ffi":
-    s_bits, t_bits, c, num_cuts = run_ffi(a, words)
+    s_bits, t_bits, c, num_cuts = run_ffi(scaled, words)
   elif backend == "auto":
     # The C++ kernel where this lowers for CPU, the jnp oracle elsewhere.
-    s_bits, t_bits, c, num_cuts = _extension.on_platform(a, words, cpu=run_ffi, default=run_jnp)
+    s_bits, t_bits, c, num_cuts = _extension.on_platform(scaled, words, cpu=run_ffi,
+                                                         default=run_jnp)
   else:
-    s_bits, t_bits, c, num_cuts = run_jnp(a, words)
+    s_bits, t_bits, c, num_cuts = run_jnp(scaled, words)
+  del scaled
+  c = _scale_up(c, k)
 
   cuts = SignedCut(s_bits=s_bits, t_bits=t_bits, c=c, num_cuts=num_cuts, shape=(m, n))
   others = []
@@ -432,8 +502,8 @@ def _cuts(a, key, sparse, full2, finite, *, batch, width, max_error, backend, bu
   if sparse is not None:
     others.append(Sparse(*sparse, shape=(m, n)))
   if others:
-    cuts = _account(cuts, others, a, full2, width=width, max_error=max_error, budget=budget,
-                    lowrank=lowpart is not None)
+    cuts = _account(cuts, others, a, full2, k_full, width=width, max_error=max_error,
+                    budget=budget, lowrank=lowpart is not None)
   # Under jit the NaN/Inf check cannot raise; make the failure visible instead.
   cuts = dataclasses.replace(cuts, c=jnp.where(finite[:, None], cuts.c, jnp.nan),
                              num_cuts=jnp.where(finite, cuts.num_cuts, 0).astype(jnp.int32))
@@ -468,20 +538,20 @@ _zero_entries_in_place = jax.jit(_zero_entries, donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "budget",
-                                             "lowrank"))
-def _decompose_split(rem, key, sparse_idx, sparse_val, num_sparse, full2, finite, *, width,
-                     max_error, backend, budget, lowrank=0):
+                                             "lowrank", "rescale"))
+def _decompose_split(rem, key, sparse_idx, sparse_val, num_sparse, stats, *, width,
+                     max_error, backend, budget, lowrank=0, rescale=None):
   batch = rem.shape[:-2]
   m, n = rem.shape[-2:]
   count = math.prod(batch)
   k_max = sparse_idx.shape[-1]
   sparse = (sparse_idx.reshape(count, k_max), sparse_val.reshape(count, k_max),
             num_sparse.reshape(count))
-  rem, lowpart = _split_lowrank(rem.reshape(count, m, n), lowrank)
-  return _cuts(rem, key, sparse,
-               None if full2 is None else full2.reshape(count), finite.reshape(count),
-               batch=batch, width=width, max_error=max_error, backend=backend, budget=budget,
-               lowpart=lowpart)
+  rem, lowpart = _split_lowrank(rem.reshape(count, m, n), lowrank, rescale)
+  stats = jax.tree.map(lambda x: x.reshape(count), stats)
+  return _cuts(rem, key, sparse, stats, batch=batch, width=width, max_error=max_error,
+               backend=backend, budget=budget, lowpart=lowpart,
+               rescale=None if lowrank else rescale)
 
 
 def _on_cpu(x) -> bool:
@@ -562,12 +632,17 @@ def _decompose_leaf(a, *, key, width=None, rate=None, bits_per_weight=None, max_
     idx[b, :chosen.size] = chosen
     val[b, :chosen.size] = host[b, chosen]
   del host, chosen
-  finite, full2 = _host_full_stats(x, with_norm=max_error is not None)
+  stats = _host_full_stats(x, with_norm=max_error is not None)
   if num.any():
     factor = np.where(np.arange(k_max) < num[:, None], np.float32(0), np.float32(1))
     x = (_zero_entries_in_place if own else _zero_entries_copy)(x, idx, factor)
+  # Whether a remainder needs the power-of-two scaling, found on the host (a view
+  # on CPU, no copy) so that ordinary matrices compile without any scaling op.
+  host = np.asarray(x).reshape(count, m, n)
+  rescale = None if any(_scaling.host_exponent(host[b]) for b in range(count)) else False
+  del host
   _release_heap()
   shape = lambda v: v.reshape(batch + v.shape[1:])  # noqa: E731
-  return run(lambda: _decompose_split(x, key, shape(idx), shape(val), shape(num), full2, finite,
+  return run(lambda: _decompose_split(x, key, shape(idx), shape(val), shape(num), stats,
                                      width=w, max_error=max_error, backend=backend,
-                                     budget=budget, lowrank=lowrank))
+                                     budget=budget, lowrank=lowrank, rescale=rescale))

@@ -9,12 +9,13 @@ code that works on the cuts take either.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._core import checks as _checks
+from jax_signedcut._core import protocol as _protocol
 from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._parts.sum import Sum
 from jax_signedcut._signedcut import budget as _budget
@@ -55,6 +56,28 @@ class SignedCut(Compressed):
   def batch_shape(self) -> tuple[int, ...]:
     """Leading batch dims (static)."""
     return tuple(self.c.shape[:-1])
+
+  def check(self, name: str = "f") -> SignedCut:
+    """That the sign words, scales and counts fit ``shape`` and each other.
+
+    Raises:
+      TypeError / ValueError: naming ``name`` and the field.
+    """
+    m, n = _protocol.check_shape(name, self.shape)
+    if len(self.shape) != 2:
+      raise ValueError(f"{name}.shape must be (m, n), got {self.shape!r}")
+    c = self.c
+    if not hasattr(c, "shape") or c.ndim < 1:
+      raise ValueError(f"{name}.c must have shape (..., w), got {getattr(c, 'shape', c)!r}")
+    batch, w = tuple(c.shape[:-1]), c.shape[-1]
+    _protocol.check_field(name, "c", c, batch + (w,), "float")
+    _protocol.check_field(name, "s_bits", self.s_bits, batch + (w, _packing.num_words(m)),
+                          "uint32")
+    _protocol.check_field(name, "t_bits", self.t_bits, batch + (w, _packing.num_words(n)),
+                          "uint32")
+    _protocol.check_field(name, "num_cuts", self.num_cuts, batch, "int")
+    _protocol.check_range(name, "num_cuts", self.num_cuts, 0, w)
+    return self
 
   def stored_bytes(self):
     """Bytes of the used cuts per matrix: sign words (uint32) and one f32 scale each."""
@@ -109,10 +132,11 @@ def split_cuts(f, name: str = "f") -> tuple[SignedCut, tuple]:
     TypeError: ``f`` is neither, naming ``name``.
   """
   if isinstance(f, SignedCut):
-    return f, ()
+    return f.check(name), ()
   if isinstance(f, Sum):
     cuts = f.part(SignedCut)
     if cuts is not None:
+      f.check(name)
       return cuts, tuple(p for p in f.parts if p is not cuts)
   raise TypeError(f"{name} must be a SignedCut or a Sum holding one, got {type(f).__name__}")
 
@@ -164,9 +188,7 @@ def truncate(f, k: int | None = None, *, rate: float | None = None,
           f"the budget ({budget:g} bytes) does not pay for the other parts of f "
           f"({fixed_bytes} bytes: {', '.join(type(p).__name__ for p in fixed)}, shape {(m, n)})")
     limit = budget_limit(budget, m, n, width=k, others=others)
-  k = _as_int(k)
-  if k is None or not 1 <= k <= cuts.width:
-    raise ValueError(f"k must be an int in 1..{cuts.width} (the width of f), got {k!r}")
+  k = _checks.integer("k", k, minimum=1, maximum=cuts.width, error=ValueError)
   g = dataclasses.replace(
       cuts,
       s_bits=cuts.s_bits[..., :k, :],
@@ -175,13 +197,6 @@ def truncate(f, k: int | None = None, *, rate: float | None = None,
       num_cuts=jnp.minimum(cuts.num_cuts, k).astype(jnp.int32),
   )
   return with_cuts(f, g if limit is None else limit_cuts(g, limit))
-
-
-def _as_int(k):
-  """``k`` as an int when it is an integer (Python or numpy), else None."""
-  if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-    return None
-  return int(k)
 
 
 def _varies(part) -> bool:

@@ -12,7 +12,8 @@ For one cut, starting from the key-derived signs t (see ``start.py``):
         if ‖v‖₁ ≤ γ: stop ;  γ ← ‖v‖₁ ; t ← sgn(v) ; u ← R t
     c ← γ / (m n) ;  R ← R − c s tᵀ
 
-with sgn(0) = +1. γ rises strictly, so the loop always ends; the round cap is a
+with sgn(0) = +1 and c a correctly rounded float32 division (as in the kernel).
+γ rises strictly, so the loop always ends; the round cap is a
 safety bound on time only. Wherever the loop stops, γ = sᵀ R t for the returned
 pair, so the cut is the exact projection of R on s tᵀ.
 
@@ -84,7 +85,9 @@ def greedy(a: jax.Array, words: jax.Array, max_error: float | None = None):
   """
   m, n = a.shape
   w = words.shape[0]
-  mn = jnp.float32(m * n)
+  # A true division, as the C++ kernel does: XLA would turn γ / constant into
+  # γ · (1/constant), which differs in the last bit unless m·n is a power of two.
+  mn = jax.lax.optimization_barrier(jnp.float32(m * n))
   a2 = jnp.sum(jnp.square(a))
   target = 0.0 if max_error is None else jnp.float32(max_error) ** 2 * a2
 

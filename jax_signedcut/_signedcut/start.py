@@ -14,21 +14,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_signedcut._core import checks as _checks
 from jax_signedcut._signedcut import packing as _packing
 
 
 def as_key(key, *, name: str = "key") -> jax.Array:
   """A typed PRNG key array from a typed key or a raw uint32 (..., 2) key."""
-  if isinstance(key, (int, bool)) or key is None:
-    raise TypeError(f"{name} must be a jax.random.key, got {key!r}")
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
-    return jax.random.wrap_key_data(key)
-  raise TypeError(
-      f"{name} must be a jax.random.key (or a raw uint32 PRNGKey of shape (..., 2)), "
-      f"got dtype {key.dtype} and shape {key.shape}")
+  return _checks.key(name, key)
 
 
 def start_words(key: jax.Array, width: int, n: int) -> jax.Array:

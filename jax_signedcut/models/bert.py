@@ -40,7 +40,8 @@ from flax import nnx
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import is_compressed
 
-__all__ = ["Bert", "BertConfig", "encode", "load_safetensors", "load_tokenizer", "minilm_dir",
+__all__ = ["Bert", "BertConfig", "calibrate_texts", "calibration_batches", "encode",
+           "hf_kernel_names", "load_safetensors", "load_tokenizer", "minilm_dir",
            "sentence_embedding", "with_factors"]
 
 
@@ -322,3 +323,48 @@ def with_factors(model: Bert, factors, *, dense: bool = False) -> Bert:
       treedef, [x if is_compressed(x) else None for x in linear])
   swap_linears(model, only_linear, dense=dense)
   return model
+
+
+def calibration_batches(tokenizer, texts, *, batch_size: int = 32):
+  """Yields ``(input_ids, attention_mask)`` int32 batches of ``texts`` for :func:`calibrate_texts`.
+
+  Rows are padded to ``batch_size`` (all-padding rows carry no token), so each
+  sequence length compiles once.
+  """
+  texts = list(texts)
+  for start in range(0, len(texts), batch_size):
+    chunk = tokenizer.encode_batch(texts[start:start + batch_size])
+    ids = np.zeros((batch_size, len(chunk[0].ids)), np.int32)
+    mask = np.zeros_like(ids)
+    for i, enc in enumerate(chunk):
+      ids[i], mask[i] = enc.ids, enc.attention_mask
+    yield jnp.asarray(ids), jnp.asarray(mask)
+
+
+def calibrate_texts(model: Bert, tokenizer, texts, *, batch_size: int = 32):
+  """Input second moments H/N of every Linear kernel of ``model`` over ``texts``.
+
+  Padding tokens are left out (the attention mask weights each token).
+
+  Returns:
+    A ``jax_signedcut._calibration.stats.Calibration`` keyed by kernel paths
+    (``layers/0/query/kernel``), layout ``"flax"``. Save it for the Hugging
+    Face checkpoint with ``save_calibration(path, cal, hf_kernel_names(cfg),
+    layout="torch")``.
+
+  Raises:
+    ValueError: ``texts`` is empty.
+  """
+  from jax_signedcut._calibration import stats  # noqa: PLC0415
+
+  texts = list(texts)
+  if not texts:
+    raise ValueError("texts is empty: calibration needs at least one text")
+  return stats.calibrate(model, calibration_batches(tokenizer, texts, batch_size=batch_size),
+                         token_mask=lambda b: b[1])
+
+
+def hf_kernel_names(cfg: BertConfig) -> dict[str, str]:
+  """``{flax kernel path: Hugging Face weight name}`` of the Linear kernels (torch layout (out, in))."""
+  return {"/".join(map(str, where)): hf for hf, (where, transpose) in _hf_names(cfg).items()
+          if transpose}

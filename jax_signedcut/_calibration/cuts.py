@@ -1,0 +1,268 @@
+"""Calibrated signed cuts of one kernel: input scales, H-aware cuts, refit scales, sparse part.
+
+The pipeline for a Flax kernel ``W`` (in, out) = (m, n) and its input second
+moment ``H`` (m, m), all steps minimising the output error ``tr(EᵀHE)``:
+
+1. Input-channel scales ``d = diag(H)^(α/2)`` (geometric mean 1). The cuts
+   approximate ``W' = D W`` under ``H' = D⁻¹ H D⁻¹`` (the same error:
+   ``tr(EᵀHE) = tr(E'ᵀH'E')``), so ``s`` signs live where each input row
+   has the magnitude its input's energy asks for; the layer computes
+   ``(x / d) · Ŵ'`` (:class:`~jax_signedcut._calibration.parts.InputScaled`).
+2. Greedy H-aware cuts (:func:`objective.hcut_decompose`) under a shrunk
+   metric ``H_s = (1 − λ) H' + λ diag(H') + δ mean(diag H') I``. Shrinking the
+   correlations toward the diagonal helps the greedy sign search and
+   generalises better from a few thousand calibration tokens. Prefix-consistent.
+3. (optional, per budget) a sparse part: the entries of the residual whose
+   exact correction lowers the output error most (``(H'E')²_io / H'_ii``),
+   paid from the same budget (fewer cuts).
+4. (per budget) the scales c and the sparse values refit by least squares
+   under ``H_s`` (alternating, each an exact solve). Refitting gives up
+   prefix consistency of c (S and T stay prefix-consistent: refit the
+   truncated cuts again for another budget).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_signedcut as sc
+from jax_signedcut._calibration import objective
+from jax_signedcut._calibration.parts import InputScaled
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class CutOptions:
+  """Options of :func:`calibrated_cuts` (static, hashable).
+
+  Attributes:
+    alpha: input-scale exponent, ``d = diag(H)^(alpha/2)``; 0 disables it.
+    shrink: λ in [0, 1], weight of ``diag(H)`` in the search metric.
+    damp: δ >= 0, ridge on the search metric relative to mean(diag H).
+    max_flips: single sign flips per s-step of the search.
+    max_rounds: alternations per cut.
+  """
+
+  alpha: float = 0.5
+  shrink: float = 0.6
+  damp: float = 0.01
+  max_flips: int = 16
+  max_rounds: int = 20
+
+  def __post_init__(self):
+    for name in ("alpha", "shrink", "damp"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if self.shrink > 1:
+      raise ValueError(f"shrink must be in [0, 1], got {self.shrink!r}")
+    for name in ("max_flips", "max_rounds"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+
+def _check_pair(w, h):
+  w = jnp.asarray(w)
+  h = jnp.asarray(h)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a kernel (in, out), got shape {w.shape}")
+  m = w.shape[0]
+  if h.shape != (m, m):
+    raise ValueError(f"h must have shape ({m}, {m}) for w of shape {w.shape} (in, out), "
+                     f"got {h.shape}")
+  return w.astype(jnp.float32), h.astype(jnp.float32)
+
+
+def input_scale(h: jax.Array, alpha: float) -> jax.Array:
+  """``diag(H)^(alpha/2)``, geometric mean 1 (inputs that never fire get the smallest scale)."""
+  dg = jnp.diagonal(jnp.asarray(h, jnp.float32))
+  pos = dg > 0
+  floor = jnp.min(jnp.where(pos, dg, jnp.inf))
+  dg = jnp.where(pos, dg, jnp.where(jnp.isfinite(floor), floor, 1.0))
+  d = dg ** (alpha / 2)
+  return d / jnp.exp(jnp.mean(jnp.log(d)))
+
+
+def search_metric(h_scaled: jax.Array, opts: CutOptions) -> jax.Array:
+  """``(1 − λ) H' + λ diag(H') + δ mean(diag H') I`` (see the module doc)."""
+  dg = jnp.diagonal(h_scaled)
+  m = h_scaled.shape[0]
+  hs = (1 - opts.shrink) * h_scaled + opts.shrink * jnp.diag(dg)
+  return hs + opts.damp * jnp.mean(dg) * jnp.eye(m, dtype=hs.dtype)
+
+
+def calibrated_cuts(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
+                    options: CutOptions = CutOptions()) -> tuple[InputScaled, jax.Array]:
+  """Width-``width`` H-aware signed cuts of ``diag(d) · w`` with greedy scales.
+
+  Args:
+    w: float (m, n) kernel, Flax layout (in, out).
+    h: float (m, m) input second moment (e.g. ``Calibration.hessians[name]``).
+    key: ``jax.random.key``.
+    width: number of cuts (the largest budget wanted: prefixes give the rest).
+    options: see :class:`CutOptions`.
+
+  Returns:
+    ``(part, gains)``: an :class:`InputScaled` whose inner ``SignedCut`` holds
+    all ``width`` cuts with their greedy scales, and the drop of the output
+    error ``tr(EᵀHE)`` under the search metric per cut (width,).
+
+  Raises:
+    ValueError: mismatched shapes or width < 1.
+  """
+  w, h = _check_pair(w, h)
+  m, n = w.shape
+  d = input_scale(h, options.alpha)
+  hp = h / d[:, None] / d[None, :]
+  s, t, c, gains = objective.hcut_decompose(
+      d[:, None] * w, search_metric(hp, options), key=key, width=width,
+      max_flips=options.max_flips, max_rounds=options.max_rounds)
+  inner = sc.SignedCut(s_bits=sc.pack_signs(s), t_bits=sc.pack_signs(t), c=c,
+                       num_cuts=jnp.int32(width), shape=(m, n))
+  return InputScaled(scale=d, inner=inner), gains
+
+
+def _signs(f: sc.SignedCut):
+  m, n = f.shape
+  s = sc.unpack_signs(f.s_bits, m).astype(jnp.float32)
+  t = sc.unpack_signs(f.t_bits, n).astype(jnp.float32)
+  return s, t
+
+
+def _sparse_dense(idx, val, shape):
+  m, n = shape
+  return jnp.zeros((m * n,), jnp.float32).at[idx].add(val).reshape(m, n)
+
+
+class Gram(NamedTuple):
+  """The least-squares system of all cuts of a part under its metric (prefixes give any width).
+
+  Attributes:
+    hs: (w, m) rows ``s_jᵀ H_s``.
+    g: (w, w) ``(s_jᵀ H_s s_k)(t_jᵀ t_k)``.
+    b: (w,) ``s_jᵀ H_s W' t_j``.
+  """
+
+  hs: jax.Array
+  g: jax.Array
+  b: jax.Array
+
+
+def gram(part: InputScaled, w: jax.Array, h: jax.Array,
+         options: CutOptions = CutOptions()) -> Gram:
+  """The :class:`Gram` of every cut of ``part`` (compute once, refit many budgets from it)."""
+  w, h = _check_pair(w, h)
+  d = part.scale
+  metric = search_metric(h / d[:, None] / d[None, :], options)
+  s, t = _signs(part.inner)
+  hs = jnp.matmul(s, metric, precision=_HI)
+  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
+  b = jnp.sum(jnp.matmul(hs, d[:, None] * w, precision=_HI) * t, axis=1)
+  return Gram(hs=hs, g=g, b=b)
+
+
+def _solve(g, b, ridge):
+  lam = ridge * jnp.mean(jnp.diagonal(g)) + 1e-30
+  return jax.scipy.linalg.solve(g + lam * jnp.eye(g.shape[0], dtype=g.dtype), b, assume_a="pos")
+
+
+def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight: float,
+               sparse_fraction: float = 0.0, options: CutOptions = CutOptions(),
+               refit: bool = True, ridge: float = 1e-6, rounds: int = 2,
+               system: Gram | None = None) -> InputScaled:
+  """The calibrated result at one budget: truncate the cuts, add a sparse part, refit.
+
+  The budget is ``bits_per_weight · m·n / 8`` bytes; the scales take ``4 m``,
+  each sparse entry 8 (int32 index + f32 value), each cut
+  ``sc.bytes_per_cut(m, n)``; the cuts get what is left.
+
+  Args:
+    part: from :func:`calibrated_cuts` (at a width >= what the budget pays for).
+    w, h: the kernel and its input second moment, as given to it.
+    bits_per_weight: the budget.
+    sparse_fraction: share of the m·n entries stored apart, chosen by output
+      impact on the residual of the cuts (0: none).
+    options: the options the cuts were made with (for the metric).
+    refit: refit c (and the sparse values) by least squares under the metric.
+    ridge: relative ridge of the c solve.
+    rounds: alternations of c and sparse-value refits.
+    system: the :func:`gram` of ``part`` (optional): the refit then only slices
+      it and solves, instead of forming the system of the kept cuts.
+
+  Returns:
+    An :class:`InputScaled` whose inner ``SignedCut`` has ``num_cuts`` cuts and
+    an optional sparse part (in the scaled space).
+
+  Raises:
+    ValueError: a budget that pays for no cut, or a bad fraction.
+  """
+  w, h = _check_pair(w, h)
+  m, n = w.shape
+  if not 0 <= sparse_fraction < 1:
+    raise ValueError(f"sparse_fraction must be in [0, 1), got {sparse_fraction!r}")
+  budget = bits_per_weight * m * n / 8 - 4 * m
+  k_sparse = int(sparse_fraction * m * n)
+  cuts = int((budget - 8 * k_sparse) // sc.bytes_per_cut(m, n))
+  if cuts < 1:
+    raise ValueError(f"bits_per_weight={bits_per_weight} pays for no cut on {(m, n)} "
+                     f"after the scales and {k_sparse} sparse entries")
+  f = part.inner
+  cuts = min(cuts, f.width)
+  d = part.scale
+  target = d[:, None] * w
+  hp = h / d[:, None] / d[None, :]
+  metric = search_metric(hp, options)
+  s, t = _signs(f)
+  s, t = s[:cuts], t[:cuts]
+  c = f.c[:cuts]
+  idx = val = None
+  sp = jnp.zeros_like(target)
+  for r in range(max(1, rounds)):
+    if refit and system is not None:
+      b = system.b[:cuts]
+      if idx is not None:   # b_j − s_jᵀ H_s P t_j over the sparse entries P
+        rows, cols = jnp.asarray(idx) // n, jnp.asarray(idx) % n
+        b = b - jnp.sum(system.hs[:cuts, rows] * jnp.asarray(val)[None, :] * t[:, cols], axis=1)
+      c = _solve(system.g[:cuts, :cuts], b, ridge)
+    elif refit:
+      c = objective.refit_scales(s, t, target - sp, metric, ridge=ridge)
+    if k_sparse == 0:
+      break
+    resid = target - jnp.matmul(s.T * c[None, :], t, precision=_HI)
+    if idx is None:
+      idx, val = objective.sparse_by_impact(resid, metric, k_sparse)
+    else:
+      val = objective.refit_sparse(idx, resid, metric)
+    sp = _sparse_dense(jnp.asarray(idx), jnp.asarray(val), (m, n))
+    if not refit or r == rounds - 1:
+      break
+  inner = sc.SignedCut(s_bits=f.s_bits[:cuts], t_bits=f.t_bits[:cuts], c=c.astype(jnp.float32),
+                       num_cuts=jnp.int32(cuts), shape=(m, n))
+  if idx is not None:
+    inner = sc.Sum((inner, sc.Sparse(jnp.asarray(idx, jnp.int32), jnp.asarray(val, jnp.float32),
+                                     jnp.int32(len(idx)), shape=(m, n))))
+  return InputScaled(scale=d, inner=inner)
+
+
+def error_curve(gains: jax.Array, w: jax.Array, h: jax.Array, part: InputScaled,
+                options: CutOptions = CutOptions()) -> np.ndarray:
+  """Output error under the search metric after k = 0 … width greedy cuts (width + 1,).
+
+  Exact for the greedy scales (each cut lowers ``tr(RᵀH_sR)`` by its gain);
+  a refit only lowers it further.
+  """
+  w, h = _check_pair(w, h)
+  d = part.scale
+  target = d[:, None] * w
+  metric = search_metric(h / d[:, None] / d[None, :], options)
+  total = float(objective.output_error(target, jnp.zeros_like(target), metric))
+  return np.maximum(total - np.concatenate([[0.0], np.cumsum(np.asarray(gains, np.float64))]),
+                    0.0)
