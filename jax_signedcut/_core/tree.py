@@ -61,8 +61,8 @@ class Budget(NamedTuple):
   Example:
     >>> Budget(rate=0.25)
     Budget(width=None, rate=0.25, bits_per_weight=None, max_error=None, outliers=None, lowrank=None, method=None, options=None)
-    >>> Budget(bits_per_weight=4, method="rtn", options={"group_size": 64}).options
-    (('group_size', 64),)
+    >>> Budget(bits_per_weight=4, method="rtn", options={"group_size": 64}).method
+    'rtn'
   """
 
   width: int | None = None

@@ -34,7 +34,7 @@ class Sum(Compressed):
     >>> [type(p).__name__ for p in f.parts]
     ['SignedCut', 'Sparse']
     >>> f.part(sc.Sparse).count
-    Array(30, dtype=int32)
+    Array(31, dtype=int32)
   """
 
   parts: tuple

@@ -349,7 +349,8 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   Example:
     >>> import jax
     >>> params = {"w": jax.random.normal(jax.random.key(0), (32, 32)), "b": jax.numpy.zeros(32)}
-    >>> f = decompose_leafwise(params, key=jax.random.key(1), rate=0.5, progress=False)
+    >>> f = decompose_leafwise(params, key=jax.random.key(1), rate=0.5, progress=False,
+    ...                        outliers=0)
     >>> type(f["w"]).__name__, f["b"].shape
     ('SignedCut', (32,))
   """
