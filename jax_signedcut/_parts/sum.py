@@ -13,7 +13,7 @@ import dataclasses
 
 import jax
 
-from jax_signedcut._core.protocol import Compressed
+from jax_signedcut._core.protocol import Compressed, check_compressed
 
 
 @jax.tree_util.register_dataclass
