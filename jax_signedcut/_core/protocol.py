@@ -145,8 +145,8 @@ def check_compressed(f: Any, name: str = "f") -> Compressed:
 
 
 def is_concrete(x) -> bool:
-  """Whether ``x`` holds values (not a tracer), so that value checks can run."""
-  return not isinstance(x, jax.core.Tracer)
+  """Whether ``x`` holds values (not a tracer or a ``jax.ShapeDtypeStruct``)."""
+  return not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
 
 
 def check_field(name: str, field: str, x, shape: tuple, kind: str) -> None:
