@@ -43,3 +43,25 @@ def assert_same_factors(f, g):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
     np.testing.assert_array_equal(a, b, err_msg=f"leaf {i}")
+
+
+def reseal(data: bytes) -> bytes:
+  """A safetensors file's bytes with the jax_signedcut header checksum recomputed.
+
+  What a writer that edits a header on purpose does (the tests that check
+  the structural checks behind the checksum use it); the header is written
+  back in JSON with the data unchanged.
+  """
+  import json  # noqa: PLC0415
+  import struct  # noqa: PLC0415
+
+  from jax_signedcut._checkpoint import format as _format  # noqa: PLC0415
+
+  (n,) = struct.unpack("<Q", data[:8])
+  header = json.loads(data[8:8 + n])
+  meta = header.pop("__metadata__")
+  meta[_format.HEADER_CRC] = _format.header_checksum(header, meta)
+  header["__metadata__"] = meta
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  return struct.pack("<Q", len(blob)) + blob + data[8 + n:]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jax_signedcut as sc
-from conftest import assert_same_factors, gaussian, heavy
+from conftest import assert_same_factors, gaussian, heavy, reseal
 from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._checkpoint import structure as _structure
 
@@ -190,7 +190,7 @@ def test_file_is_plain_safetensors(tree, tmp_path):
   sc.save(path, tree)
   with safe_open(str(path), framework="numpy") as f:
     meta = f.metadata()
-    assert meta["format"] == "jax_signedcut" and meta["format_version"] == "3"
+    assert meta["format"] == "jax_signedcut" and meta["format_version"] == "4"
     assert {"layers/0/b", "a/parts/0/s_bits", "q/codes", "lr/u/codes"} <= set(f.keys())
 
 
@@ -382,6 +382,8 @@ def rewrite(path, *, tensors=None, body=None, meta=None):
   if meta:
     meta(md)
   save_file(ts, str(path), metadata=md)
+  if "header_crc32" in md:
+    path.write_bytes(reseal(path.read_bytes()))
 
 
 def entry(b, path):
@@ -421,8 +423,8 @@ def test_garbage_header(saved):
 
 
 def test_newer_version(saved):
-  rewrite(saved, meta=lambda md: md.update(format_version="4"))
-  with pytest.raises(ValueError, match="format version 4 is newer"):
+  rewrite(saved, meta=lambda md: md.update(format_version="5"))
+  with pytest.raises(ValueError, match="format version 5 is newer"):
     sc.load(saved)
 
 
@@ -457,7 +459,7 @@ def _swap_idx(ts):
     # metadata that disagrees with the tensors
     (dict(body=lambda b: node(b, "a", 0)["static"].update(shape=[70, 40])),
      "s_bits has shape .*, expected"),
-    (dict(body=lambda b: node(b, "stack").update(slots={"width": 1})), "width must be an int >="),
+    (dict(body=lambda b: node(b, "stack").update(slots={"width": 1})), "width must be an int in 62..2147483647"),
     (dict(body=lambda b: node(b, "a", 1)["fields"]["idx"].update(shape=[3])),
      "has shape .* the metadata says"),
     (dict(body=lambda b: node(b, "q")["static"].update(bits=40)), "bits must be in"),
@@ -607,3 +609,26 @@ def test_orbax_nnx_state_round_trip(tmp_path, method):
   back = sc.load(tmp_path / "m.safetensors")
   nnx.update(m3, back)
   np.testing.assert_array_equal(m(x), m3(x))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_save_refuses_non_finite_fields(values, tmp_path, bad):
+  f = values["signed_cut"]
+  c = np.asarray(f.c).copy()
+  c[0] = bad
+  tree = {"layer": {"w": dataclasses.replace(f, c=jnp.asarray(c))}}
+  with pytest.raises(ValueError, match=r"leaf 'layer/w': layer/w/c holds NaN or Inf"):
+    sc.save(tmp_path / "f.safetensors", tree)
+  assert not os.listdir(tmp_path)   # nothing written, no temporary left
+  q = values["rtn_row"]
+  scale = np.asarray(q.scale).copy()
+  scale[1, 0] = bad
+  with pytest.raises(ValueError, match=r"leaf 'q': q/scale holds NaN or Inf"):
+    sc.save(tmp_path / "f.safetensors", {"q": dataclasses.replace(q, scale=jnp.asarray(scale))})
+
+
+def test_tree_without_leaves_round_trips(tmp_path):
+  for tree in ({}, {"a": {}}, [], None):
+    sc.save(tmp_path / "e.safetensors", tree)
+    assert sc.load(tmp_path / "e.safetensors") == {}
+    assert sc.load_info(tmp_path / "e.safetensors")["leaves"] == []

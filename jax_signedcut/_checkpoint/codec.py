@@ -138,6 +138,10 @@ def _encode_value(v, name, tensors, trim):
   a = np.asarray(v)
   if not a.flags.c_contiguous:
     a = a.copy(order="C")   # (np.ascontiguousarray would make a 0-d array 1-d)
+  if (np.issubdtype(a.dtype, np.floating) or a.dtype == _format.DTYPES["BF16"]) \
+      and not np.all(np.isfinite(a.astype(np.float32, copy=False))):
+    raise ValueError(f"{name} holds NaN or Inf; a compressed value must be finite to be saved "
+                     "(load refuses it)")
   tensors.append((name, a))
   return {"tensor": name, "dtype": _format.dtype_code(a.dtype), "shape": list(a.shape)}
 
@@ -236,8 +240,12 @@ def _decode_value(v, read, full, what):
   if isinstance(v, dict):
     if "tensor" in v:
       return read(v)
-    if "zeros" in v:
-      return np.zeros(tuple(int(d) for d in v["zeros"]), _format.DTYPES[v["dtype"]])
+    if "zeros" in v:    # (legacy entries: an empty sparse part)
+      shape = v["zeros"]
+      if not isinstance(shape, list) or not all(_format.is_count(d) for d in shape) \
+          or 0 not in shape or v.get("dtype") not in _format.DTYPES:
+        raise ValueError(f"{what}: malformed empty field {str(v)[:200]}")
+      return np.zeros(tuple(shape), _format.DTYPES[v["dtype"]])
     if "node" in v:
       try:
         return decode(v["node"], read, full=full)

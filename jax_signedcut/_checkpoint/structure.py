@@ -31,9 +31,14 @@ def unflatten(items, where: str = "tree"):
       container, or one that mixes sequence and mapping keys at one depth
       (naming ``where``).
   """
+  if not items:
+    return {}   # a tree without leaves (``{}``, ``[]``, ``None``) comes back as ``{}``
   if len(items) == 1 and not items[0][0]:
     return items[0][1]
   root: Any = None
+  # A list grows to its largest index (None leaves are not stored): bound it by
+  # the leaves there are, so that a header cannot make a huge list.
+  most = 4 * len(items) + 64
 
   def container(kind):
     return [] if kind == "i" else {}
@@ -51,8 +56,9 @@ def unflatten(items, where: str = "tree"):
         raise CheckpointError(f"{where}: key path {path!r} mixes sequence and mapping "
                               f"keys at depth {depth}")
       if kind == "i":
-        if not isinstance(key, int) or key < 0:
-          raise CheckpointError(f"{where}: bad sequence index {key!r} in {path!r}")
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < most:
+          raise CheckpointError(f"{where}: bad sequence index {key!r} in {path!r} (an index "
+                                f"< {most} for a tree of {len(items)} leaves)")
         while len(node) <= key:
           node.append(None)
         slot_exists = node[key] is not None

@@ -9,6 +9,8 @@ bits, so that a corrupt or hand-edited file never comes back as garbage.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 
@@ -55,10 +57,37 @@ def _finite(x, name):
     raise ValueError(f"{name} contains NaN/Inf")
 
 
+#: Bytes of zero slots the values being decoded may still add (None: no limit). A
+#: reader sets it from the file's size (:func:`padding_limit`), so that a header
+#: that claims a huge width cannot make a small file allocate gigabytes.
+_PAD_BUDGET: contextvars.ContextVar = contextvars.ContextVar("pad_budget", default=None)
+
+
+@contextlib.contextmanager
+def padding_limit(budget: list):
+  """Within the block, padding zero slots back may add at most ``budget[0]`` bytes.
+
+  ``budget = [bytes left, what names the limit in an error]`` is updated in
+  place, so one budget can span the leaves of a file.
+  """
+  token = _PAD_BUDGET.set(budget)
+  try:
+    yield
+  finally:
+    _PAD_BUDGET.reset(token)
+
+
 def _pad_axis(a, axis, size):
   pad = size - a.shape[axis]
   if pad <= 0:
     return a
+  budget = _PAD_BUDGET.get()
+  if budget is not None:
+    add = pad * (a.size // max(1, a.shape[axis])) * a.dtype.itemsize
+    if add > budget[0]:
+      raise ValueError(f"padding {a.shape[axis]} stored slots to {size} would add {add} bytes "
+                       f"of zeros, more than {budget[1]} may expand to")
+    budget[0] -= add
   widths = [(0, 0)] * a.ndim
   widths[axis] = (0, pad)
   return np.pad(a, widths)
@@ -109,15 +138,19 @@ def _cuts_trim(f: SignedCut):
 
 
 def _cuts_pad(f: SignedCut, slots):
-  width = _slot_count(slots, "width", f.width)
+  width = _slot_count(slots, "width", f.width, _INT32_MAX)
   return dataclasses.replace(f, s_bits=_pad_axis(f.s_bits, -2, width),
                              t_bits=_pad_axis(f.t_bits, -2, width), c=_pad_axis(f.c, -1, width))
 
 
-def _slot_count(slots, key, stored):
-  if not isinstance(slots, dict) or isinstance(slots.get(key), bool) \
-      or not isinstance(slots.get(key), int) or slots[key] < max(stored, 0):
-    raise ValueError(f"slots {slots!r}: {key} must be an int >= the {stored} stored")
+_INT32_MAX = 2**31 - 1
+
+
+def _slot_count(slots, key, stored, most):
+  if not isinstance(slots, dict) or set(slots) != {key} or isinstance(slots.get(key), bool) \
+      or not isinstance(slots.get(key), int) or not max(stored, 0) <= slots[key] <= most:
+    raise ValueError(f"slots {str(slots)[:100]}: {key} must be an int in {stored}..{most} "
+                     f"(the {stored} stored .. the most there can be)")
   return slots[key]
 
 
@@ -155,7 +188,8 @@ def _sparse_trim(s: Sparse):
 
 
 def _sparse_pad(s: Sparse, slots):
-  cap = _slot_count(slots, "capacity", s.capacity)
+  m, n = s.shape
+  cap = _slot_count(slots, "capacity", s.capacity, min(m * n, _INT32_MAX))
   return dataclasses.replace(s, idx=_pad_axis(s.idx, -1, cap), val=_pad_axis(s.val, -1, cap))
 
 

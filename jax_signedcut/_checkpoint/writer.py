@@ -27,11 +27,15 @@ def encode_leaf(comps, leaf, *, extra: dict | None = None) -> tuple[list, dict]:
   Raises:
     TypeError: traced values, a dtype safetensors cannot store, or a
       compressed type with no registered codec.
+    ValueError: a compressed value with NaN or Inf in a float field.
   """
   path = _keypath.join(comps)
   entry: dict = {"key": comps, "path": path}
   if is_compressed(leaf):
-    node, tensors = _codec.encode(leaf, path)
+    try:
+      node, tensors = _codec.encode(leaf, path)
+    except ValueError as e:
+      raise ValueError(f"leaf {path!r}: {e}") from None
     entry.update(kind="compressed", type=node["type"], shape=[int(d) for d in leaf.shape],
                  batch_shape=[int(d) for d in leaf.batch_shape], nbytes=int(leaf.nbytes),
                  value=node)
@@ -102,9 +106,15 @@ class Writer:
     return dict(self._crc)
 
   def finish(self, metadata: dict[str, str]) -> None:
-    """Writes header + data and renames the result onto the destination."""
+    """Writes header + data and renames the result onto the destination.
+
+    A jax_signedcut file (``metadata["format"]``) gets its header checksum here.
+    """
     self._spool.close()
     header = dict(self._header)
+    if metadata.get("format") == _format.FORMAT:
+      metadata = dict(metadata)
+      metadata[_format.HEADER_CRC] = _format.header_checksum(self._header, metadata)
     header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
@@ -150,8 +160,9 @@ def save(path, tree, *, metadata: dict | None = None) -> None:
 
   Raises:
     TypeError: a leaf of an unsupported type/dtype, or traced values.
-    ValueError: two leaves that would share a tensor name, or metadata that
-      is not JSON-serialisable.
+    ValueError: two leaves that would share a tensor name, a compressed
+      value with a NaN or Inf in a float field (its scales ``c``, …; naming
+      the leaf and the field), or metadata that is not JSON-serialisable.
 
   Example:
     >>> import jax, tempfile, os
