@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -52,14 +54,78 @@ def encode_leaf(comps, leaf, *, extra: dict | None = None) -> tuple[list, dict]:
   return tensors, entry
 
 
+#: Temporary files of a writer of OUT: ``.OUT.<pid>.<random>.spool.tmp`` (the tensors as
+#: they come) and ``.OUT.<pid>.<random>.partial.tmp`` (the file being assembled).
+_TEMP = r"\d+\.[a-z0-9_]+\.(spool|partial)\.tmp"
+
+
+def _lock_name(path: str) -> str:
+  d, base = os.path.split(os.path.abspath(path))
+  return os.path.join(d, f".{base}.lock")
+
+
+def _lock(path: str) -> int:
+  """An exclusive ``flock`` on OUT's lock file (holding our pid); FileExistsError if taken."""
+  name = _lock_name(path)
+  for _ in range(20):
+    fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+      os.close(fd)
+      raise FileExistsError(f"{path}: another process (pid {holder}) is writing this output; "
+                            "wait for it to finish or write elsewhere") from None
+    except BaseException:
+      os.close(fd)
+      raise
+    try:   # the previous holder may have removed the file after we opened it
+      same = os.stat(name).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+      return fd
+    os.close(fd)
+  raise FileExistsError(f"{path}: could not lock {name}")
+
+
+def _remove_stale(path: str) -> None:
+  """Removes the temporary files a killed writer of OUT left (we hold OUT's lock: none is live)."""
+  d, base = os.path.split(os.path.abspath(path))
+  pattern = re.compile(re.escape(f".{base}.") + _TEMP)
+  with contextlib.suppress(OSError):
+    for name in os.listdir(d):
+      if pattern.fullmatch(name):
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(os.path.join(d, name))
+
+
+def _fsync_dir(d: str) -> None:
+  with contextlib.suppress(OSError):
+    fd = os.open(d, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
 class Writer:
   """Writes a safetensors file one tensor at a time, atomically.
 
   Tensors are appended to a spool file as they come (so only one is in memory
   at a time); :meth:`finish` writes the header and the data to a temporary
-  file in the destination's directory and ``os.replace`` s it onto the
-  destination. An exception (or Ctrl-C) before that leaves no output file and
-  removes the temporaries.
+  file in the destination's directory, fsyncs it and ``os.replace`` s it onto
+  the destination. An exception (or Ctrl-C) before that leaves no output file
+  and removes the temporaries; a process killed outright (SIGKILL) leaves only
+  temporaries named ``.OUT.<pid>.<random>.{spool,partial}.tmp``, which nothing
+  reads as output, and the next writer of OUT removes them.
+
+  A writer holds an exclusive lock on ``.OUT.lock`` (``fcntl.flock``, released
+  by the kernel when the process dies) from start to finish: a second writer
+  of the same OUT, in this process or another, fails at once with
+  ``FileExistsError`` naming the pid that holds it.
   """
 
   def __init__(self, path):
@@ -69,7 +135,15 @@ class Writer:
       raise FileNotFoundError(f"{self.path}: the directory {d} does not exist")
     if os.path.isdir(self.path):
       raise IsADirectoryError(f"{self.path}: is a directory; name the output file")
-    fd, self._spool_name = tempfile.mkstemp(prefix=".spool-", suffix=".tmp", dir=d)
+    self._dir = d
+    self._prefix = f".{os.path.basename(os.path.abspath(self.path))}.{os.getpid()}."
+    self._lock_fd = _lock(self.path)
+    try:
+      _remove_stale(self.path)
+      fd, self._spool_name = tempfile.mkstemp(prefix=self._prefix, suffix=".spool.tmp", dir=d)
+    except BaseException:
+      self._unlock()
+      raise
     self._spool = os.fdopen(fd, "wb")
     self._header: dict = {}
     self._crc: dict = {}
@@ -81,11 +155,19 @@ class Writer:
   def __exit__(self, exc_type, exc, tb):
     self._cleanup()
 
+  def _unlock(self):
+    if self._lock_fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(_lock_name(self.path))   # while still holding it (see _lock)
+      os.close(self._lock_fd)
+      self._lock_fd = None
+
   def _cleanup(self):
     if not self._spool.closed:
       self._spool.close()
     with contextlib.suppress(FileNotFoundError):
       os.unlink(self._spool_name)
+    self._unlock()
 
   def add(self, name: str, array) -> None:
     """Appends one tensor."""
@@ -105,10 +187,12 @@ class Writer:
   def crc32(self) -> dict:
     return dict(self._crc)
 
-  def finish(self, metadata: dict[str, str]) -> None:
+  def finish(self, metadata: dict[str, str], *, commit=None) -> None:
     """Writes header + data and renames the result onto the destination.
 
     A jax_signedcut file (``metadata["format"]``) gets its header checksum here.
+    ``commit``: a context manager factory the rename runs in (the CLI's guard
+    against Ctrl-C).
     """
     self._spool.close()
     header = dict(self._header)
@@ -118,8 +202,7 @@ class Writer:
     header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    d = os.path.dirname(os.path.abspath(self.path))
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=self._prefix, suffix=".partial.tmp", dir=self._dir)
     try:
       with os.fdopen(fd, "wb") as out, open(self._spool_name, "rb") as spool:
         out.write(struct.pack("<Q", len(blob)))
@@ -128,7 +211,9 @@ class Writer:
         out.flush()
         os.fsync(out.fileno())
       os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual mode
-      os.replace(tmp, self.path)
+      with commit() if commit is not None else contextlib.nullcontext():
+        os.replace(tmp, self.path)
+      _fsync_dir(self._dir)
     except BaseException:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
@@ -148,8 +233,9 @@ def save(path, tree, *, metadata: dict | None = None) -> None:
 
   Every compressed type (signed cuts, sums of parts, RTN codes, LPLR/DSVD/ℓp
   factors, tensor cuts) is stored by its registered codec; only the used cut
-  and sparse slots are written. The file is written to a temporary name and
-  renamed, so an interrupted save leaves no partial file.
+  and sparse slots are written. The file is written to a temporary name,
+  fsynced and renamed, so an interrupted (or killed) save leaves no partial
+  file; see :class:`Writer` for the lock and the temporaries.
 
   Args:
     path: destination file (conventionally ``*.safetensors``).
@@ -163,6 +249,8 @@ def save(path, tree, *, metadata: dict | None = None) -> None:
     ValueError: two leaves that would share a tensor name, a compressed
       value with a NaN or Inf in a float field (its scales ``c``, …; naming
       the leaf and the field), or metadata that is not JSON-serialisable.
+    FileExistsError: another writer (in this process or another) is writing
+      ``path`` now.
 
   Example:
     >>> import jax, tempfile, os

@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 
+from jax_signedcut._cli import interrupts as _interrupts
 from jax_signedcut._cli import measure as _measure
 from jax_signedcut._cli import table as _table
 from jax_signedcut._cli.args import CliError, check_method_args, default_budget
@@ -141,7 +142,8 @@ def run(args) -> int:
       user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
     if args.lowrank:
       user["lowrank"] = args.lowrank
-    writer.finish(_format.header_metadata(entries, writer.crc32, user))
+    writer.finish(_format.header_metadata(entries, writer.crc32, user),
+                  commit=lambda: _interrupts.commit(args.output))
   if not args.quiet:
     _table.summary(entries)
     print(f"wrote {args.output} ({_table.fmt_bytes(os.path.getsize(args.output))})")

@@ -9,6 +9,7 @@ import tempfile
 
 import numpy as np
 
+from jax_signedcut._cli import interrupts as _interrupts
 from jax_signedcut._cli.args import CliError
 from jax_signedcut._cli.compress import progress
 
@@ -68,14 +69,16 @@ def run(args) -> int:
         tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
         try:
           _orbax.save_orbax(os.path.join(tmp, "ckpt"), tree)
-          os.replace(os.path.join(tmp, "ckpt"), args.output)
+          with _interrupts.commit(args.output):
+            os.replace(os.path.join(tmp, "ckpt"), args.output)
         finally:
           shutil.rmtree(tmp, ignore_errors=True)
       else:
         with _writer.Writer(args.output) as w:
           for e, leaf in leaves():
             w.add(e["tensor"] if e["kind"] == "array" else e["path"], leaf)
-          w.finish({"format": "np", "expanded_from": os.path.basename(args.input)})
+          w.finish({"format": "np", "expanded_from": os.path.basename(args.input)},
+                   commit=lambda: _interrupts.commit(args.output))
     finally:
       bar.close()
   if not args.quiet:

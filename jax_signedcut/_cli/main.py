@@ -8,11 +8,13 @@ called in-process.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from jax_signedcut._cli import compress as _compress
 from jax_signedcut._cli import expand as _expand
 from jax_signedcut._cli import inspect as _inspect
+from jax_signedcut._cli import interrupts as _interrupts
 from jax_signedcut._cli.args import (
   CliError,
   Parser,
@@ -94,7 +96,12 @@ inputs and outputs:
   checkpoint directory. OUT is a .safetensors file (jax_signedcut format,
   readable with jax_signedcut.load). Matrices are read, compressed and
   written one at a time, so memory stays near one matrix's working set (an
-  orbax input leaf by leaf too). The output appears only when complete.
+  orbax input leaf by leaf too). The output appears only when complete
+  (written to a temporary name beside it, fsynced, renamed); a run killed
+  outright leaves only .OUT.*.tmp files, which the next run writing OUT
+  removes. While a run writes OUT (lock file .OUT.lock), a second run
+  writing the same OUT fails at once. Ctrl-C ends a run with one line and
+  exit status 130.
 
 examples:
   jax-signedcut compress model.safetensors out.safetensors --rate 0.5
@@ -223,15 +230,31 @@ def main(argv=None) -> int:
     >>> main(["inspect", "/no/such/file.safetensors"])
     1
   """
-  parser = build_parser()
+  # From the command line (argv None) the handler stays for the shutdown that follows.
+  previous = _interrupts.install()
   try:
-    args = parser.parse_args(argv)
-  except SystemExit as e:
-    return e.code if isinstance(e.code, int) else 2
+    parser = build_parser()
+    try:
+      args = parser.parse_args(argv)
+    except SystemExit as e:
+      return e.code if isinstance(e.code, int) else 2
+    status = _run(args)
+    if _interrupts.STATE.seen:   # a KeyboardInterrupt that something swallowed
+      _interrupts.report()
+      return 130
+    return status
+  finally:
+    if argv is None:
+      _interrupts.STATE.finished = True
+    elif previous is not None:
+      signal.signal(signal.SIGINT, previous)
+
+
+def _run(args) -> int:
   try:
     return args.func(args)
   except KeyboardInterrupt:
-    print("jax-signedcut: interrupted; no output was written", file=sys.stderr)
+    _interrupts.report()
     return 130
   except (CliError, ValueError, TypeError, OSError) as e:
     if getattr(args, "debug", False):

@@ -1,0 +1,80 @@
+"""Ctrl-C (SIGINT) on the command line: never swallowed, one line, a non-zero exit.
+
+Python turns SIGINT into a ``KeyboardInterrupt`` at the next bytecode, which
+code run from a destructor, a callback or interpreter shutdown can swallow.
+The handler here also records that the signal came: the output is not renamed
+into place after one (:func:`commit`), :func:`jax_signedcut._cli.main.main`
+exits with 130 even when the exception was lost, and a SIGINT after the work
+is done (while the process shuts down) ends it at once with the same line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+
+class _State:
+  seen = False        # a SIGINT came
+  committed = None    # the output renamed into place, if any
+  finished = False    # main() returned: the process is shutting down
+  reported = False    # the one line was printed
+
+
+STATE = _State()
+
+
+def message() -> str:
+  if STATE.committed:
+    return f"jax-signedcut: interrupted; {STATE.committed} was complete and is kept"
+  return "jax-signedcut: interrupted; no output was written"
+
+
+def report() -> None:
+  """Prints the one line (once)."""
+  if not STATE.reported:
+    STATE.reported = True
+    print(message(), file=sys.stderr, flush=True)
+
+
+def _handler(signum, frame):
+  STATE.seen = True
+  if STATE.finished:   # shutting down: no Python code may be left to raise into
+    if not STATE.reported:
+      STATE.reported = True
+      with contextlib.suppress(OSError):
+        os.write(2, (message() + "\n").encode())
+    os._exit(130)
+  raise KeyboardInterrupt
+
+
+def install():
+  """Installs the handler (main thread only); returns the previous one, or None."""
+  STATE.seen, STATE.committed, STATE.finished, STATE.reported = False, None, False, False
+  if threading.current_thread() is not threading.main_thread():
+    return None
+  return signal.signal(signal.SIGINT, _handler)
+
+
+def check() -> None:
+  """Raises KeyboardInterrupt if a SIGINT came (even one whose exception was swallowed)."""
+  if STATE.seen:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def commit(path):
+  """Around the rename of an output into place: not after a SIGINT, and not torn by one."""
+  check()
+  blocked = threading.current_thread() is threading.main_thread()
+  if blocked:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  try:
+    yield
+    STATE.committed = os.fspath(path)
+  finally:
+    if blocked:
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -1,0 +1,139 @@
+"""The CLI under signals and concurrency: SIGKILL leaves nothing that reads as output and the next
+run cleans up; SIGINT always ends a run with one line and exit 130, even when something swallows
+the KeyboardInterrupt; a second writer of one output fails at once.
+
+Two subprocesses in all (a kill and an interrupt), each bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import jax_signedcut as sc
+from jax_signedcut._checkpoint import writer as _writer
+from jax_signedcut._cli.main import main
+from jax_signedcut._signedcut import decompose as _decompose
+
+TEMP = re.compile(r"\.out\.safetensors\.\d+\.[a-z0-9_]+\.(spool|partial)\.tmp")
+
+
+@pytest.fixture
+def model(tmp_path):
+  rng = np.random.default_rng(0)
+  save_file({f"l{i}.weight": rng.standard_normal((256, 256)).astype(np.float32)
+             for i in range(6)}, str(tmp_path / "in.safetensors"))
+  return tmp_path
+
+
+def start(d):
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  return subprocess.Popen(
+      [sys.executable, "-m", "jax_signedcut._cli", "compress", "in.safetensors",
+       "out.safetensors", "--width", "200", "-q"], cwd=d, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_spool(proc, d, timeout=90):
+  """Waits until the run has its own spool file (it is writing), or fails the test."""
+  mine = f".out.safetensors.{proc.pid}."
+  end = time.monotonic() + timeout
+  while time.monotonic() < end:
+    if any(TEMP.fullmatch(n) and n.startswith(mine) for n in os.listdir(d)):
+      return
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.01)
+  proc.kill()
+  pytest.fail("the run never started writing")
+
+
+@pytest.fixture
+def procs():
+  started = []
+  yield started
+  for p in started:     # a failed assertion must not leave a run behind
+    if p.poll() is None:
+      p.kill()
+    p.communicate()
+
+
+def test_sigkill_leaves_no_output_and_the_next_run_cleans_up(model, procs):
+  proc = start(model)
+  procs.append(proc)
+  wait_for_spool(proc, model)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  left = set(os.listdir(model)) - {"in.safetensors"}
+  assert "out.safetensors" not in left
+  assert left and all(TEMP.fullmatch(n) or n == ".out.safetensors.lock" for n in left), left
+  with pytest.raises(FileNotFoundError):
+    sc.load(model / "out.safetensors")
+  # The next run removes what the killed one left; interrupted in turn (SIGINT), it ends with
+  # the one line and exit 130 and leaves nothing of its own either.
+  proc = start(model)
+  procs.append(proc)
+  wait_for_spool(proc, model)
+  stale = [n for n in left if n != ".out.safetensors.lock"]
+  assert not set(stale) & set(os.listdir(model))
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"], err
+  assert sorted(os.listdir(model)) == ["in.safetensors"]
+
+
+def test_a_swallowed_interrupt_still_ends_the_run(model, capsys, monkeypatch):
+  real = _decompose._decompose_leaf  # noqa: SLF001
+  sent = []
+
+  def swallowing(*args, **kwargs):
+    if not sent:
+      sent.append(1)
+      try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)      # (the handler runs here)
+      except KeyboardInterrupt:
+        pass               # what a destructor or a callback does with it
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(_decompose, "_decompose_leaf", swallowing)
+  code = main(["compress", str(model / "in.safetensors"), str(model / "out.safetensors"),
+               "--width", "4", "-q"])
+  err = capsys.readouterr().err
+  assert code == 130
+  assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"]
+  assert sorted(os.listdir(model)) == ["in.safetensors"]
+  assert signal.getsignal(signal.SIGINT) is not None   # the previous handler is back
+
+
+def test_two_writers_of_one_output(model, capsys):
+  out = model / "out.safetensors"
+  with _writer.Writer(out):     # a live writer of out (the lock is per open file: same process)
+    code = main(["compress", str(model / "in.safetensors"), str(out), "--width", "4", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+    assert f"{out}: another process (pid {os.getpid()}) is writing this output" in err
+    with pytest.raises(FileExistsError, match="another process"):
+      sc.save(out, {"a": np.ones(3, np.float32)})
+  assert sorted(os.listdir(model)) == ["in.safetensors"]   # lock and spool gone
+  sc.save(out, {"a": np.ones(3, np.float32)})              # free again
+  assert sorted(os.listdir(model)) == ["in.safetensors", "out.safetensors"]
+
+
+def test_stale_temporaries_of_other_outputs_are_kept(tmp_path):
+  keep = [".out.safetensors.x.123.abcdefgh.spool.tmp", ".other.safetensors.12.abcdefgh.spool.tmp",
+          ".spool-abc.tmp", "out.safetensors.12.abcdefgh.spool.tmp"]
+  gone = [".out.safetensors.12.abcdefgh.spool.tmp", ".out.safetensors.7.a_b3.partial.tmp"]
+  for n in keep + gone:
+    (tmp_path / n).write_bytes(b"x")
+  sc.save(tmp_path / "out.safetensors", {"a": np.ones(2, np.float32)})
+  assert sorted(os.listdir(tmp_path)) == sorted([*keep, "out.safetensors"])
