@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_signedcut._core import checks as _checks
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import Compressed, check_compressed, is_compressed
 from jax_signedcut._kernels.apply import apply_signed_cut
@@ -102,10 +103,11 @@ class SignedCutDense(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, width: int, use_bias: bool = True,
                dense: bool = False, rngs: nnx.Rngs | None = None):
-    for name, v in (("in_features", in_features), ("out_features", out_features),
-                    ("width", width)):
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    # numpy integers (np.int64 from a config array) are ints too; stored as Python ints.
+    in_features, out_features, width = (
+        _checks.integer(name, v, minimum=1, error=ValueError)
+        for name, v in (("in_features", in_features), ("out_features", out_features),
+                        ("width", width)))
     self.in_features, self.out_features = in_features, out_features
     self.dense = dense
     self.kernel = PackedFactor(_cuts(in_features, out_features, width, rngs))

@@ -632,3 +632,11 @@ def test_tree_without_leaves_round_trips(tmp_path):
     sc.save(tmp_path / "e.safetensors", tree)
     assert sc.load(tmp_path / "e.safetensors") == {}
     assert sc.load_info(tmp_path / "e.safetensors")["leaves"] == []
+
+
+def test_path_must_be_a_path():
+  for bad in (None, 3, b"f.safetensors"):
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+      sc.load(bad)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+      sc.save(bad, {"a": np.ones(2, np.float32)})

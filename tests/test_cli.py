@@ -102,15 +102,37 @@ def test_inspect(gauss, capsys):
   row = next(line for line in lines if line.startswith("l1.weight"))
   assert "256x256" in row and "cuts 963/963" in row
   est = float(row.split()[-1])
+  assert "rel.err: as estimated when compressing" in out
   code, out, _ = run(capsys, "inspect", d / "half.safetensors", "--original",
                      d / "in.safetensors")
   row = next(line for line in out.splitlines() if line.startswith("l1.weight"))
   measured = float(row.split()[-1])
+  assert f"rel.err: measured against {d / 'in.safetensors'} for 2 of 2 compressed leaves" in out
   assert abs(measured - est) < 1e-3
   assert abs(measured - rel(tensors["l1.weight"],
                             sc.expand(sc.load(d / "half.safetensors"), jnp.float32)["l1.weight"])
              ) < 1e-4
   assert any(line.startswith("total") for line in lines)
+
+
+def test_inspect_marks_estimates(gauss, tmp_path, capsys):
+  d, tensors = gauss
+  save_file({"l1.weight": tensors["l1.weight"]}, str(tmp_path / "part.safetensors"))
+  code, out, err = run(capsys, "inspect", d / "half.safetensors", "--original",
+                       tmp_path / "part.safetensors")
+  assert code == 0 and "'l2.weight' is not in" in err
+  rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if "weight" in line}
+  assert not rows["l1.weight"].endswith("*") and rows["l2.weight"].endswith("*")
+  assert "for 1 of 2 compressed leaves; 1 marked * are estimates" in out
+
+
+def test_rate_above_bf16_warns(small, tmp_path, capsys):
+  code, _, err = run(capsys, "compress", small, tmp_path / "o.safetensors", "--rate", "2", "-q")
+  assert code == 0, err
+  assert "warning: default budget: rate 2 is more than a bf16 copy" in err
+  code, _, err = run(capsys, "compress", small, tmp_path / "p.safetensors", "--rate", "0.5",
+                     "--rule", "w=bits=20", "-q")
+  assert code == 0 and "warning: rule 'w': bits 20 is more than a bf16 copy" in err
 
 
 def test_rules_skip_width_max_error(gauss, tmp_path, capsys):

@@ -216,6 +216,9 @@ def test_module_arguments_are_checked():
     SignedCutDense(0, width=4)
   with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
     SignedCutDense(4, width=0)
+  layer = SignedCutDense(np.int64(4), width=np.int64(3))   # numpy ints (from a config array)
+  params = layer.init(jax.random.key(0), jnp.ones((2, 5)))
+  assert layer.apply(params, jnp.ones((2, 5))).shape == (2, 4)
   q = jax.eval_shape(lambda: sc.rtn(jnp.ones((8, 4)), bits=4))
   with pytest.raises(ValueError, match="not both"):
     SignedCutDense(4, width=2, like=q)

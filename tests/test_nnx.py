@@ -181,6 +181,8 @@ def test_bad_input():
     layer(jnp.ones((2, 48), jnp.int32))
   with pytest.raises(ValueError, match="width must be an int >= 1"):
     SignedCutDense(3, 4, width=0)
+  np_layer = SignedCutDense(np.int64(3), np.int64(4), width=np.int64(2), rngs=nnx.Rngs(0))
+  assert np_layer(jnp.ones((2, 3))).shape == (2, 4) and type(np_layer.in_features) is int
   stacked = SignedCutDense.from_factors(sc.rtn(jnp.ones((3, 48, 33)), bits=4))
   with pytest.raises(ValueError, match="nnx.scan"):
     stacked(jnp.ones((2, 48)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,5 +58,7 @@ def test_run_with_progress_returns_the_same_factors(backend, monkeypatch):
   jax.tree.map(np.testing.assert_array_equal, got, expected)
   assert len(bars) == 1 and bars[0].total == 40 and bars[0].n == 40  # the bar ends full
   assert bars[0].kwargs["desc"] == "w"
+  # like the leaf bar: tqdm leaves it off when stderr is not a terminal
+  assert bars[0].kwargs["disable"] is None and bars[0].kwargs["file"] is sys.stderr
   off = _progress.run_with_progress(call, total_cuts=40, desc="w", enabled=False)
   jax.tree.map(np.testing.assert_array_equal, off, expected)

@@ -111,3 +111,34 @@ def test_relative_error_bad_a(f):
     sc.relative_error([[1.0], [1.0, 2.0]], f)
   with pytest.raises(ValueError, match="shape"):
     sc.relative_error(A[:3], f)
+
+
+@pytest.fixture(scope="module")
+def q_and_lr():
+  return sc.rtn(A, bits=4, group_size=8), sc.lplr(A, key=KEY, rank=3, bits=(8, 4))
+
+
+def test_quantized_and_low_rank_check(q_and_lr):
+  q, lr = q_and_lr
+  assert q.check() is q and lr.check() is lr
+  fu = sc.dsvd(A, rank=3, bits=(32, 32))    # float factors
+  assert fu.check() is fu
+  bad = [
+      (dataclasses.replace(q, codes=q.codes[:, :1]), ValueError, r"f\.codes must have shape"),
+      (dataclasses.replace(q, codes=q.codes.astype(jnp.int32)), TypeError, "f.codes must have"),
+      (dataclasses.replace(q, scale=q.scale[:, :1]), ValueError, r"f\.scale must have shape"),
+      (dataclasses.replace(q, bits=0), ValueError, "f: bits"),
+      (dataclasses.replace(q, group_size=0), ValueError, "f.group_size"),
+      (dataclasses.replace(q, shape=(20,)), ValueError, r"f\.shape must be \(r, c\)"),
+      (dataclasses.replace(lr, v=dataclasses.replace(lr.v, shape=(3, 40))), ValueError,
+       r"f\.v\.codes must have shape"),
+      (dataclasses.replace(lr, shape=(20, 13)), ValueError, "f.v must have 13 columns"),
+      (dataclasses.replace(fu, u=fu.u[:2]), ValueError, "one batch shape and rank"),
+      (dataclasses.replace(fu, u=fu.u.astype(jnp.int32)), TypeError, "f.u must have a float"),
+      (dataclasses.replace(fu, v="x"), TypeError, "f.v must be a float array"),
+  ]
+  for g, err, match in bad:
+    with pytest.raises(err, match=match):
+      g.check()
+  with pytest.raises(ValueError, match=r"tree\.scale must have shape"):
+    sc.reconstruct(bad[2][0])

@@ -6,6 +6,7 @@ See ``README.md`` beside this module for the layout of a file.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import jax.numpy as jnp
@@ -41,6 +42,17 @@ KINDS = ("array", "compressed")
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read: corrupt, truncated, inconsistent or too new."""
+
+
+def file_path(path) -> str:
+  """``path`` as a str (a str or an ``os.PathLike``), else a TypeError naming the argument."""
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"path must be a str or os.PathLike naming a .safetensors file, got "
+                    f"{path!r} of type {type(path).__name__}")
+  path = os.fspath(path)
+  if not isinstance(path, str):
+    raise TypeError(f"path must be a str or os.PathLike of str, got {path!r}")
+  return path
 
 
 def bytes_view(a: np.ndarray) -> memoryview:

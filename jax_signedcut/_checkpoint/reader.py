@@ -37,7 +37,7 @@ class TensorFile:
   """
 
   def __init__(self, path):
-    self.path = os.fspath(path)
+    self.path = _format.file_path(path)
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"{self.path}: no such file")
     if os.path.isdir(self.path):
@@ -155,7 +155,7 @@ class Reader:
   """
 
   def __init__(self, path, *, verify: bool = True):
-    self.path = os.fspath(path)
+    self.path = _format.file_path(path)
     self.verify = verify
     self._f = TensorFile(self.path)
     self._names = set(self._f.keys())

@@ -129,7 +129,7 @@ class Writer:
   """
 
   def __init__(self, path):
-    self.path = os.fspath(path)
+    self.path = _format.file_path(path)
     d = os.path.dirname(os.path.abspath(self.path))
     if not os.path.isdir(d):
       raise FileNotFoundError(f"{self.path}: the directory {d} does not exist")

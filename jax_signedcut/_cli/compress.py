@@ -32,6 +32,17 @@ def release_memory() -> None:
     pass
 
 
+def oversized(b) -> str | None:
+  """``"rate 2"`` / ``"bits 24"`` when a budget pays for more than bf16 storage, else None."""
+  if b is None:
+    return None
+  if b.rate is not None and b.rate > 1:
+    return f"rate {b.rate:g}"
+  if b.bits_per_weight is not None and b.bits_per_weight > 16:
+    return f"bits {b.bits_per_weight:g}"
+  return None
+
+
 def _budget_dict(b) -> dict | None:
   if b is None:
     return None
@@ -75,6 +86,12 @@ def run(args) -> int:
   if default is None and not any(b is not None for _, b in rules):
     raise CliError("no budget: give --rate, --bits, --width or --max-error (or a --rule with a "
                    "budget)")
+  for what, b in [("default budget", default), *((f"rule {r!r}", b) for r, b in rules)]:
+    big = oversized(b)
+    if big:
+      print(f"jax-signedcut: warning: {what}: {big} is more than a bf16 copy of the matrices "
+            "takes (rate 1 = bits 16 = the bf16 size), so the output is larger than a bf16 "
+            "checkpoint", file=sys.stderr)
   arg_options = dict(args.option or [])
   key = jax.random.key(args.seed)
   with _sources.open_source(args.input) as src, _writer.Writer(args.output) as writer:
@@ -112,7 +129,7 @@ def run(args) -> int:
             f, used = _compress_leaf(x, key=_tree.leaf_key(key, path), job=job, args=args,
                                      method=method, options=options, path=path)
           except (ValueError, TypeError) as e:
-            raise CliError(f"leaf {path!r} of shape {_table.shape_str(shape)}: {e}") from None
+            raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
           f = jax.block_until_ready(f)
           err = _measure.estimate(a2, f)
           if err is None:

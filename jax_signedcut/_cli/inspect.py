@@ -41,6 +41,15 @@ def run(args) -> int:
           num, den = _measure.sum_squares(d), _measure.sum_squares(a)
           errs[i] = math.sqrt(num / den) if den > 0 else math.sqrt(num)
     _table.summary(r.entries, errs)
+    compressed = sum(e["kind"] == "compressed" for e in r.entries)
+    if errs is None:
+      print("rel.err: as estimated when compressing (from the greedy's bookkeeping for cuts); "
+            "give --original IN to measure it")
+    else:
+      rest = compressed - len(errs)
+      print(f"rel.err: measured against {args.original} for {len(errs)} of {compressed} "
+            "compressed leaves" + (f"; {rest} marked * are estimates from compressing (not in "
+                                   "the original)" if rest else ""))
     user = r.user_metadata
     if user:
       print("metadata: " + json.dumps(user))

@@ -131,7 +131,8 @@ used/slots, sparse entries, a low-rank part, code bits, a factorization's rank),
 bytes before (the source dtype) and after, bits per weight, and the relative
 Frobenius error: as measured when compressing (from the greedy's own
 bookkeeping for cuts), or measured against the original checkpoint with
---original.
+--original (leaves it does not hold keep their estimate, marked *). A line
+under the table says which.
 
 examples:
   jax-signedcut inspect out.safetensors

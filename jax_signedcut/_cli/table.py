@@ -47,8 +47,12 @@ def stored_as(entry) -> str:
   return text if method in (None, "signed_cut") else f"{method}: {text}"
 
 
-def row(entry, err=None):
-  """``(cells, bytes before, bytes after)`` of a leaf entry of a jax_signedcut file."""
+def row(entry, err=None, mark_estimates=False):
+  """``(cells, bytes before, bytes after)`` of a leaf entry of a jax_signedcut file.
+
+  ``err``: the measured error, else the entry's estimate is shown (with a ``*``
+  when ``mark_estimates``).
+  """
   before = entry.get("source", {}).get("nbytes")
   if entry["kind"] == "array":
     shape = entry["shape"]
@@ -62,17 +66,22 @@ def row(entry, err=None):
     bits = 8 * after / max(1, math.prod(shape))
     if err is None:
       err = entry.get("rel_error_est")
+      if err is not None and mark_estimates:
+        err = f"{err:.4f}*"
   cells = [entry["path"], shape_str(shape), stored_as(entry), fmt_bytes(before),
            fmt_bytes(after), "-" if bits is None else f"{bits:.2f}",
-           "-" if err is None else f"{err:.4f}"]
+           "-" if err is None else err if isinstance(err, str) else f"{err:.4f}"]
   return cells, before, after
 
 
 def summary(entries, errs=None, out=None):
-  """Prints the table of ``entries`` (``errs``: measured errors by entry index) and a total."""
+  """Prints the table of ``entries`` (``errs``: measured errors by entry index) and a total.
+
+  With ``errs``, the errors that are not measured (the entry's estimate) are marked ``*``.
+  """
   rows, tb, ta, known = [], 0, 0, True
   for i, e in enumerate(entries):
-    cells, b, a = row(e, None if errs is None else errs.get(i))
+    cells, b, a = row(e, None if errs is None else errs.get(i), mark_estimates=errs is not None)
     rows.append(cells)
     known = known and b is not None   # a file saved by `save` has no source sizes
     tb += b or 0

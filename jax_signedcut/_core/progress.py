@@ -11,6 +11,7 @@ to the end when the result is ready.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,9 @@ def run_with_progress(fn: Callable[[], Any], *, total_cuts: int, desc: str,
   from tqdm.auto import tqdm  # noqa: PLC0415
   start = cuts_done()
   out = fn()
-  with tqdm(total=total_cuts, desc=desc, unit="cut", leave=False, dynamic_ncols=True) as bar:
+  # disable=None: no bar when stderr is not a terminal (a log file, a pipe), as the leaf bar.
+  with tqdm(total=total_cuts, desc=desc, unit="cut", leave=False, dynamic_ncols=True,
+            file=sys.stderr, disable=None) as bar:
     while not _ready(out):
       if start is not None:
         bar.update(min(total_cuts, cuts_done() - start) - bar.n)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._methods import registry as _registry
+from jax_signedcut._core import protocol as _protocol
 from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._methods import rtn as _quantize
 from jax_signedcut._signedcut import start as _start
@@ -70,6 +71,36 @@ class LowRank(Compressed):
   def batch_shape(self) -> tuple[int, ...]:
     u = self.u
     return u.batch_shape if isinstance(u, QuantizedMatrix) else tuple(u.shape[:-2])
+
+  def check(self, name: str = "f") -> LowRank:
+    """That both factors are (..., k, m) and (..., k, n) of one batch shape and one k.
+
+    Raises:
+      TypeError / ValueError: naming ``name`` and the factor.
+    """
+    shape = _protocol.check_shape(name, self.shape)
+    if len(shape) != 2:
+      raise ValueError(f"{name}.shape must be (m, n), got {self.shape!r}")
+    want = []
+    for field, x, d in (("u", self.u, shape[0]), ("v", self.v, shape[1])):
+      if isinstance(x, QuantizedMatrix):
+        x.check(f"{name}.{field}")
+        got = (tuple(x.batch_shape), x.shape[0], x.shape[1])
+      elif hasattr(x, "shape") and hasattr(x, "dtype") and x.ndim >= 2:
+        _protocol.check_field(name, field, x, tuple(x.shape), "float")
+        got = (tuple(x.shape[:-2]), x.shape[-2], x.shape[-1])
+      else:
+        raise TypeError(f"{name}.{field} must be a float array (..., k, {d}) or a "
+                        f"QuantizedMatrix, got {getattr(x, 'shape', type(x).__name__)!r}")
+      if got[2] != d:
+        raise ValueError(f"{name}.{field} must have {d} columns for a matrix of shape "
+                         f"{shape}, got shape {got[0] + got[1:]}")
+      want.append(got[:2])
+    if want[0] != want[1]:
+      raise ValueError(f"{name}.u and {name}.v must have one batch shape and rank, got "
+                       f"{want[0][0]} + ({want[0][1]}, ...) and {want[1][0]} + "
+                       f"({want[1][1]}, ...)")
+    return self
 
   def stored_bytes(self):
     """Bytes stored per matrix by both factors (codes, scales, or float entries); static."""
@@ -159,7 +190,7 @@ def rank_for_bits(m: int, n: int, bits_per_weight: float, bits: tuple[int, int],
     k -= 1
   if k < 1:
     raise ValueError(
-        f"bits_per_weight={bits_per_weight!r} gives rank {k} for a {m}x{n} matrix with "
+        f"bits_per_weight={bits_per_weight!r} gives rank {k} for a matrix of shape {(m, n)} with "
         f"bits={bits}: {budget:g} bytes do not pay for one component "
         f"({lowrank_nbytes(m, n, 1, bits, scale)} bytes)")
   return min(k, m, n)
@@ -182,8 +213,8 @@ def check_rank(rank, m, n):
   if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
     raise TypeError(f"rank must be an int, got {rank!r} of type {type(rank).__name__}")
   if not 1 <= rank <= min(m, n):
-    raise ValueError(f"rank must be in 1..min(m, n) = 1..{min(m, n)} for a {m}x{n} matrix, "
-                     f"got {rank}")
+    raise ValueError(f"rank must be in 1..min(m, n) = 1..{min(m, n)} for a matrix of shape "
+                     f"{(m, n)}, got {rank}")
   return int(rank)
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._methods import registry as _registry
+from jax_signedcut._core import protocol as _protocol
 from jax_signedcut._core.protocol import Compressed
 from jax_signedcut._signedcut.decompose import _check_matrix
 
@@ -195,6 +196,40 @@ class QuantizedMatrix(Compressed):
   @property
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.codes.shape[:-2])
+
+  def check(self, name: str = "f") -> QuantizedMatrix:
+    """That the static fields are valid and the codes and scales fit ``shape`` and each other.
+
+    Raises:
+      TypeError / ValueError: naming ``name`` and the field.
+    """
+    shape = _protocol.check_shape(name, self.shape)
+    if len(shape) != 2:
+      raise ValueError(f"{name}.shape must be (r, c), got {self.shape!r}")
+    r, c = shape
+    try:
+      check_bits(self.bits, grid=check_grid(self.grid))
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"{name}: {e}") from None
+    gs = self.group_size
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, (int, np.integer))
+                           or gs < 1):
+      raise ValueError(f"{name}.group_size must be None or an int >= 1, got {gs!r}")
+    codes = self.codes
+    if not hasattr(codes, "shape") or codes.ndim < 2:
+      raise ValueError(f"{name}.codes must have shape (..., {r}, words), got "
+                       f"{getattr(codes, 'shape', codes)!r}")
+    batch = tuple(codes.shape[:-2])
+    _protocol.check_field(name, "codes", codes, batch + (r, code_words(c, self.bits)), "uint32")
+    groups = 1 if gs is None else -(-c // int(gs))
+    scale = self.scale
+    if not hasattr(scale, "shape") or tuple(scale.shape) not in (
+        batch + (r, groups), batch + (1, groups)) or (gs is not None and r > 1
+                                                      and scale.shape[-2] == 1):
+      raise ValueError(f"{name}.scale must have shape {batch} + ({r} or 1, {groups}), got "
+                       f"{getattr(scale, 'shape', scale)!r}")
+    _protocol.check_field(name, "scale", scale, tuple(scale.shape), "float")
+    return self
 
   def stored_bytes(self):
     """Bytes stored per matrix: the code words and the f32 scales (static)."""

@@ -41,7 +41,7 @@ def _width_for_bytes(m, n, budget_bytes, what):
   w = math.floor(budget_bytes / bytes_per_cut(m, n))
   if w < 1:
     raise ValueError(
-        f"{what} gives width {w} for a {m}x{n} matrix: the budget of "
+        f"{what} gives width {w} for a matrix of shape {(m, n)}: the budget of "
         f"{budget_bytes:g} bytes does not pay for one cut ({bytes_per_cut(m, n)} bytes)")
   return w
 
