@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import jax_signedcut as sc
-from conftest import gaussian, heavy, reseal
+from conftest import gaussian, reseal
 from jax_signedcut._checkpoint import format as _format
 
 SEED = 20261201
@@ -37,12 +37,17 @@ TRUNCATIONS = 120
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
+  # One decomposition (compiling is most of this file's time): the Sum reuses its cuts with
+  # a sparse part made by hand (3 of 5 slots used, as the outlier split leaves them).
+  cuts = sc.decompose(gaussian((20, 33), 0), key=jax.random.key(1), width=6, outliers=0)
+  sparse = sc.Sparse(idx=jnp.array([3, 40, 600, 0, 0], jnp.int32),
+                     val=jnp.array([9.5, -7.0, 12.25, 0, 0], jnp.float32),
+                     count=jnp.int32(3), shape=(20, 33))
   tree = {
-      "cuts": sc.decompose(gaussian((20, 33), 0), key=jax.random.key(1), width=6, outliers=0),
-      "sum": sc.decompose(heavy(jax.random.key(3), (24, 40)), key=jax.random.key(4), rate=0.5),
+      "cuts": cuts,
+      "sum": sc.Sum((cuts, sparse)),
       "layers": [{"q": sc.rtn(gaussian((12, 40), 2), bits=4)},
-                 {"lr": sc.lplr(gaussian((24, 16), 3), key=jax.random.key(5), rank=3,
-                                bits=(8, 4))}],
+                 {"lr": sc.dsvd(gaussian((24, 16), 3), rank=3, bits=(8, 4))}],
       "bias": jnp.arange(5.0),
   }
   assert isinstance(tree["sum"], sc.Sum) and tree["sum"].part(sc.Sparse) is not None
