@@ -137,3 +137,13 @@ def test_stale_temporaries_of_other_outputs_are_kept(tmp_path):
     (tmp_path / n).write_bytes(b"x")
   sc.save(tmp_path / "out.safetensors", {"a": np.ones(2, np.float32)})
   assert sorted(os.listdir(tmp_path)) == sorted([*keep, "out.safetensors"])
+
+
+def test_expand_to_orbax_removes_a_killed_runs_directory(tmp_path, capsys):
+  sc.save(tmp_path / "c.safetensors", {"b": np.arange(3.0, dtype=np.float32)})
+  stale = tmp_path / ".dense.99.abcdefgh.partial.tmp"
+  (stale / "ckpt").mkdir(parents=True)
+  code = main(["expand", str(tmp_path / "c.safetensors"), str(tmp_path / "dense"), "-q"])
+  assert code == 0, capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "dense"]
+  np.testing.assert_array_equal(sc.load_orbax(tmp_path / "dense")["b"], np.arange(3.0))

@@ -92,14 +92,41 @@ def _lock(path: str) -> int:
 
 
 def _remove_stale(path: str) -> None:
-  """Removes the temporary files a killed writer of OUT left (we hold OUT's lock: none is live)."""
+  """Removes the temporaries a killed writer of OUT left (we hold OUT's lock: none is live).
+
+  Files, and the directories an orbax output is assembled in.
+  """
   d, base = os.path.split(os.path.abspath(path))
   pattern = re.compile(re.escape(f".{base}.") + _TEMP)
   with contextlib.suppress(OSError):
     for name in os.listdir(d):
       if pattern.fullmatch(name):
-        with contextlib.suppress(FileNotFoundError):
-          os.unlink(os.path.join(d, name))
+        full = os.path.join(d, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+          shutil.rmtree(full, ignore_errors=True)
+        else:
+          with contextlib.suppress(FileNotFoundError):
+            os.unlink(full)
+
+
+def temp_prefix(path: str) -> str:
+  """The prefix of this process's temporaries for OUT (``mkstemp``/``mkdtemp`` add the rest)."""
+  return f".{os.path.basename(os.path.abspath(path))}.{os.getpid()}."
+
+
+@contextlib.contextmanager
+def output_lock(path):
+  """Holds OUT's lock (FileExistsError if another writer holds it) after removing stale
+  temporaries; for outputs not written by :class:`Writer` (an orbax directory)."""
+  path = _format.file_path(path)
+  fd = _lock(path)
+  try:
+    _remove_stale(path)
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(_lock_name(path))
+    os.close(fd)
 
 
 def _fsync_dir(d: str) -> None:
@@ -136,7 +163,7 @@ class Writer:
     if os.path.isdir(self.path):
       raise IsADirectoryError(f"{self.path}: is a directory; name the output file")
     self._dir = d
-    self._prefix = f".{os.path.basename(os.path.abspath(self.path))}.{os.getpid()}."
+    self._prefix = temp_prefix(self.path)
     self._lock_fd = _lock(self.path)
     try:
       _remove_stale(self.path)

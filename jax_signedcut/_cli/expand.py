@@ -66,13 +66,15 @@ def run(args) -> int:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):
           raise CliError(f"{args.output}: the directory {parent} does not exist")
-        tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-        try:
-          _orbax.save_orbax(os.path.join(tmp, "ckpt"), tree)
-          with _interrupts.commit(args.output):
-            os.replace(os.path.join(tmp, "ckpt"), args.output)
-        finally:
-          shutil.rmtree(tmp, ignore_errors=True)
+        with _writer.output_lock(args.output):
+          tmp = tempfile.mkdtemp(prefix=_writer.temp_prefix(args.output),
+                                 suffix=".partial.tmp", dir=parent)
+          try:
+            _orbax.save_orbax(os.path.join(tmp, "ckpt"), tree)
+            with _interrupts.commit(args.output):
+              os.replace(os.path.join(tmp, "ckpt"), args.output)
+          finally:
+            shutil.rmtree(tmp, ignore_errors=True)
       else:
         with _writer.Writer(args.output) as w:
           for e, leaf in leaves():
