@@ -49,6 +49,11 @@ CHILD = textwrap.dedent("""
       print("jit", kind.name, same(got, want), "all-gather" not in hlo, leading(got))
     inside = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
     print("shard_map", kind.name, same(inside(xs), want))
+    # eagerly, one key per matrix (sharded like the stack), on the explicit mesh
+    keys = jax.random.split(key, 4)
+    eager = sc.decompose(xs, key=keys, width=12, lowrank=2)
+    print("eager", kind.name, same(eager, sc.decompose(x, key=keys, width=12, lowrank=2)),
+          leading(eager))
     print("done")
 """)
 
@@ -62,7 +67,7 @@ def test_sharded_stack_on_four_host_devices():
   lines = out.stdout.split("\n")
   assert lines[-2:] == ["done", ""], out.stdout
   checks = lines[:-2]
-  assert len(checks) == 3, checks          # jit (2 axis types), shard_map
+  assert len(checks) == 4, checks          # jit (2 axis types), shard_map, eager
   for line in checks:
     flags = line.split()[2:]
     assert flags and flags == ["True"] * len(flags), line

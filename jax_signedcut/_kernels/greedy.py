@@ -103,7 +103,6 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
     raise ValueError(
         f"words must have shape (w, {nw}) or ({count}, w, {nw}) for a of shape {a.shape}, "
         f"got {words.shape}")
-  w = words.shape[1]
   # The kernel relies on clear tail bits (the _packing layout).
   mask = np.full((nw,), 0xFFFFFFFF, np.uint32)
   mask[-1] = _packing.tail_mask(n)

@@ -214,17 +214,16 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
 
 
 def _explicit_batch_sharding(a):
-  """``(mesh, batch spec)`` when ``a``'s type says its batch dims are sharded over explicit
-  mesh axes (``jax.sharding.AxisType.Explicit``), else None."""
+  """``(mesh, batch spec, whether a matrix axis is sharded)`` when ``a``'s type says it is
+  sharded over explicit mesh axes (``jax.sharding.AxisType.Explicit``), else None."""
   sharding = getattr(jax.typeof(a), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty or a.ndim < 3:
+  if mesh is None or mesh.empty:
     return None
   spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
-  batch = spec[:-2]
-  if all(p is None for p in batch):
+  if all(p is None for p in spec):
     return None
-  return mesh, batch, spec[-2:] != (None, None)
+  return mesh, spec[:-2], spec[-2:] != (None, None)
 
 
 def _per_shard(run, a, key):
@@ -232,8 +231,9 @@ def _per_shard(run, a, key):
 
   Matrices are independent, so a stack (layers × m × n) sharded on a leading
   axis is decomposed shard by shard inside ``jax.shard_map``: no gather, and
-  the factors come back sharded the same way. (With ``AxisType.Auto`` meshes the
-  compiler partitions the computation itself: see ``_kernels/greedy.py``.)
+  the factors come back sharded the same way. A sharded matrix axis is gathered
+  first (a matrix is decomposed whole). (With ``AxisType.Auto`` meshes the
+  compiler partitions the computation itself: see ``_core/sharding.py``.)
   """
   found = _explicit_batch_sharding(a)
   if found is None:
@@ -241,11 +241,15 @@ def _per_shard(run, a, key):
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
   mesh, batch, matrix_sharded = found
+  if not isinstance(a, jax.core.Tracer):
+    mesh = a.sharding.mesh      # called eagerly: the concrete mesh
   if matrix_sharded:      # each matrix whole on its device
-    a = jax.sharding.reshard(a, P(*batch, None, None))
+    a = jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P(*batch, None, None)))
+  if all(p is None for p in batch):
+    return run(a, key)
   key_spec = P(*batch) if key.shape == a.shape[:-2] else P()
   if key_spec != P():
-    key = jax.sharding.reshard(key, key_spec)
+    key = jax.sharding.reshard(key, jax.sharding.NamedSharding(mesh, key_spec))
   return jax.shard_map(run, mesh=mesh, in_specs=(P(*batch, None, None), key_spec),
                        out_specs=P(*batch))(a, key)
 
