@@ -148,6 +148,11 @@ def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypa
   with pytest.raises(sc.CheckpointError, match="incomplete sharded output"):
     sc.load(again)
   first = list(calls)
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  (plain / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+  with pytest.raises(sc.CheckpointError, match="not a jax_signedcut index .* input for"):
+    sc.load(plain)
   # A damaged part file is recompressed, not trusted.
   part = os.path.join(again, _dist.PARTS, "00001", f"{first[0]:06d}.safetensors")
   data = bytearray(pathlib.Path(part).read_bytes())

@@ -83,6 +83,10 @@ class ShardedReader:
     try:
       with open(index, encoding="utf-8") as f:
         body = json.load(f)
+      if not isinstance(body, dict) or _format.FORMAT not in body:
+        raise _format.CheckpointError(
+            f"{index}: not a jax_signedcut index (no {_format.FORMAT!r} entry); a plain "
+            "sharded safetensors checkpoint is an input for `jax-signedcut compress`")
       own = body[_format.FORMAT]
       shards, order = list(own["shards"]), list(own["leaves"])
     except (OSError, ValueError, KeyError, TypeError) as e:
