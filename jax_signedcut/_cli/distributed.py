@@ -308,6 +308,11 @@ def _init_cluster(coord, n, pid) -> None:
                    f"num_processes={n}, process_id={pid}) failed: {e}") from None
 
 
+def _done_leaves(outdir, n, fingerprint) -> int:
+  """The leaves every process's journal records as done (for the progress bar)."""
+  return sum(len(read_journal(journal_path(outdir, p, n), fingerprint)[0]) for p in range(n))
+
+
 def _wait_for_shards(outdir, n, fingerprint, quiet) -> None:
   """Blocks until every process's journal records its finished shard."""
   deadline = time.monotonic() + WAIT_S
@@ -396,7 +401,9 @@ def _run(args, outdir, n, pid) -> int:
           path = src.entries[i][1]
           part = journal.part_ok(path)
           if part is None:
-            bar.set_postfix_str(path)
+            if not args.quiet:
+              bar.set_postfix_str(f"{path} (all processes: "
+                                  f"{_done_leaves(outdir, n, fingerprint)}/{len(owner)} leaves)")
             tensors, entry = _encode(src, i, jobs.get(path), args, key, arg_options)
             part = os.path.join(own, f"{i:06d}.safetensors")
             with _writer.Writer(part) as w:
