@@ -39,8 +39,6 @@ def _wrapped(fn, in_ranks):
   from jax.sharding import NamedSharding  # noqa: PLC0415
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
-  out_ranks = []
-
   @custom_partitioning
   def split(*args):
     return tuple(fn(*args))
@@ -76,7 +74,6 @@ def _wrapped(fn, in_ranks):
         *args)
     return out, (True,) * len(out)
 
-  del out_ranks
   return call
 
 
