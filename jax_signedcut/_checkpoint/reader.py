@@ -328,7 +328,8 @@ def load(path, *, truncate_rate: float | None = None, truncate_bits: float | Non
   ``Sparse`` part).
 
   Args:
-    path: the safetensors file.
+    path: the safetensors file, or the directory of a sharded checkpoint
+      (``jax-signedcut compress --distributed``: shard files and an index).
     truncate_rate: keep of every leaf with signed cuts (a ``SignedCut`` or a
       ``Sum`` holding one) only the cuts this rate pays for after its other
       parts (``truncate(f, rate=...)``): greedy cuts are prefix-consistent, so
@@ -350,7 +351,9 @@ def load(path, *, truncate_rate: float | None = None, truncate_bits: float | Non
       version, a file that is not a jax_signedcut checkpoint (all naming the
       file), or a bad truncation budget.
   """
-  with Reader(path, verify=verify) as r:
+  from jax_signedcut._checkpoint import sharded as _sharded  # noqa: PLC0415  (a directory of shards)
+
+  with _sharded.open_reader(path, verify=verify) as r:
     tree = r.tree()
   return truncate_tree(tree, truncate_rate, truncate_bits)
 
@@ -361,5 +364,7 @@ def load_info(path) -> dict:
   Leaf entries of older format versions are given in the current form;
   ``"version"`` is the file's own format version.
   """
-  with Reader(path, verify=False) as r:
+  from jax_signedcut._checkpoint import sharded as _sharded  # noqa: PLC0415  (a directory of shards)
+
+  with _sharded.open_reader(path, verify=False) as r:
     return r.info

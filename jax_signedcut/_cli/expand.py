@@ -30,6 +30,7 @@ def run(args) -> int:
   from jax_signedcut._checkpoint import expand as _expand  # noqa: PLC0415
   from jax_signedcut._checkpoint import orbax as _orbax  # noqa: PLC0415
   from jax_signedcut._checkpoint import reader as _reader  # noqa: PLC0415
+  from jax_signedcut._checkpoint import sharded as _sharded  # noqa: PLC0415
   from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
   from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
   from jax_signedcut._core.protocol import is_compressed  # noqa: PLC0415
@@ -41,7 +42,7 @@ def run(args) -> int:
                    ".safetensors file)")
   trunc = {k: v for k, v in (("rate", args.truncate_rate), ("bits_per_weight", args.truncate_bits))
            if v is not None}
-  with _reader.Reader(args.input) as r:
+  with _sharded.open_reader(args.input) as r:
     bar = progress(len(r.entries), "expand", args.quiet)
 
     def leaves():

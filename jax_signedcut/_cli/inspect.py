@@ -15,11 +15,11 @@ from jax_signedcut._cli.args import CliError
 
 def run(args) -> int:
   from jax_signedcut._checkpoint import expand as _expand  # noqa: PLC0415
-  from jax_signedcut._checkpoint import reader as _reader  # noqa: PLC0415
+  from jax_signedcut._checkpoint import sharded as _sharded  # noqa: PLC0415
   from jax_signedcut._cli import sources as _sources  # noqa: PLC0415
 
   errs = None
-  with _reader.Reader(args.file, verify=args.original is not None) as r:
+  with _sharded.open_reader(args.file, verify=args.original is not None) as r:
     if args.original is not None:
       errs = {}
       with _sources.open_source(args.original) as src:

@@ -11,7 +11,7 @@ import argparse
 import signal
 import sys
 
-from jax_signedcut._cli import compress as _compress
+from jax_signedcut._cli import distributed as _distributed
 from jax_signedcut._cli import expand as _expand
 from jax_signedcut._cli import inspect as _inspect
 from jax_signedcut._cli import interrupts as _interrupts
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=EPILOG_COMPRESS, formatter_class=argparse.RawDescriptionHelpFormatter)
   c.add_argument("input", metavar="IN", help=".safetensors file, directory of shards, or orbax "
                  "checkpoint directory")
-  c.add_argument("output", metavar="OUT", help="output .safetensors file")
+  c.add_argument("output", metavar="OUT", help="output .safetensors file (a directory with "
+                 "--distributed)")
   g = c.add_mutually_exclusive_group()
   g.add_argument("--rate", type=positive("rate"), metavar="R",
                  help="default budget: fraction of the bf16 size (0.5 = half)")
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
   c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                  help="show tracebacks on errors")
-  c.set_defaults(func=_compress.run)
+  _distributed.add_arguments(c)
+  c.set_defaults(func=_distributed.run_compress)
 
   e = sub.add_parser("expand", help="a dense checkpoint from a compressed one",
                      description="Expand a compressed checkpoint back to dense matrices.",

@@ -12,6 +12,7 @@ Threads: ``JAX_SIGNEDCUT_THREADS=N`` (or ``num_threads``) sets the count; see
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._kernels import extension as _extension
+from jax_signedcut._core import sharding as _sharding
+from jax_signedcut._signedcut import oracle as _oracle
 from jax_signedcut._signedcut import packing as _packing
 
 TARGET = "signedcut_greedy"
@@ -100,12 +103,29 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
     raise ValueError(
         f"words must have shape (w, {nw}) or ({count}, w, {nw}) for a of shape {a.shape}, "
         f"got {words.shape}")
-  w = words.shape[1]
   # The kernel relies on clear tail bits (the _packing layout).
   mask = np.full((nw,), 0xFFFFFFFF, np.uint32)
   mask[-1] = _packing.tail_mask(n)
   words = words & jnp.asarray(mask)[None, None, :]
 
+  # Partitioned over the batch axis when it is sharded (see _core/sharding.py); the start
+  # words shared by all matrices are broadcast so that both operands split alike.
+  if words.shape[0] != count:
+    words = jnp.broadcast_to(words, (count,) + words.shape[1:])
+  return _sharding.per_matrix(_plain(target, float(max_error or 0.0), IMPLS[impl],
+                                     int(num_threads)), a, words)
+
+
+@functools.cache
+def _plain(target, max_error, impl, num_threads):
+  return functools.partial(_ffi, target=target, max_error=max_error, impl=impl,
+                           num_threads=num_threads)
+
+
+def _ffi(a, words, target, max_error, impl, num_threads):
+  """The plain FFI call on whatever arrays it is given (one device's shard, or all)."""
+  count, m, _ = a.shape
+  _, w, nw = words.shape
   out = (
       jax.ShapeDtypeStruct((count, w, _packing.num_words(m)), jnp.uint32),
       jax.ShapeDtypeStruct((count, w, nw), jnp.uint32),
@@ -115,5 +135,8 @@ def greedy(a, words, *, max_error: float | None = None, impl: str = "auto",
   # "expand_dims": under vmap the kernel gets the whole batch in one call,
   # unbatched operands with size-1 dims that it broadcasts itself.
   call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
-  return call(a, words, max_error=np.float64(max_error or 0.0), impl=np.int32(IMPLS[impl]),
-              num_threads=np.int32(num_threads))
+  res = call(a, words, max_error=np.float64(max_error), impl=np.int32(impl),
+             num_threads=np.int32(num_threads))
+  # Inside shard_map the results vary with the shard like the inputs (the FFI
+  # call's declared result types do not say so).
+  return _oracle.vary_like(res, a, words)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._core import checks as _checks
+from jax_signedcut._core import sharding as _sharding
 from jax_signedcut._signedcut import budget as _budget
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut import factors as _factors
@@ -207,8 +208,50 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     return _pick_rank(lambda r: _decompose(jnp.asarray(a), key, width=w, max_error=max_error,
                                            backend=backend, outliers=mode, budget=budget,
                                            lowrank=r), a, m, n, budget)
-  return _decompose(jnp.asarray(a), key, width=w, max_error=max_error, backend=backend,
-                    outliers=mode, budget=budget, lowrank=lowrank)
+  run = functools.partial(_decompose, width=w, max_error=max_error, backend=backend,
+                          outliers=mode, budget=budget, lowrank=lowrank)
+  return _per_shard(run, jnp.asarray(a), key)
+
+
+def _explicit_batch_sharding(a):
+  """``(mesh, batch spec, whether a matrix axis is sharded)`` when ``a``'s type says it is
+  sharded over explicit mesh axes (``jax.sharding.AxisType.Explicit``), else None."""
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+  if all(p is None for p in spec):
+    return None
+  return mesh, spec[:-2], spec[-2:] != (None, None)
+
+
+def _per_shard(run, a, key):
+  """``run(a, key)``, on each device's own matrices when the batch is sharded explicitly.
+
+  Matrices are independent, so a stack (layers × m × n) sharded on a leading
+  axis is decomposed shard by shard inside ``jax.shard_map``: no gather, and
+  the factors come back sharded the same way. A sharded matrix axis is gathered
+  first (a matrix is decomposed whole). (With ``AxisType.Auto`` meshes the
+  compiler partitions the computation itself: see ``_core/sharding.py``.)
+  """
+  found = _explicit_batch_sharding(a)
+  if found is None:
+    return run(a, key)
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  mesh, batch, matrix_sharded = found
+  if not isinstance(a, jax.core.Tracer):
+    mesh = a.sharding.mesh      # called eagerly: the concrete mesh
+  if matrix_sharded:      # each matrix whole on its device
+    a = jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P(*batch, None, None)))
+  if all(p is None for p in batch):
+    return run(a, key)
+  key_spec = P(*batch) if key.shape == a.shape[:-2] else P()
+  if key_spec != P():
+    key = jax.sharding.reshard(key, jax.sharding.NamedSharding(mesh, key_spec))
+  return jax.shard_map(run, mesh=mesh, in_specs=(P(*batch, None, None), key_spec),
+                       out_specs=P(*batch))(a, key)
 
 
 def _compress_other(a, *, key, width, rate, bits_per_weight, max_error, outliers, lowrank,
@@ -374,12 +417,17 @@ def _decompose(a, key, *, width, max_error, backend, outliers=0, budget=None, lo
   k_max = _outliers.max_count(outliers, m, n)
   sparse = None
   if k_max:
-    a, *sparse = jax.vmap(
-        functools.partial(_outliers.extract, mode=outliers, k_max=k_max))(a)
+    a, *sparse = _sharding.per_matrix(_vmapped(_outliers.extract, mode=outliers, k_max=k_max), a)
   stats = _full_stats(a_full, with_norm=bool(k_max or lowrank) and max_error is not None)
   a, lowpart = _split_lowrank(a, lowrank)
   return _cuts(a, key, sparse, stats, batch=batch, width=width, max_error=max_error,
                backend=backend, budget=budget, lowpart=lowpart)
+
+
+@functools.cache
+def _vmapped(fn, **kw):
+  """``jax.vmap(partial(fn, **kw))``, one object per configuration (for ``per_matrix``)."""
+  return jax.vmap(functools.partial(fn, **kw))
 
 
 def _scale_down(a, rescale=None):
@@ -412,7 +460,7 @@ def _split_lowrank(a, lowrank, rescale=None):
   if not lowrank:
     return a, None
   scaled, k = _scale_down(a, rescale)
-  rem, lr_u, lr_v = jax.vmap(functools.partial(_lowrank.extract, r=lowrank))(scaled)
+  rem, lr_u, lr_v = _sharding.per_matrix(_vmapped(_lowrank.extract, r=lowrank), scaled)
   rem = jax.lax.cond(jnp.any(k != 0), lambda x: _scaling.ldexp(x, k[:, None, None]),
                      lambda x: x, rem)
   lr_u = _scale_up(lr_u.astype(jnp.float32), k - k // 2).astype(lr_u.dtype)

@@ -35,6 +35,34 @@ MAX_ROUNDS = 1000
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _varying_axes(*xs) -> tuple:
+  """The manual mesh axes (inside ``jax.shard_map``) that any of ``xs`` varies over."""
+  axes = set()
+  for x in xs:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)     # jax >= 0.9
+    axes |= set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+  return tuple(sorted(axes))
+
+
+def vary_like(tree, *refs):
+  """``tree`` with every leaf marked as varying over the manual axes ``refs`` vary over.
+
+  A ``while_loop`` inside ``jax.shard_map`` needs its initial carry typed like the
+  body's output; constants (zeros, -inf) are invariant while the body's values
+  vary with the input shard. Outside ``shard_map`` this is the identity.
+  """
+  axes = _varying_axes(*refs)
+  if not axes:
+    return tree
+
+  def one(x):
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(one, tree)
+
+
 def _sgn(x):
   return jnp.where(x < 0, -1.0, 1.0).astype(jnp.float32)
 
@@ -66,8 +94,8 @@ def one_cut(r: jax.Array, t0: jax.Array):
     return rounds + 1, gamma, s, t, u, ~take_t
 
   u0 = jnp.matmul(r, t0, precision=_HI)
-  init = (jnp.int32(0), jnp.float32(-jnp.inf), jnp.ones((m,), jnp.float32), t0, u0,
-          jnp.bool_(False))
+  init = vary_like((jnp.int32(0), jnp.float32(-jnp.inf), jnp.ones((m,), jnp.float32), t0, u0,
+                    jnp.bool_(False)), r, t0)
   _, gamma, s, t, _, _ = jax.lax.while_loop(cond, body, init)
   return s, t, gamma
 
@@ -111,9 +139,9 @@ def greedy(a: jax.Array, words: jax.Array, max_error: float | None = None):
     c = c.at[j].set(cj)
     return j + 1, r, r2, s_bits, t_bits, c
 
-  init = (jnp.int32(0), a, a2,
-          jnp.zeros((w, _packing.num_words(m)), jnp.uint32),
-          jnp.zeros((w, _packing.num_words(n)), jnp.uint32),
-          jnp.zeros((w,), jnp.float32))
+  init = vary_like((jnp.int32(0), a, a2,
+                    jnp.zeros((w, _packing.num_words(m)), jnp.uint32),
+                    jnp.zeros((w, _packing.num_words(n)), jnp.uint32),
+                    jnp.zeros((w,), jnp.float32)), a, words)
   j, _, _, s_bits, t_bits, c = jax.lax.while_loop(cond, body, init)
   return s_bits, t_bits, c, j

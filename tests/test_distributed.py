@@ -1,0 +1,225 @@
+"""``jax-signedcut compress --distributed``: assignment, sharded output, journal and resume.
+
+The in-process tests run one process (``--num-processes 1``); the last test
+starts 2 processes on localhost (``jax.distributed``), kills a second run of
+them midway and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import jax
+import jax_signedcut as sc
+from jax_signedcut._checkpoint import reader as _reader
+from jax_signedcut._checkpoint import sharded as _sharded
+from jax_signedcut._cli import distributed as _dist
+from jax_signedcut._cli.args import CliError
+from jax_signedcut._cli.main import main
+
+ARGS = ["--width", "8", "-q"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  """A small multi-leaf checkpoint (distinct shapes, a stack, a bias) and its single-process
+  compression."""
+  d = tmp_path_factory.mktemp("ckpt")
+  rng = np.random.default_rng(0)
+  t = {f"layer{i}.w": rng.standard_normal((32 + 8 * i, 24)).astype(np.float32) for i in range(4)}
+  t["stack"] = rng.standard_normal((3, 24, 40)).astype(np.float32)
+  t["heavy"] = rng.standard_t(2, (40, 32)).astype(np.float32)
+  t["bias"] = rng.standard_normal(24).astype(np.float32)
+  src = str(d / "in.safetensors")
+  save_file(t, src)
+  ref = str(d / "ref.safetensors")
+  assert main(["compress", src, ref, *ARGS]) == 0
+  return src, ref
+
+
+def _tensors(path):
+  """{tensor name: bytes} and the leaf entries of a file or a sharded directory."""
+  with _sharded.open_reader(path) as r:
+    readers = r._readers if isinstance(r, _sharded.ShardedReader) else [r]  # noqa: SLF001
+    out = {}
+    for rr in readers:
+      out.update({n: rr.tensor(n).tobytes() for n in rr._f.keys()})  # noqa: SLF001
+    return out, r.entries
+
+
+def assert_same_as(ref, outdir):
+  t1, e1 = _tensors(ref)
+  t2, e2 = _tensors(outdir)
+  assert e1 == e2
+  assert t1 == t2
+  a, b = sc.load(ref), sc.load(outdir)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_assign_balances_by_cost_deterministically():
+  assert _dist.assign([5, 1, 4, 4], 2) == [0, 0, 1, 1]
+  costs = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+  owner = _dist.assign(costs, 3)
+  loads = [sum(c for c, o in zip(costs, owner) if o == p) for p in range(3)]
+  assert max(loads) - min(loads) <= 1 and sum(loads) == sum(costs)
+  assert _dist.assign(costs, 3) == owner
+  assert _dist.assign([3], 4) == [0]
+
+
+def test_cluster_flags_and_environment(monkeypatch):
+  class A:
+    coordinator = None
+    num_processes = None
+    process_id = None
+
+  for var in (v for vs in _dist.ENV.values() for v in vs):
+    monkeypatch.delenv(var, raising=False)
+  assert _dist.cluster(A()) == (None, 1, 0)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host:1234")
+  monkeypatch.setenv("JAX_SIGNEDCUT_NUM_PROCESSES", "3")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  assert _dist.cluster(A()) == ("host:1234", 3, 2)
+  a = A()
+  a.process_id = 3
+  with pytest.raises(CliError, match=r"--process-id must be in 0..2 for 3 processes, got 3"):
+    _dist.cluster(a)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "nohost")
+  with pytest.raises(CliError, match="JAX_COORDINATOR_ADDRESS must be HOST:PORT, got 'nohost'"):
+    _dist.cluster(A())
+
+
+def test_flags_need_distributed(ckpt, tmp_path, capsys):
+  src, _ = ckpt
+  assert main(["compress", src, str(tmp_path / "o.safetensors"), "--num-processes", "2",
+               *ARGS]) == 1
+  assert "--num-processes needs --distributed" in capsys.readouterr().err
+  f = tmp_path / "file"
+  f.write_text("x")
+  assert main(["compress", src, str(f), "--distributed", *ARGS]) == 1
+  assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypatch, capsys):
+  src, ref = ckpt
+  out = str(tmp_path / "out")
+  assert main(["compress", src, out, "--distributed", *ARGS]) == 0
+  assert_same_as(ref, out)
+  assert sorted(os.listdir(out)) == [".journal-00001-of-00001.jsonl",
+                                     "model-00001-of-00001.safetensors", _sharded.INDEX]
+  index = json.loads(pathlib.Path(out, _sharded.INDEX).read_text())
+  assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+  assert sc.load_info(out)["user"]["seed"] == 0
+  # inspect and expand read the directory
+  assert main(["inspect", out]) == 0
+  assert "heavy" in capsys.readouterr().out
+  assert main(["expand", out, str(tmp_path / "d.safetensors"), "-q"]) == 0
+  assert main(["expand", ref, str(tmp_path / "r.safetensors"), "-q"]) == 0
+  d, r = _reader.TensorFile(tmp_path / "d.safetensors"), _reader.TensorFile(tmp_path / "r.safetensors")
+  assert d.keys() == r.keys() and all(np.array_equal(d.get(k), r.get(k)) for k in d.keys())
+  d.close()
+  r.close()
+
+  # Interrupted after 3 leaves, then resumed: only the rest is compressed, same bytes.
+  again = str(tmp_path / "again")
+  real, calls = _dist._encode, []  # noqa: SLF001
+
+  def stop_after_three(src, i, *a):
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    calls.append(i)
+    return real(src, i, *a)
+
+  monkeypatch.setattr(_dist, "_encode", stop_after_three)
+  assert main(["compress", src, again, "--distributed", *ARGS]) == 130
+  assert not os.path.exists(os.path.join(again, _sharded.INDEX))
+  with pytest.raises(sc.CheckpointError, match="incomplete sharded output"):
+    sc.load(again)
+  first = list(calls)
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  (plain / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+  with pytest.raises(sc.CheckpointError, match="not a jax_signedcut index .* input for"):
+    sc.load(plain)
+  # A damaged part file is recompressed, not trusted.
+  part = os.path.join(again, _dist.PARTS, "00001", f"{first[0]:06d}.safetensors")
+  data = bytearray(pathlib.Path(part).read_bytes())
+  data[-1] ^= 0xFF
+  pathlib.Path(part).write_bytes(bytes(data))
+  calls.clear()
+  monkeypatch.setattr(_dist, "_encode", lambda src, i, *a: calls.append(i) or real(src, i, *a))
+  assert main(["compress", src, again, "--distributed", *ARGS]) == 0
+  assert sorted(calls) == sorted([first[0], *(i for i in range(7) if i not in first)])
+  for name in ("model-00001-of-00001.safetensors", _sharded.INDEX):
+    assert pathlib.Path(out, name).read_bytes() == pathlib.Path(again, name).read_bytes()
+  assert not os.path.exists(os.path.join(again, _dist.PARTS))
+  # Run again: the shard is complete, nothing is compressed.
+  calls.clear()
+  assert main(["compress", src, again, "--distributed", *ARGS]) == 0
+  assert calls == []
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_pair(src, out):
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return [subprocess.Popen(
+      [sys.executable, "-m", "jax_signedcut._cli", "compress", src, out, *ARGS,
+       "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+       "--process-id", str(p)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+      for p in range(2)]
+
+
+def _wait(procs, timeout=120):
+  for p in procs:
+    _, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err.decode()[-2000:]
+
+
+def test_two_processes_match_one_and_resume_after_kill(ckpt, tmp_path):
+  src, ref = ckpt
+  out = str(tmp_path / "two")
+  _wait(_start_pair(src, out))
+  assert_same_as(ref, out)
+  shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
+  assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+  # Killed once the first leaf is journaled (before any shard is complete), then resumed.
+  killed = str(tmp_path / "killed")
+  procs = _start_pair(src, killed)
+  deadline = time.monotonic() + 120
+  journals = [_dist.journal_path(killed, p, 2) for p in range(2)]
+
+  def lines():
+    return [ln for j in journals if os.path.exists(j) for ln in pathlib.Path(j).read_text().splitlines()]
+
+  while not any('"leaf"' in ln for ln in lines()):
+    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      raise AssertionError([p.communicate()[1].decode()[-1000:] for p in procs])
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+  assert not any('"shard"' in ln for ln in lines())     # it really was cut short
+  _wait(_start_pair(src, killed))
+  for name in [*shards, _sharded.INDEX]:
+    assert pathlib.Path(out, name).read_bytes() == pathlib.Path(killed, name).read_bytes(), name
