@@ -165,3 +165,77 @@ def test_errors(call, match):
     call()
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: jax-signedcut compress --calibration STATS.
+
+
+@pytest.fixture(scope="module")
+def torch_model(tmp_path_factory):
+  """A two-weight torch-layout checkpoint and a statistics file for one of its weights."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  d = tmp_path_factory.mktemp("calib_cli")
+  w, h = _problem()
+  rng = np.random.default_rng(5)
+  tensors = {"l1.weight": np.asarray(w).T.copy(),            # (out, in) = (48, 32)
+             "l2.weight": rng.standard_normal((40, 33)).astype(np.float32)}
+  save_file(tensors, str(d / "in.safetensors"))
+  cal = sc.Calibration(hessians={"l1.weight": np.asarray(h)}, tokens=300, layout="torch")
+  sc.save_calibration(d / "stats.safetensors", cal)
+  return d, tensors, cal
+
+
+def _cli(capsys, *argv):
+  from jax_signedcut._cli.main import main  # noqa: PLC0415
+  code = main([str(a) for a in argv])
+  return code, *capsys.readouterr()
+
+
+def test_cli_calibration_gives_the_library_factors(torch_model, tmp_path, capsys):
+  from conftest import assert_same_factors  # noqa: PLC0415
+
+  d, tensors, cal = torch_model
+  out = tmp_path / "o.safetensors"
+  code, _, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                      "--calibration", d / "stats.safetensors", "--option", "fallback=false",
+                      "--option", "sparse_fraction=0.01", "-q")
+  assert code == 0, err
+  got = sc.load(out)
+  want = sc.decompose({k: jnp.asarray(v) for k, v in tensors.items()}, key=jax.random.key(0),
+                      bits_per_weight=4, calibration=sc.load_calibration(d / "stats.safetensors"),
+                      options=OPTS)
+  assert isinstance(got["l1.weight"], sc.Transposed)
+  for name in tensors:
+    assert_same_factors(want[name], got[name])
+  assert sc.load_info(out)["user"]["calibration"] == "stats.safetensors"
+  # GPTQ by rule on the calibrated weight; the other weight has no statistics: plain cuts.
+  code, _, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                      "--calibration", d / "stats.safetensors", "--rule",
+                      r"l1=bits=5.5,method=gptq", "-q")
+  assert code == 0, err
+  assert_same_factors(sc.load(out)["l1.weight"],
+                      sc.Transposed(gptq.gptq(jnp.asarray(tensors["l1.weight"]).T,
+                                              cal.hessians["l1.weight"], bits=4)))
+
+
+def test_cli_calibration_errors(torch_model, tmp_path, capsys):
+  d, _, cal = torch_model
+  src, out = d / "in.safetensors", tmp_path / "o.safetensors"
+  stray = tmp_path / "stray.safetensors"
+  sc.save_calibration(stray, sc.Calibration({"l3.weight": cal.hessians["l1.weight"]}, 5,
+                                            layout="torch"))
+  flax = tmp_path / "flax.safetensors"
+  sc.save_calibration(flax, cal, layout="flax")
+  for argv, match in (
+      (("--method", "gptq", "--bits", "4"), "--method gptq needs input statistics"),
+      (("--bits", "4", "--option", "fallback=false"), "--option is for the other methods"),
+      (("--bits", "4", "--calibration", stray), "no leaf of the tree: ['l3.weight']"),
+      (("--bits", "4", "--calibration", flax), "(48, 32) (in, out) has 48 inputs"),
+      (("--bits", "4", "--calibration", tmp_path / "none.safetensors"), "does not exist"),
+      (("--method", "rtn", "--bits", "4", "--calibration", d / "stats.safetensors"),
+       "method 'rtn' cannot use calibration statistics")):
+    code, _, err = _cli(capsys, "compress", src, out, *argv, "-q")
+    assert code != 0 and match in err, (argv, err)
+    assert not out.exists()
