@@ -117,6 +117,28 @@ def test_linen_statistics_match_the_variables_by_path():
                      key=_tree.leaf_key(KEY, "params/gate/kernel")))
 
 
+def test_nnx_statistics_match_the_state_by_path():
+  from flax import nnx  # noqa: PLC0415
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.up = nnx.Linear(32, 48, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.up(x)
+
+  net = Net()
+  _, h = _problem()
+  x = jnp.asarray(np.linalg.cholesky(np.asarray(h, np.float64) * 300).T, jnp.float32)  # XᵀX = 300 H
+  cal = sc.calibrate(net, [(x,)])
+  np.testing.assert_allclose(cal.hessians["up/kernel"], 300 * h / 32, rtol=1e-3, atol=1e-3)
+  state = nnx.state(net, nnx.Param)
+  out = sc.decompose(state, key=KEY, bits_per_weight=4, calibration=cal, options=OPTS)
+  want = sc.decompose(state["up"]["kernel"][...], bits_per_weight=4, options=OPTS,
+                      key=_tree.leaf_key(KEY, "up/kernel"), calibration=cal.hessians["up/kernel"])
+  _same(out["up"]["kernel"].get_value(), want)
+
+
 def test_torch_layout_statistics_compress_the_transposed_leaf():
   w, h = _problem()
   cal = sc.Calibration(hessians={"l.weight": h}, tokens=300, layout="torch")
