@@ -16,6 +16,16 @@ passages: is the nearest passage the same as with the original model).
     python examples/compress_minilm.py                # rate 1/2 -> minilm_signedcut.safetensors
     python examples/compress_minilm.py --bits 2 --out /tmp/minilm_2bit.safetensors
 
+With ``--calibrate`` the Linear kernels are compressed for their outputs:
+input statistics H = XᵀX/N of every kernel from the calibration texts
+(``jax_signedcut.models.calibration_texts.CALIBRATION``, disjoint from the
+evaluation texts), then ``decompose(..., calibration=stats)`` (input scales,
+H-aware cuts, a sparse part by output impact for the FFN and attention-output
+kernels, least-squares refit; plain cuts kept where they do better under H; see
+docs/calibration.md). The embedding tables have no statistics and get plain cuts.
+
+    python examples/compress_minilm.py --bits 4 --calibrate
+
 Nothing is downloaded. ``main(argv)`` returns the report as a dict (the test
 suite runs a one-layer version).
 """
@@ -59,6 +69,24 @@ def _retrieval(model, tok):
   return np.argmax(q @ d.T, axis=1)
 
 
+#: Sparse share of the calibrated kernels by kind (chosen on layers 0–2 by output error on
+#: the calibration and development statistics, never the evaluation texts; see
+#: examples/calibrate_minilm.py).
+SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002),
+                  (r"/intermediate/kernel$", 0.002))
+
+
+def calibration_rules(rate, bits):
+  """Per-kind rules giving the calibrated kernels their sparse share (the budget unchanged)."""
+  return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
+                              options={"sparse_fraction": f}))
+          for pattern, f in SPARSE_BY_KIND]
+
+
+def _inner(f):
+  return f.inner if isinstance(f, sc.InputScaled) else f
+
+
 def _kind(path):
   return re.sub(r"layers/\d+/", "layers/*/", path)
 
@@ -77,6 +105,8 @@ def main(argv=None) -> dict:
   p.add_argument("--skip", action="append", default=[],
                  help="regex of parameter paths kept dense (repeatable)")
   p.add_argument("--quiet", action="store_true", help="no progress bars, no per-matrix table")
+  p.add_argument("--calibrate", action="store_true",
+                 help="compress the Linear kernels for their outputs on the calibration texts")
   args = p.parse_args(argv)
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
   outliers = args.outliers if args.outliers == "auto" else float(args.outliers)
@@ -88,12 +118,23 @@ def main(argv=None) -> dict:
   tok = bert.load_tokenizer(model_dir)
   params = nnx.state(model, nnx.Param)
 
+  # 0. (--calibrate) Input statistics of every Linear kernel on the calibration texts.
+  calibration, rules, t_calibrate = None, None, 0.0
+  if args.calibrate:
+    from jax_signedcut.models.calibration_texts import CALIBRATION  # noqa: PLC0415
+    t0 = time.perf_counter()
+    calibration = bert.calibrate_texts(model, tok, CALIBRATION)
+    t_calibrate = time.perf_counter() - t0
+    rules = calibration_rules(rate, args.bits)
+    say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
+        f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
+
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
   t0 = time.perf_counter()
   factors = sc.decompose_leafwise(params, key=jax.random.key(args.seed), rate=rate,
                                   bits_per_weight=args.bits, outliers=outliers,
                                   backend=args.backend, skip=tuple(args.skip),
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, rules=rules, calibration=calibration)
   t_decompose = time.perf_counter() - t0
 
   # 2. Errors and bytes.
@@ -102,9 +143,11 @@ def main(argv=None) -> dict:
   for path, f in flat_f.items():
     if sc.is_compressed(f):
       a = flat_p[path]
-      sparse = f.part(sc.Sparse) if isinstance(f, sc.Sum) else None
-      cuts = f if isinstance(f, sc.SignedCut) else f.part(sc.SignedCut)
+      g = _inner(f)
+      sparse = g.part(sc.Sparse) if isinstance(g, sc.Sum) else None
+      cuts = g if isinstance(g, sc.SignedCut) else g.part(sc.SignedCut)
       rows.append(dict(path=path, shape=tuple(a.shape), cuts=int(cuts.num_cuts),
+                       calibrated=isinstance(f, sc.InputScaled),
                        outliers=0 if sparse is None else int(sparse.count),
                        error=float(sc.relative_error(a, f)), bytes=sc.nbytes(f)))
   bytes_f32 = sum(np.prod(r["shape"]) * 4 for r in rows)
@@ -115,6 +158,8 @@ def main(argv=None) -> dict:
 
   # 3. The checkpoint: write, then read back into a model with SignedCutDense layers.
   budget_text = f"rate {rate:g}" if rate is not None else f"{args.bits:g} bits/weight"
+  if args.calibrate:
+    budget_text += ", calibrated"
   sc.save(args.out, factors, metadata={"model": "all-MiniLM-L6-v2", "budget": budget_text,
                                        "outliers": str(outliers), "seed": args.seed})
   size = os.path.getsize(args.out)
@@ -142,7 +187,9 @@ def main(argv=None) -> dict:
       top1_agreement=float(np.mean(top_orig == top_comp)),
       top1_correct_original=float(np.mean(top_orig == np.array(ANSWERS))),
       top1_correct_compressed=float(np.mean(top_comp == np.array(ANSWERS))),
-      seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total)
+      seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total,
+      seconds_calibrate=t_calibrate,
+      calibrated_kernels=sum(r["calibrated"] for r in rows))
 
   say(f"\nall-MiniLM-L6-v2{'' if args.layers is None else f' (first {args.layers} layers)'}: "
       f"signed cuts at {budget_text}, outliers={outliers}, backend={args.backend}")
@@ -171,7 +218,12 @@ def main(argv=None) -> dict:
         f"{int(round(report['top1_agreement'] * len(QUERIES)))}/{len(QUERIES)}; right passage: "
         f"original {int(round(report['top1_correct_original'] * len(QUERIES)))}, compressed "
         f"{int(round(report['top1_correct_compressed'] * len(QUERIES)))}")
-  print(f"time: decompose {t_decompose:.1f} s, evaluation {t_eval:.1f} s, total {total:.1f} s")
+  if args.calibrate:
+    print(f"calibrated kernels: {report['calibrated_kernels']} of {len(rows)} matrices (the "
+          "others kept plain cuts, which had the lower output error under H, or have no "
+          "statistics)")
+  print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}decompose "
+        f"{t_decompose:.1f} s, evaluation {t_eval:.1f} s, total {total:.1f} s")
   return report
 
 

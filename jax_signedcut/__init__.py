@@ -56,6 +56,11 @@ from jax_signedcut._signedcut.tensor import decompose_tensor as decompose_tensor
 from jax_signedcut._signedcut.tensor import reconstruct_tensor as reconstruct_tensor
 from jax_signedcut._signedcut.tensor import tensor_bytes_per_cut as tensor_bytes_per_cut
 from jax_signedcut._core.tree import Budget as Budget
+from jax_signedcut._calibration.stats import Calibration as Calibration
+from jax_signedcut._calibration.stats import calibrate as calibrate
+from jax_signedcut._calibration.stats import calibrate_linen as calibrate_linen
+from jax_signedcut._calibration.stats import load_calibration as load_calibration
+from jax_signedcut._calibration.stats import save_calibration as save_calibration
 
 __version__ = "0.1.0"
 
@@ -117,4 +122,10 @@ __all__ = [
     "decompose_tensor",
     "reconstruct_tensor",
     "tensor_bytes_per_cut",
+    # Calibration: input statistics for decompose(..., calibration=...).
+    "Calibration",
+    "calibrate",
+    "calibrate_linen",
+    "load_calibration",
+    "save_calibration",
 ]

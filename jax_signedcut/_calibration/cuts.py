@@ -46,14 +46,18 @@ class CutOptions:
     alpha: input-scale exponent, ``d = diag(H)^(alpha/2)``; 0 disables it.
     shrink: λ in [0, 1], weight of ``diag(H)`` in the search metric.
     damp: δ >= 0, ridge on the search metric relative to mean(diag H).
-    max_flips: single sign flips per s-step of the search.
+    max_flips: single sign flips per s-step of the search. Flips are cheap
+      (O(in) each) next to a round (a product with H and two with the remainder):
+      on MiniLM's 1536×384 FFN output kernel 16 flips left 60 % of the cuts
+      stopping at ``max_rounds`` (17 rounds per cut on average), 256 flips took 4
+      rounds per cut, a third of the CPU time, and lowered the output error more.
     max_rounds: alternations per cut.
   """
 
   alpha: float = 0.5
   shrink: float = 0.6
   damp: float = 0.01
-  max_flips: int = 16
+  max_flips: int = 256
   max_rounds: int = 20
 
   def __post_init__(self):

@@ -143,3 +143,38 @@ def gptq(w: jax.Array, h: jax.Array, *, bits: int, group_size: int | None = None
                          scale=jnp.asarray(scales, jnp.float32), shape=(out, fan_in), bits=bits,
                          grid=grid, group_size=group_size)
   return Transposed(inner=q)
+
+
+def _compress(a, *, key, bits_per_weight, calibration=None, group_size=None, grid="int",
+              damp=0.01):
+  """The ``"gptq"`` method: the widest code whose stored bits per weight fit the budget.
+
+  ``a`` is the Flax-layout (in, out) kernel and ``calibration`` its input second
+  moment (in, in); the codes are GPTQ's on the torch layout (out, in).
+  """
+  del key   # deterministic
+  from jax_signedcut._methods import rtn as _rtn  # noqa: PLC0415
+
+  if calibration is None:
+    raise ValueError("method 'gptq' needs calibration statistics: "
+                     "decompose(..., method='gptq', calibration=H)")
+  if a.ndim != 2:
+    raise ValueError(f"method 'gptq' compresses one (in, out) kernel, got shape {a.shape}")
+  fan_in, out = a.shape
+  lo = 2 if grid == "int" else 1
+  fits = [b for b in range(lo, 9)
+          if _rtn.rtn_bits_per_weight(out, fan_in, b, group_size) <= bits_per_weight]
+  if not fits:
+    raise ValueError(
+        f"bits_per_weight={bits_per_weight:g} pays for no {grid}-grid GPTQ code on shape "
+        f"{(fan_in, out)}: {lo} bits with their f32 scales take "
+        f"{_rtn.rtn_bits_per_weight(out, fan_in, lo, group_size):.4g} bits per weight")
+  return gptq(a, calibration, bits=max(fits), group_size=group_size, grid=grid, damp=damp)
+
+
+from jax_signedcut._methods import registry as _registry  # noqa: E402
+
+_registry.register(_registry.Method(
+    "gptq", _compress, {"group_size": None, "grid": "int", "damp": 0.01},
+    "GPTQ int-b on the calibration statistics (per output channel or per group): b is the "
+    "widest that fits with its f32 scales; needs --calibration", calibration="required"))

@@ -48,33 +48,26 @@ def relative_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.A
 
 
 def _flip_search(s, hs, a, h, diag_h, max_flips):
-  """Single sign flips of s while (sᵀa)² / (sᵀHs) rises (at most max_flips)."""
+  """Single sign flips of s while (sᵀa)² / (sᵀHs) rises (at most max_flips).
+
+  ``h`` is exactly symmetric, so flipping s_i changes Hs by row i (contiguous).
+  """
 
   def ratio(p, q):
     return p * p / jnp.maximum(q, 1e-30)
 
-  def candidates(s, hs):
-    p = jnp.dot(s, a)
-    q = jnp.dot(s, hs)
-    p_new = p - 2 * s * a
-    q_new = q - 4 * s * hs + 4 * diag_h
-    return ratio(p, q), ratio(p_new, q_new)
-
   def cond(st):
-    s, hs, k, go = st
-    return go & (k < max_flips)
+    return st[3] & (st[2] < max_flips)
 
   def body(st):
     s, hs, k, _ = st
-    cur, new = candidates(s, hs)
+    p = jnp.dot(s, a)
+    q = jnp.dot(s, hs)
+    new = ratio(p - 2 * s * a, q - 4 * s * hs + 4 * diag_h)
     i = jnp.argmax(new)
-    better = new[i] > cur * (1 + 1e-6)
-    si = s[i]
-    s2 = s.at[i].set(-si)
-    hs2 = hs - 2 * si * h[:, i]
-    s = jnp.where(better, s2, s)
-    hs = jnp.where(better, hs2, hs)
-    return s, hs, k + 1, better
+    better = new[i] > ratio(p, q) * (1 + 1e-6)
+    si = jnp.where(better, s[i], 0.0)     # 0: no flip (s and hs unchanged)
+    return s.at[i].add(-2 * si), hs - 2 * si * h[i], k + 1, better
 
   s, hs, _, _ = jax.lax.while_loop(cond, body, (s, hs, jnp.int32(0), jnp.bool_(True)))
   return s, hs
@@ -84,43 +77,51 @@ def _sgn(x):
   return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds"))
-def _hcut(w, h, key, *, width, max_flips, max_rounds):
+@functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds", "keep_q"))
+def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
+  # Memory traffic is the cost (one matrix-vector product reads a whole matrix):
+  # per round this reads H once (Hs for both sign starts in one product), P twice
+  # and H⁻¹P once. With fewer outputs than inputs (n < m) Q = H⁻¹P (m, n) is kept
+  # up to date per cut (Q ← Q − c (H⁻¹Hs) tᵀ), so a round reads Q t instead of H⁻¹ (P t).
   m, n = w.shape
   h = h.astype(jnp.float32)
+  h = (h + h.T) / 2                       # rows = columns exactly (the flips read rows)
   diag_h = jnp.diagonal(h)
   # The continuous maximiser of (sᵀa)²/(sᵀHs) is s ∝ H⁻¹a: its signs are a second start.
   h_inv = jnp.linalg.inv(h + 1e-6 * jnp.mean(diag_h) * jnp.eye(m, dtype=h.dtype))
   p0 = jnp.matmul(h, w.astype(jnp.float32), precision=_HI)
+  keep_q = n < m if keep_q is None else keep_q
+  q0 = jnp.matmul(h_inv, p0, precision=_HI) if keep_q else jnp.zeros((0, n), jnp.float32)
+
+  def ratio(num, den):
+    return num * num / jnp.maximum(den, 1e-30)
 
   def one_cut(j, carry):
-    p, s_all, t_all, c_all, g_all = carry
+    p, q_mat, s_all, t_all, c_all, g_all = carry
     t = jax.random.rademacher(jax.random.fold_in(key, j), (n,), jnp.float32)
 
     def s_step(t, s_prev, hs_prev):
       a = jnp.matmul(p, t, precision=_HI)
       s0 = _sgn(a)
-      hs0 = jnp.matmul(h, s0, precision=_HI)
-      r0 = jnp.dot(s0, a) ** 2 / jnp.maximum(jnp.dot(s0, hs0), 1e-30)
-      s1 = _sgn(jnp.matmul(h_inv, a, precision=_HI))
-      hs1 = jnp.matmul(h, s1, precision=_HI)
-      r1 = jnp.dot(s1, a) ** 2 / jnp.maximum(jnp.dot(s1, hs1), 1e-30)
+      s1 = _sgn(jnp.matmul(q_mat, t, precision=_HI) if keep_q
+                else jnp.matmul(h_inv, a, precision=_HI))
+      hs01 = jnp.matmul(h, jnp.stack([s0, s1], axis=1), precision=_HI)   # one read of H
+      hs0, hs1 = hs01[:, 0], hs01[:, 1]
+      r0 = ratio(jnp.dot(s0, a), jnp.dot(s0, hs0))
+      r1 = ratio(jnp.dot(s1, a), jnp.dot(s1, hs1))
       use1 = r1 > r0
       s0, hs0, r0 = jnp.where(use1, s1, s0), jnp.where(use1, hs1, hs0), jnp.maximum(r0, r1)
-      rp = jnp.dot(s_prev, a) ** 2 / jnp.maximum(jnp.dot(s_prev, hs_prev), 1e-30)
-      use_prev = rp > r0
+      use_prev = ratio(jnp.dot(s_prev, a), jnp.dot(s_prev, hs_prev)) > r0
       s = jnp.where(use_prev, s_prev, s0)
       hs = jnp.where(use_prev, hs_prev, hs0)
       return _flip_search(s, hs, a, h, diag_h, max_flips)
 
-    def value(s, hs, t):
-      return jnp.dot(s, jnp.matmul(p, t, precision=_HI)) ** 2 / jnp.maximum(jnp.dot(s, hs), 1e-30)
-
     def round_(st):
       s, hs, t, val, k, _ = st
       s, hs = s_step(t, s, hs)
-      t = _sgn(jnp.matmul(p.T, s, precision=_HI))
-      new = value(s, hs, t)
+      u = jnp.matmul(p.T, s, precision=_HI)
+      t = _sgn(u)
+      new = ratio(jnp.sum(jnp.abs(u)), jnp.dot(s, hs))    # sᵀ P sgn(Pᵀs) = ‖Pᵀs‖₁
       return s, hs, t, jnp.maximum(new, val), k + 1, new > val * (1 + 1e-7)
 
     def cond(st):
@@ -134,13 +135,15 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds):
     num = jnp.dot(s, jnp.matmul(p, t, precision=_HI))
     c = jnp.where(q > 0, num / (n * jnp.where(q > 0, q, 1)), 0.0)
     p = p - c * jnp.outer(hs, t)
+    if keep_q:
+      q_mat = q_mat - c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
     gain = c * num
-    return (p, s_all.at[j].set(s), t_all.at[j].set(t), c_all.at[j].set(c),
+    return (p, q_mat, s_all.at[j].set(s), t_all.at[j].set(t), c_all.at[j].set(c),
             g_all.at[j].set(gain))
 
-  init = (p0, jnp.zeros((width, m), jnp.float32), jnp.zeros((width, n), jnp.float32),
+  init = (p0, q0, jnp.zeros((width, m), jnp.float32), jnp.zeros((width, n), jnp.float32),
           jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32))
-  _, s_all, t_all, c_all, g_all = jax.lax.fori_loop(0, width, one_cut, init)
+  _, _, s_all, t_all, c_all, g_all = jax.lax.fori_loop(0, width, one_cut, init)
   return s_all, t_all, c_all, g_all
 
 

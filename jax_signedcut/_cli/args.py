@@ -193,10 +193,19 @@ def check_method_args(args) -> None:
   from jax_signedcut._methods import registry  # noqa: PLC0415
 
   options = dict(args.option or [])
+  calibrated = bool(getattr(args, "calibration", None))
+  if args.method != registry.SIGNED_CUT and registry.get(args.method).calibration == "required" \
+      and not calibrated:
+    raise CliError(f"--method {args.method} needs input statistics: give --calibration FILE")
   if args.method == registry.SIGNED_CUT:
-    if options:
-      raise CliError(f"--option is for the other methods (--method rtn, lplr, …); signed cuts "
-                     f"take their own flags, got {sorted(options)}")
+    if options and not calibrated:
+      raise CliError(f"--option is for the other methods (--method rtn, lplr, …), or for signed "
+                     f"cuts with --calibration; signed cuts take their own flags, got "
+                     f"{sorted(options)}")
+    try:
+      registry.check_options(args.method, options)
+    except ValueError as e:
+      raise CliError(str(e)) from None
     return
   try:
     registry.check_options(args.method, options)

@@ -52,10 +52,21 @@ def _budget_dict(b) -> dict | None:
   return d
 
 
-def _compress_leaf(x, *, key, job, args, method, options, path):
+def _compress_leaf(x, *, key, job, args, method, options, path, stats=None):
   """One leaf's compressed value (the signed cut path keeps its lean leaf-by-leaf variant)."""
   from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
 
+  # --- calibration (issue 14): a leaf with statistics in --calibration ---------------------
+  if stats is not None:
+    from jax_signedcut._calibration import api as _cal_api  # noqa: PLC0415
+    h, layout = stats
+    outliers = args.outliers if job.outliers is None else job.outliers
+    f = _cal_api.compress_one(
+        x, h, key=key, width=job.width, rate=job.rate, bits_per_weight=job.bits_per_weight,
+        max_error=job.max_error, outliers=outliers, lowrank=job.lowrank or args.lowrank,
+        method=method, options=options or None, layout=layout)
+    return f, {"calibrated": True}
+  # --- end calibration ----------------------------------------------------------------------
   if method == "signed_cut":
     outliers = args.outliers if job.outliers is None else job.outliers
     lowrank = args.lowrank if job.lowrank is None else job.lowrank
@@ -69,6 +80,18 @@ def _compress_leaf(x, *, key, job, args, method, options, path):
   f = _decompose.decompose(x, key=key, rate=job.rate, bits_per_weight=job.bits_per_weight,
                            method=method, options=options or None)
   return f, {}
+
+
+def _load_calibration(args, paths) -> dict:
+  """``--calibration FILE`` matched to the checkpoint's leaves: ``{path: (h, layout)}``."""
+  if not args.calibration:
+    return {}
+  from jax_signedcut._calibration import api as _cal_api  # noqa: PLC0415
+  from jax_signedcut._calibration import stats as _stats  # noqa: PLC0415
+  try:
+    return _cal_api.match(_stats.load_calibration(args.calibration), paths).by_path
+  except ValueError as e:
+    raise CliError(f"--calibration {args.calibration}: {e}") from None
 
 
 def run(args) -> int:
@@ -108,6 +131,7 @@ def run(args) -> int:
     for w in caught:
       print(f"jax-signedcut: warning: {w.message}", file=sys.stderr)
     jobs = dict(zip(plan.paths, plan.jobs))
+    calibration = _load_calibration(args, plan.paths)   # issue 14: {path: (h, layout)}
     entries = []
     bar = progress(len(src.entries), "compress", args.quiet)
     try:
@@ -127,7 +151,8 @@ def run(args) -> int:
               else arg_options
           try:
             f, used = _compress_leaf(x, key=_tree.leaf_key(key, path), job=job, args=args,
-                                     method=method, options=options, path=path)
+                                     method=method, options=options, path=path,
+                                     stats=calibration.get(path))
           except (ValueError, TypeError) as e:
             raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
           f = jax.block_until_ready(f)
@@ -159,6 +184,8 @@ def run(args) -> int:
       user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
     if args.lowrank:
       user["lowrank"] = args.lowrank
+    if args.calibration:
+      user["calibration"] = os.path.basename(args.calibration)
     writer.finish(_format.header_metadata(entries, writer.crc32, user),
                   commit=lambda: _interrupts.commit(args.output))
   if not args.quiet:

@@ -258,7 +258,7 @@ def _encode(src, i, job, args, key, arg_options):
         x, key=_tree.leaf_key(key, path), job=job, args=args, method=method, options=options,
         path=path)
   except (ValueError, TypeError) as e:
-    raise CliError(f"leaf {path!r} of shape {_table.shape_str(shape)}: {e}") from None
+    raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
   f = jax.block_until_ready(f)
   err = _measure.estimate(a2, f)
   if err is None:
@@ -335,6 +335,9 @@ def _wait_for_shards(outdir, n, fingerprint, quiet) -> None:
 def run(args) -> int:
   coord, n, pid = cluster(args)
   outdir = args.output
+  if getattr(args, "calibration", None):
+    raise CliError("--calibration is not supported with --distributed yet; compress with "
+                   "calibration statistics in one process")
   if os.path.exists(outdir) and not os.path.isdir(outdir):
     raise CliError(f"{outdir}: exists and is not a directory; with --distributed OUT is the "
                    "directory of the shards")

@@ -72,6 +72,7 @@ methods:
     lplr         LPLR: randomized low-rank factors with quantized entries
     dsvd         truncated SVD factors, quantized
     lp_lowrank   robust l_p low-rank factors (float32)
+    gptq         GPTQ int-b codes with f32 scales, calibrated (needs --calibration)
   Bits per weight is the common currency: --bits B is what a matrix may store
   in all, scales and padding included (rtn at --bits 4 keeps 3-bit codes when
   4-bit codes and their row scales would exceed 4; --rate R is --bits 16R).
@@ -80,6 +81,19 @@ methods:
   for rtn, --option bits=4:4 for lplr/dsvd, --option p=1.5 for lp_lowrank.
   A rule may switch the method of the leaves it matches:
     'mlp=bits=4,method=rtn,option.group_size=64'
+
+calibration:
+  --calibration STATS names, per weight of IN, the second moment H = X^T X / N
+  of the inputs that layer sees (a safetensors file with metadata format
+  'jax_signedcut.calibration', layout torch (weights (out, in), Hugging Face)
+  or flax ((in, out)); docs/calibration.md). Those weights are compressed to
+  minimise the error on their outputs: signed cuts with input scales, H-aware
+  cuts and a least-squares refit (plain cuts kept where they do better;
+  --option sparse_fraction=0.005 adds a sparse part chosen by output impact,
+  --option fallback=false drops the plain alternative), or --method gptq.
+  Weights the file does not name are compressed as without it.
+    jax-signedcut compress model.safetensors out.safetensors --bits 4 \\
+        --calibration model.calib.safetensors
 
 what is compressed:
   Float leaves with ndim >= 2 whose last two dims are both >= --min-dim
@@ -181,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="signed_cut (default), rtn, lplr, dsvd or lp_lowrank (see below)")
   c.add_argument("--option", action="append", type=option_arg, metavar="KEY=VALUE",
                  help="an option of --method (repeatable; see below)")
+  c.add_argument("--calibration", metavar="STATS",
+                 help="input statistics (a jax_signedcut.calibration safetensors file): the "
+                 "leaves they name are compressed for their outputs (see below)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
                  help="compress only matrices with both dims >= N (default 16)")
   c.add_argument("--backend", default="auto", choices=("auto", "jnp", "ffi"),

@@ -258,10 +258,20 @@ def _check_finite(leaf, path):
 
 def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, skip,
                    min_dim, decompose_one, progress: bool = False, outliers="auto",
-                   lowrank: int = 0, method_default: str = "signed_cut", options_default=None):
-  """Decomposes the leaves of ``tree`` selected by the rules (see module doc)."""
+                   lowrank: int = 0, method_default: str = "signed_cut", options_default=None,
+                   calibration=None):
+  """Decomposes the leaves of ``tree`` selected by the rules (see module doc).
+
+  ``calibration``: statistics matched to leaves by path (see
+  :mod:`jax_signedcut._calibration.api`); selected leaves with statistics are
+  compressed calibrated (eagerly, one at a time), the others as without.
+  """
   p, leaves = plan(tree, rules=rules, skip=skip, min_dim=min_dim, default=default,
                    method_default=method_default)
+  stats = {}
+  if calibration is not None:
+    from jax_signedcut._calibration import api as _cal_api  # noqa: PLC0415
+    stats = _cal_api.match(calibration, p.paths).by_path
   for path, job, leaf in zip(p.paths, p.jobs, leaves):
     if job is not None:
       _check_finite(leaf, path)
@@ -287,14 +297,36 @@ def decompose_tree(tree, *, key, default: Budget | None, backend: str, rules, sk
     method = method_default if b.method is None else b.method
     other = method != "signed_cut"
     rank = 0 if other else lowrank if b.lowrank is None else b.lowrank
+    opts = options_default if b.method is None and b.options is None else b.options
+    if p.paths[i] in stats:
+      from jax_signedcut._calibration import api as _cal_api  # noqa: PLC0415
+      h, layout = stats[p.paths[i]]
+      try:
+        f = _cal_api.compress_one(
+            leaves[i], h, key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
+            bits_per_weight=b.bits_per_weight, max_error=b.max_error,
+            outliers=outliers if b.outliers is None else b.outliers,
+            lowrank=rank, method=method, options=opts, path=p.paths[i], layout=layout)
+      except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(f"leaf {p.paths[i]!r}") else
+                         f"leaf {p.paths[i]!r} of shape {tuple(leaves[i].shape)}: {msg}") from None
+      out[i] = f
+      if bar is not None:
+        bar.update(1)
+      continue
+    if opts and method == "signed_cut":
+      if calibration is None:
+        raise ValueError(f"leaf {p.paths[i]!r}: signed cuts take options only with "
+                         f"calibration statistics (calibration=...), got options={dict(opts)!r}")
+      opts = None   # calibration options; this leaf has no statistics: plain cuts
     try:
       f = decompose_one(leaves[i], key=leaf_key(key, p.paths[i]), width=b.width, rate=b.rate,
                         bits_per_weight=b.bits_per_weight, max_error=b.max_error,
                         outliers="auto" if other else
                         outliers if b.outliers is None else b.outliers,
-                        backend=backend, lowrank=rank, method=method,
-                        options=options_default if b.method is None and b.options is None
-                        else b.options, **extra)
+                        backend=backend, lowrank=rank, method=method, options=opts,
+                        **extra)
     except ValueError as e:
       if not rank and not other:
         raise

@@ -18,7 +18,9 @@ from typing import Any, Callable, NamedTuple
 SIGNED_CUT = "signed_cut"
 #: Modules that register the other methods (imported on first look-up).
 _MODULES = ("jax_signedcut._methods.rtn", "jax_signedcut._methods.lplr",
-            "jax_signedcut._methods.lp_lowrank")
+            "jax_signedcut._methods.lp_lowrank", "jax_signedcut._calibration.gptq")
+#: ``Method.calibration``: whether a method takes input statistics (``decompose(calibration=)``).
+CALIBRATION_USES = ("none", "optional", "required")
 
 
 class Method(NamedTuple):
@@ -32,12 +34,17 @@ class Method(NamedTuple):
       budget pays for nothing of this method on this shape.
     options: the option names ``compress`` accepts, with their defaults.
     doc: one line for listings (``jax-signedcut compress --help``).
+    calibration: ``"none"`` (the method cannot use input statistics: giving
+      them is an error), ``"optional"`` or ``"required"``; a method that takes
+      them gets ``compress(..., calibration=h)`` with ``h`` the (m, m) input
+      second moment of the Flax-layout (in, out) = (m, n) matrix.
   """
 
   name: str
   compress: Callable[..., Any]
   options: dict
   doc: str
+  calibration: str = "none"
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -45,6 +52,8 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
   """Adds ``method`` to the registry (one call per method module, at import)."""
+  if method.calibration not in CALIBRATION_USES:
+    raise ValueError(f"calibration must be one of {CALIBRATION_USES}, got {method.calibration!r}")
   if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
     raise ValueError(f"a method named {method.name!r} is already registered")
   _REGISTRY[method.name] = method
@@ -74,6 +83,12 @@ def get(name: str) -> Method:
   return _REGISTRY[name]
 
 
+def calibrated_names() -> tuple[str, ...]:
+  """The registered methods that take calibration statistics (signed cuts take them too)."""
+  _load()
+  return tuple(sorted(k for k, m in _REGISTRY.items() if m.calibration != "none"))
+
+
 def check_options(name: str, options) -> tuple[tuple[str, Any], ...]:
   """``options`` (a dict, pairs or None) as sorted hashable pairs, checked against the method.
 
@@ -83,7 +98,10 @@ def check_options(name: str, options) -> tuple[tuple[str, Any], ...]:
   if options is None:
     return ()
   items = dict(options).items() if not isinstance(options, dict) else options.items()
-  allowed = {} if name == SIGNED_CUT else get(name).options
+  if name == SIGNED_CUT:   # only with calibration (checked where the statistics are known)
+    from jax_signedcut._calibration.api import SIGNED_CUT_OPTIONS as allowed  # noqa: PLC0415
+  else:
+    allowed = get(name).options
   unknown = sorted(k for k, _ in items if k not in allowed)
   if unknown:
     raise ValueError(f"method {name!r} takes the options {sorted(allowed)}, got unknown "

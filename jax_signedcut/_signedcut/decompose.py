@@ -84,7 +84,7 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
               bits_per_weight: float | None = None, max_error: float | None = None,
               outliers="auto", backend: str = "auto", rules=None, skip=(),
               min_dim: int = _tree.MIN_DIM, lowrank: int | str = 0,
-              method: str = "signed_cut", options=None):
+              method: str = "signed_cut", options=None, calibration=None):
   """Greedy signed cut decomposition ``A ≈ S·diag(c)·Tᵀ`` of a matrix, a batch or a pytree.
 
   With ``method`` another compression method spends the same budget instead
@@ -145,7 +145,21 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
       max_error, lowrank or (non-default) outliers; their result's ``nbytes``
       stays within the budget.
     options: the method's own options as a dict (e.g. ``{"group_size": 64}``
-      for ``"rtn"``, ``{"bits": (4, 4)}`` for ``"lplr"``).
+      for ``"rtn"``, ``{"bits": (4, 4)}`` for ``"lplr"``). Signed cuts take
+      options only with ``calibration`` (``sparse_fraction``, ``fallback``, …;
+      see ``jax_signedcut._calibration.api.SIGNED_CUT_OPTIONS``).
+    calibration: input statistics, to minimise the error on the layer's outputs
+      ``tr(EᵀHE)`` instead of ‖E‖_F (docs/calibration.md). For one matrix
+      ``a`` (in, out) (Flax layout, ``y = x a``): its (in, in) second moment
+      ``H = XᵀX / N``. For a pytree: a ``Calibration`` (``sc.calibrate``,
+      ``sc.load_calibration``) or a mapping / pytree of such matrices keyed by
+      leaf path; selected leaves with statistics are compressed calibrated, the
+      others as without. Signed cuts then use input scales, H-aware cuts and a
+      least-squares refit (keeping the plain cuts where those have the lower
+      output error, unless ``options={"fallback": False}``); ``method="gptq"``
+      needs statistics; the other methods cannot use them. Calibrated
+      compression takes a rate or bits_per_weight budget and runs eagerly
+      (not under ``jax.jit``).
 
   A bare array (``jax.Array``, ``np.ndarray``, nested lists of numbers) is one
   matrix or a batch of matrices. Anything else (dict, list, tuple, Flax
@@ -193,10 +207,20 @@ def decompose(a, *, key, width: int | None = None, rate: float | None = None,
     return _decompose_pytree(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                              max_error=max_error, outliers=outliers, backend=backend,
                              rules=rules, skip=skip, min_dim=min_dim, progress=False,
-                             leafwise=False, lowrank=lowrank, method=method, options=options)
+                             leafwise=False, lowrank=lowrank, method=method, options=options,
+                             calibration=calibration)
   if rules is not None or (skip != () and skip):
     raise ValueError("rules and skip apply to pytrees of parameters; a bare array is one "
                      f"matrix (or a batch), got rules={rules!r}, skip={skip!r}")
+  if calibration is not None:
+    from jax_signedcut._calibration import api as _cal_api  # noqa: PLC0415
+    if not isinstance(method, str) or (method != _registry.SIGNED_CUT
+                                       and method not in _registry.names()):
+      _registry.get(method)   # the unknown-method error
+    return _cal_api.compress_one(a, calibration, key=key, width=width, rate=rate,
+                                 bits_per_weight=bits_per_weight, max_error=max_error,
+                                 outliers=outliers, lowrank=lowrank, method=method,
+                                 options=options)
   if method != _registry.SIGNED_CUT or options is not None:
     return _compress_other(a, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                            max_error=max_error, outliers=outliers, lowrank=lowrank,
@@ -263,7 +287,7 @@ def _compress_other(a, *, key, width, rate, bits_per_weight, max_error, outliers
       f"method {method!r}")
   if method == _registry.SIGNED_CUT:
     raise ValueError("options are for the other methods; signed cuts take decompose's own "
-                     f"arguments, got options={options!r}")
+                     f"arguments (and options only with calibration=), got options={options!r}")
   given = [(k, v) for k, v in (("rate", rate), ("bits_per_weight", bits_per_weight))
            if v is not None]
   if len(given) != 1:
@@ -340,7 +364,7 @@ def _check_lowrank(lowrank, m, n, budget):
 
 def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, outliers, backend,
                       rules, skip, min_dim, progress, leafwise, lowrank=0,
-                      method="signed_cut", options=None):
+                      method="signed_cut", options=None, calibration=None):
   _outliers.check_mode(outliers)
   _lowrank.check_rank(lowrank)
   if backend not in BACKENDS:
@@ -354,13 +378,13 @@ def _decompose_pytree(tree, *, key, width, rate, bits_per_weight, max_error, out
     default = _tree._check_budget(  # noqa: SLF001
         _tree.Budget(width, rate, bits_per_weight, max_error,
                      method=None if method == _registry.SIGNED_CUT else method,
-                     options=options),
+                     options=None if method == _registry.SIGNED_CUT else options),
         "default budget (decompose's width/rate/bits_per_weight/max_error/method)")
   return _tree.decompose_tree(tree, key=key, default=default, backend=backend, rules=rules,
                               skip=skip, min_dim=min_dim,
                               decompose_one=_decompose_leaf if leafwise else decompose,
                               progress=progress, outliers=outliers, lowrank=lowrank,
-                              method_default=method,
+                              method_default=method, calibration=calibration,
                               options_default=_tree._check_method(  # noqa: SLF001
                                   _tree.Budget(bits_per_weight=1, method=method,
                                                options=options), "options").options)
@@ -370,7 +394,8 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
                        bits_per_weight: float | None = None, max_error: float | None = None,
                        outliers="auto", backend: str = "auto", rules=None, skip=(),
                        min_dim: int = _tree.MIN_DIM, progress: bool = True,
-                       lowrank: int | str = 0, method: str = "signed_cut", options=None):
+                       lowrank: int | str = 0, method: str = "signed_cut", options=None,
+                       calibration=None):
   """``decompose`` of a pytree one leaf at a time, with a progress bar.
 
   Not for use under ``jax.jit``: each selected leaf is decomposed by its own
@@ -383,7 +408,7 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   Args:
     tree: a pytree of arrays (see :func:`decompose`).
     key, width, rate, bits_per_weight, max_error, outliers, backend, rules,
-      skip, min_dim, lowrank: as for :func:`decompose`.
+      skip, min_dim, lowrank, method, options, calibration: as for :func:`decompose`.
     progress: show a tqdm bar (if tqdm is installed).
 
   Returns:
@@ -403,7 +428,8 @@ def decompose_leafwise(tree, *, key, width: int | None = None, rate: float | Non
   return _decompose_pytree(tree, key=key, width=width, rate=rate, bits_per_weight=bits_per_weight,
                            max_error=max_error, outliers=outliers, backend=backend, rules=rules,
                            skip=skip, min_dim=min_dim, progress=progress, leafwise=True,
-                           lowrank=lowrank, method=method, options=options)
+                           lowrank=lowrank, method=method, options=options,
+                           calibration=calibration)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "max_error", "backend", "outliers", "budget",
