@@ -58,7 +58,7 @@ def heavy(shape, seed):
 
 @given(m=st.integers(2, 90), n=st.integers(2, 90), bits=st.sampled_from([2, 4, 8]),
        seed=st.integers(0, 1000))
-@settings(derandomize=True, deadline=None, max_examples=25)
+@settings(derandomize=True, deadline=None, max_examples=12)
 def test_budget_is_exact(m, n, bits, seed):
   a = heavy((m, n), seed)
   budget = bits * m * n / 8

@@ -96,7 +96,7 @@ def test_donate_overwrites_only_when_asked():
 @given(shape=st.sampled_from([(1, 1), (31, 17), (64, 40)]),
        seed=st.integers(0, 10**6), levels=st.sampled_from([0, 2, 5]),
        mode=st.sampled_from(["auto", 0.02, 0.4]))
-@settings(derandomize=True, deadline=None, max_examples=20)
+@settings(derandomize=True, deadline=None, max_examples=10)
 def test_select_host_is_extracts_choice(shape, seed, levels, mode):
   # Few shapes, so that the jitted extract compiles a dozen times at most.
   m, n = shape

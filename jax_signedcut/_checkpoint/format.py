@@ -47,7 +47,8 @@ class CheckpointError(ValueError):
 def file_path(path) -> str:
   """``path`` as a str (a str or an ``os.PathLike``), else a TypeError naming the argument."""
   if not isinstance(path, (str, os.PathLike)):
-    raise TypeError(f"path must be a str or os.PathLike naming a .safetensors file, got "
+    raise TypeError(f"path must be a str or os.PathLike naming a .safetensors file (or a "
+                    f"directory of shards), got "
                     f"{path!r} of type {type(path).__name__}")
   path = os.fspath(path)
   if not isinstance(path, str):

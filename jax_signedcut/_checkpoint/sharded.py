@@ -148,6 +148,7 @@ class ShardedReader:
 
 def open_reader(path, *, verify: bool = True):
   """A :class:`ShardedReader` for a directory, else a :class:`reader.Reader` for a file."""
-  if os.path.isdir(os.fspath(path)):
+  path = _format.file_path(path)   # a TypeError naming `path` for None, ints, bytes
+  if os.path.isdir(path):
     return ShardedReader(path, verify=verify)
   return _reader.Reader(path, verify=verify)
