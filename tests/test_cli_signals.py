@@ -147,3 +147,23 @@ def test_expand_to_orbax_removes_a_killed_runs_directory(tmp_path, capsys):
   assert code == 0, capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "dense"]
   np.testing.assert_array_equal(sc.load_orbax(tmp_path / "dense")["b"], np.arange(3.0))
+
+
+def test_interrupt_while_jax_is_still_importing(tmp_path, procs):
+  # The console entry point imports the package (and JAX, about a second)
+  # inside main(): a Ctrl-C then still gets the one line and 130, not a traceback.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, HF_HUB_OFFLINE="1",
+             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  code = ("import sys; print('ready', flush=True); import jax_signedcut_cli; "
+          "sys.exit(jax_signedcut_cli.main())")
+  p = subprocess.Popen([sys.executable, "-c", code, "inspect", "no-such.safetensors"],
+                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+  procs.append(p)
+  assert p.stdout.readline() == "ready\n"
+  time.sleep(0.15)            # inside `import jax_signedcut` (it takes ~1 s here)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=60)
+  assert p.returncode == 130, (p.returncode, err)
+  assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"], err

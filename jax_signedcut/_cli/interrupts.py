@@ -56,7 +56,25 @@ def install():
   STATE.seen, STATE.committed, STATE.finished, STATE.reported = False, None, False, False
   if threading.current_thread() is not threading.main_thread():
     return None
+  if not getattr(sys.unraisablehook, "_signedcut_quiet", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
   return signal.signal(signal.SIGINT, _handler)
+
+
+def _quiet_unraisable(previous):
+  """An unraisable-exception hook that drops the KeyboardInterrupts of our handler.
+
+  A SIGINT that lands in a destructor or a GC callback (jax has one) cannot
+  propagate, and Python would print "Exception ignored in ..." and a traceback.
+  The handler has already recorded it (``STATE.seen``), so the run still ends
+  with the one line; other unraisable exceptions go to the previous hook.
+  """
+  def hook(unraisable):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and STATE.seen:
+      return
+    previous(unraisable)
+  hook._signedcut_quiet = True
+  return hook
 
 
 def check() -> None:
