@@ -143,7 +143,12 @@ def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypa
     return real(src, i, *a)
 
   monkeypatch.setattr(_dist, "_encode", stop_after_three)
+  capsys.readouterr()
   assert main(["compress", src, again, "--distributed", *ARGS]) == 130
+  # The one line says the finished leaves are kept (not "no output was written").
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"jax-signedcut: interrupted; the leaves finished so far are kept in {again} and the "
+      "same command resumes from them"]
   assert not os.path.exists(os.path.join(again, _sharded.INDEX))
   with pytest.raises(sc.CheckpointError, match="incomplete sharded output"):
     sc.load(again)

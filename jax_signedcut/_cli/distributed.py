@@ -32,6 +32,7 @@ import time
 import warnings
 import zlib
 
+from jax_signedcut._cli import interrupts as _interrupts
 from jax_signedcut._cli.args import CliError
 
 #: Environment variables read when a flag is not given (first match wins): our own, then
@@ -396,6 +397,7 @@ def _run(args, outdir, n, pid) -> int:
     owner = assign([leaf_cost(jobs.get(p), s) for _, p, s, _ in src.entries], n)
     mine = [i for i in range(len(src.entries)) if owner[i] == pid]
     journal = Journal(outdir, pid, n, fingerprint)
+    _interrupts.STATE.resumable = outdir   # a Ctrl-C from here on keeps what is journaled
     if not journal.shard_ok():
       bar = _compress.progress(len(mine), f"compress [{pid + 1}/{n}]", args.quiet)
       parts = []

@@ -20,6 +20,7 @@ import threading
 class _State:
   seen = False        # a SIGINT came
   committed = None    # the output renamed into place, if any
+  resumable = None    # a directory whose finished leaves a rerun resumes from, if any
   finished = False    # main() returned: the process is shutting down
   reported = False    # the one line was printed
 
@@ -30,6 +31,9 @@ STATE = _State()
 def message() -> str:
   if STATE.committed:
     return f"jax-signedcut: interrupted; {STATE.committed} was complete and is kept"
+  if STATE.resumable:
+    return (f"jax-signedcut: interrupted; the leaves finished so far are kept in "
+            f"{STATE.resumable} and the same command resumes from them")
   return "jax-signedcut: interrupted; no output was written"
 
 
@@ -54,6 +58,7 @@ def _handler(signum, frame):
 def install():
   """Installs the handler (main thread only); returns the previous one, or None."""
   STATE.seen, STATE.committed, STATE.finished, STATE.reported = False, None, False, False
+  STATE.resumable = None
   if threading.current_thread() is not threading.main_thread():
     return None
   if not getattr(sys.unraisablehook, "_signedcut_quiet", False):
