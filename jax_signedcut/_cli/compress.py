@@ -98,10 +98,8 @@ def run(args) -> int:
   import jax  # noqa: PLC0415
 
   from jax_signedcut._checkpoint import format as _format  # noqa: PLC0415
-  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
   from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
   from jax_signedcut._cli import sources as _sources  # noqa: PLC0415
-  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
 
   check_method_args(args)
   default = default_budget(args)
@@ -118,16 +116,7 @@ def run(args) -> int:
   arg_options = dict(args.option or [])
   key = jax.random.key(args.seed)
   with _sources.open_source(args.input) as src, _writer.Writer(args.output) as writer:
-    shapes = _structure.unflatten(
-        [(c, jax.ShapeDtypeStruct(s, d)) for c, _, s, d in src.entries], args.input) \
-        if src.entries else {}
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      try:
-        plan, _ = _tree.plan(shapes, rules=rules, skip=args.skip or (), min_dim=args.min_dim,
-                             default=default, method_default=args.method)
-      except ValueError as e:
-        raise CliError(str(e)) from None
+    plan, caught = plan_leaves(src, args, rules, default)
     for w in caught:
       print(f"jax-signedcut: warning: {w.message}", file=sys.stderr)
     jobs = dict(zip(plan.paths, plan.jobs))
@@ -136,37 +125,9 @@ def run(args) -> int:
     bar = progress(len(src.entries), "compress", args.quiet)
     try:
       for i, (comps, path, shape, dtype) in enumerate(src.entries):
-        job = jobs.get(path)
         bar.set_postfix_str(f"{path} {_table.shape_str(shape)}")
-        a = src.get(i)
-        source = {"dtype": str(dtype), "nbytes": int(a.nbytes)}
-        if job is None:
-          tensors, entry = _writer.encode_leaf(comps, a, extra={"source": source})
-        else:
-          a2 = _measure.sum_squares(a)
-          x = jax.numpy.asarray(a)
-          del a
-          method = job.method or args.method
-          options = dict(job.options or ()) if job.method is not None or job.options \
-              else arg_options
-          try:
-            f, used = _compress_leaf(x, key=_tree.leaf_key(key, path), job=job, args=args,
-                                     method=method, options=options, path=path,
+        tensors, entry = encode_leaf(src, i, jobs.get(path), args, key, arg_options,
                                      stats=calibration.get(path))
-          except (ValueError, TypeError) as e:
-            raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
-          f = jax.block_until_ready(f)
-          err = _measure.estimate(a2, f)
-          if err is None:
-            err = _measure.exact(a2, x, f)
-          del x
-          budget = _budget_dict(job)
-          budget.update(used)
-          if method != "signed_cut":
-            budget.update(method=method, **({"options": options} if options else {}))
-          tensors, entry = _writer.encode_leaf(comps, f, extra={
-              "source": source, "method": method, "budget": budget, "rel_error_est": err})
-          del f
         for name, t in tensors:
           writer.add(name, t)
         del tensors
@@ -175,15 +136,7 @@ def run(args) -> int:
         bar.update(1)
     finally:
       bar.close()
-    user = {"tool": "jax-signedcut compress", "source": os.path.basename(
-        os.path.normpath(args.input)), "seed": args.seed, "method": args.method,
-            "default_budget": _budget_dict(default),
-            "rules": [[r, _budget_dict(b)] for r, b in rules],
-            "skip": list(args.skip or []), "outliers": args.outliers, "min_dim": args.min_dim}
-    if arg_options:
-      user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
-    if args.lowrank:
-      user["lowrank"] = args.lowrank
+    user = user_metadata(args, default, rules, arg_options)
     if args.calibration:
       user["calibration"] = os.path.basename(args.calibration)
     writer.finish(_format.header_metadata(entries, writer.crc32, user),
@@ -192,3 +145,73 @@ def run(args) -> int:
     _table.summary(entries)
     print(f"wrote {args.output} ({_table.fmt_bytes(os.path.getsize(args.output))})")
   return 0
+
+
+def plan_leaves(src, args, rules, default):
+  """The plan of ``src``'s leaves under the rules, and the warnings planning gave."""
+  import jax  # noqa: PLC0415
+
+  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
+  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
+
+  shapes = _structure.unflatten(
+      [(c, jax.ShapeDtypeStruct(s, d)) for c, _, s, d in src.entries], args.input) \
+      if src.entries else {}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      plan, _ = _tree.plan(shapes, rules=rules, skip=args.skip or (), min_dim=args.min_dim,
+                           default=default, method_default=args.method)
+    except ValueError as e:
+      raise CliError(str(e)) from None
+  return plan, caught
+
+
+def encode_leaf(src, i, job, args, key, arg_options, stats=None):
+  """Leaf ``i`` of ``src`` compressed under ``job`` (kept as is when None), encoded for a
+  writer: ``(tensors, entry)``."""
+  import jax  # noqa: PLC0415
+
+  from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
+  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
+
+  comps, path, shape, dtype = src.entries[i]
+  a = src.get(i)
+  source = {"dtype": str(dtype), "nbytes": int(a.nbytes)}
+  if job is None:
+    return _writer.encode_leaf(comps, a, extra={"source": source})
+  a2 = _measure.sum_squares(a)
+  x = jax.numpy.asarray(a)
+  del a
+  method = job.method or args.method
+  options = dict(job.options or ()) if job.method is not None or job.options else arg_options
+  try:
+    f, used = _compress_leaf(x, key=_tree.leaf_key(key, path), job=job, args=args,
+                             method=method, options=options, path=path, stats=stats)
+  except (ValueError, TypeError) as e:
+    raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
+  f = jax.block_until_ready(f)
+  err = _measure.estimate(a2, f)
+  if err is None:
+    err = _measure.exact(a2, x, f)
+  del x
+  budget = _budget_dict(job)
+  budget.update(used)
+  if method != "signed_cut":
+    budget.update(method=method, **({"options": options} if options else {}))
+  return _writer.encode_leaf(comps, f, extra={
+      "source": source, "method": method, "budget": budget, "rel_error_est": err})
+
+
+def user_metadata(args, default, rules, arg_options) -> dict:
+  """The header's user metadata: the tool, the source and the arguments that made the file."""
+  user = {"tool": "jax-signedcut compress", "source": os.path.basename(
+      os.path.normpath(args.input)), "seed": args.seed, "method": args.method,
+          "default_budget": _budget_dict(default),
+          "rules": [[r, _budget_dict(b)] for r, b in rules],
+          "skip": list(args.skip or []), "outliers": args.outliers, "min_dim": args.min_dim}
+  if arg_options:
+    user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
+  if args.lowrank:
+    user["lowrank"] = args.lowrank
+  return user

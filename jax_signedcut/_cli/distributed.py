@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-import warnings
 import zlib
 
 from jax_signedcut._cli import interrupts as _interrupts
@@ -235,58 +234,10 @@ def read_journal(path, fingerprint) -> tuple[dict, int | None]:
 
 
 def _encode(src, i, job, args, key, arg_options):
-  """Tensors and metadata entry of leaf ``i``: what ``compress.run`` writes for it."""
-  import jax  # noqa: PLC0415
-
-  from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
-  from jax_signedcut._cli import compress as _compress  # noqa: PLC0415
-  from jax_signedcut._cli import measure as _measure  # noqa: PLC0415
-  from jax_signedcut._cli import table as _table  # noqa: PLC0415
-  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
-
-  comps, path, shape, dtype = src.entries[i]
-  a = src.get(i)
-  source = {"dtype": str(dtype), "nbytes": int(a.nbytes)}
-  if job is None:
-    return _writer.encode_leaf(comps, a, extra={"source": source})
-  a2 = _measure.sum_squares(a)
-  x = jax.numpy.asarray(a)
-  del a
-  method = job.method or args.method
-  options = dict(job.options or ()) if job.method is not None or job.options else arg_options
-  try:
-    f, used = _compress._compress_leaf(  # noqa: SLF001
-        x, key=_tree.leaf_key(key, path), job=job, args=args, method=method, options=options,
-        path=path)
-  except (ValueError, TypeError) as e:
-    raise CliError(f"leaf {path!r} of shape {tuple(shape)}: {e}") from None
-  f = jax.block_until_ready(f)
-  err = _measure.estimate(a2, f)
-  if err is None:
-    err = _measure.exact(a2, x, f)
-  del x
-  budget = _compress._budget_dict(job)  # noqa: SLF001
-  budget.update(used)
-  if method != "signed_cut":
-    budget.update(method=method, **({"options": options} if options else {}))
-  return _writer.encode_leaf(comps, f, extra={
-      "source": source, "method": method, "budget": budget, "rel_error_est": err})
-
-
-def _user_metadata(args, default, rules, arg_options) -> dict:
-  """The header's user metadata, as ``compress.run`` writes it."""
+  """Leaf ``i`` compressed and encoded exactly as ``compress.run`` does it."""
   from jax_signedcut._cli import compress as _compress  # noqa: PLC0415
 
-  bd = _compress._budget_dict  # noqa: SLF001
-  user = {"tool": "jax-signedcut compress", "source": os.path.basename(
-      os.path.normpath(args.input)), "seed": args.seed, "method": args.method,
-          "default_budget": bd(default), "rules": [[r, bd(b)] for r, b in rules],
-          "skip": list(args.skip or []), "outliers": args.outliers, "min_dim": args.min_dim}
-  if arg_options:
-    user["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in arg_options.items()}
-  if args.lowrank:
-    user["lowrank"] = args.lowrank
-  return user
+  return _compress.encode_leaf(src, i, job, args, key, arg_options)
 
 
 def _fingerprint(user, entries, n, backend) -> str:
@@ -357,12 +308,10 @@ def _run(args, outdir, n, pid) -> int:
   from jax_signedcut._checkpoint import format as _format  # noqa: PLC0415
   from jax_signedcut._checkpoint import reader as _reader  # noqa: PLC0415
   from jax_signedcut._checkpoint import sharded as _sharded  # noqa: PLC0415
-  from jax_signedcut._checkpoint import structure as _structure  # noqa: PLC0415
   from jax_signedcut._checkpoint import writer as _writer  # noqa: PLC0415
   from jax_signedcut._cli import compress as _compress  # noqa: PLC0415
   from jax_signedcut._cli import sources as _sources  # noqa: PLC0415
   from jax_signedcut._cli.args import check_method_args, default_budget  # noqa: PLC0415
-  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
 
   check_method_args(args)
   default = default_budget(args)
@@ -378,21 +327,12 @@ def _run(args, outdir, n, pid) -> int:
     if name.startswith((".spool-", ".partial-")):
       os.unlink(os.path.join(own, name))
   with _sources.open_source(args.input) as src:
-    shapes = _structure.unflatten(
-        [(c, jax.ShapeDtypeStruct(s, d)) for c, _, s, d in src.entries], args.input) \
-        if src.entries else {}
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      try:
-        plan, _ = _tree.plan(shapes, rules=rules, skip=args.skip or (), min_dim=args.min_dim,
-                             default=default, method_default=args.method)
-      except ValueError as e:
-        raise CliError(str(e)) from None
+    plan, caught = _compress.plan_leaves(src, args, rules, default)
     if pid == 0:
       for w in caught:
         print(f"jax-signedcut: warning: {w.message}", file=sys.stderr)
     jobs = dict(zip(plan.paths, plan.jobs))
-    user = _user_metadata(args, default, rules, arg_options)
+    user = _compress.user_metadata(args, default, rules, arg_options)
     fingerprint = _fingerprint(user, src.entries, n, args.backend)
     owner = assign([leaf_cost(jobs.get(p), s) for _, p, s, _ in src.entries], n)
     mine = [i for i in range(len(src.entries)) if owner[i] == pid]
