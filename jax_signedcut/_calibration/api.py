@@ -180,14 +180,7 @@ def compress_one(a, h, *, key, width, rate, bits_per_weight, max_error, outliers
   if extra:
     raise ValueError(f"{where}: {name} take a rate or bits_per_weight budget, not "
                      + ", ".join(extra))
-  given = [(k, v) for k, v in (("rate", rate), ("bits_per_weight", bits_per_weight))
-           if v is not None]
-  if len(given) != 1:
-    raise ValueError(f"{where}: {name} need exactly one of rate, bits_per_weight, got "
-                     f"rate={rate!r}, bits_per_weight={bits_per_weight!r}")
-  k, v = given[0]
-  _checks.real(k, v)
-  bits = float(v) * 16 if k == "rate" else float(v)
+  bits = _checks.budget_bits(rate, bits_per_weight, needs=f"{where}: {name} need")
   key = _start.as_key(key)
   if key.shape != ():
     raise ValueError(f"{where}: key must be a single key (shape ()), got shape {key.shape}")

@@ -74,6 +74,19 @@ def real(name: str, v, *, positive: bool = True, allow_zero: bool = False) -> fl
   return float(v)
 
 
+def budget_bits(rate, bits_per_weight, *, needs: str) -> float:
+  """The bits per weight of a budget given as exactly one of ``rate`` (× 16) or
+  ``bits_per_weight``; else a ValueError that starts with ``needs`` (who needs it)."""
+  given = [(k, v) for k, v in (("rate", rate), ("bits_per_weight", bits_per_weight))
+           if v is not None]
+  if len(given) != 1:
+    raise ValueError(f"{needs} exactly one of rate, bits_per_weight, got "
+                     f"rate={rate!r}, bits_per_weight={bits_per_weight!r}")
+  k, v = given[0]
+  real(k, v)
+  return float(v) * 16 if k == "rate" else float(v)
+
+
 def as_array(name: str, a):
   """``a`` itself if it is an array, else ``np.asarray(a)`` with a message naming ``name``.
 

@@ -288,14 +288,7 @@ def _compress_other(a, *, key, width, rate, bits_per_weight, max_error, outliers
   if method == _registry.SIGNED_CUT:
     raise ValueError("options are for the other methods; signed cuts take decompose's own "
                      f"arguments (and options only with calibration=), got options={options!r}")
-  given = [(k, v) for k, v in (("rate", rate), ("bits_per_weight", bits_per_weight))
-           if v is not None]
-  if len(given) != 1:
-    raise ValueError(f"method {method!r} needs exactly one of rate, bits_per_weight, got "
-                     f"rate={rate!r}, bits_per_weight={bits_per_weight!r}")
-  k, v = given[0]
-  _checks.real(k, v)
-  bits = float(v) * 16 if k == "rate" else float(v)
+  bits = _checks.budget_bits(rate, bits_per_weight, needs=f"method {method!r} needs")
   a = _check_matrix(a)
   key = _start.as_key(key)
   m = _registry.get(method)
