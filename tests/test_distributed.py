@@ -110,6 +110,10 @@ def test_flags_need_distributed(ckpt, tmp_path, capsys):
   f.write_text("x")
   assert main(["compress", src, str(f), "--distributed", *ARGS]) == 1
   assert "exists and is not a directory" in capsys.readouterr().err
+  assert main(["compress", src, str(tmp_path / "d"), "--distributed", "--calibration",
+               str(tmp_path / "stats.safetensors"), *ARGS]) == 1
+  assert "--calibration is not supported with --distributed" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "d")
 
 
 def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypatch, capsys):
