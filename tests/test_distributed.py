@@ -36,6 +36,22 @@ from jax_signedcut._cli.args import CliError
 from jax_signedcut._cli.main import build_parser, main
 
 ARGS = ["--width", "8", "-q"]
+ENCODE = _dist._encode  # noqa: SLF001
+
+
+def _count_leaves(monkeypatch, stop_after=None):
+  """The indices of the leaves compressed from now on (a list that grows); with
+  ``stop_after``, a KeyboardInterrupt instead of the leaf after that many."""
+  calls = []
+
+  def encode(src, i, *a):
+    if stop_after is not None and len(calls) == stop_after:
+      raise KeyboardInterrupt
+    calls.append(i)
+    return ENCODE(src, i, *a)
+
+  monkeypatch.setattr(_dist, "_encode", encode)
+  return calls
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +161,7 @@ def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypa
 
   # Interrupted after 3 leaves, then resumed: only the rest is compressed, same bytes.
   again = str(tmp_path / "again")
-  real, calls = _dist._encode, []  # noqa: SLF001
-
-  def stop_after_three(src, i, *a):
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-    calls.append(i)
-    return real(src, i, *a)
-
-  monkeypatch.setattr(_dist, "_encode", stop_after_three)
+  calls = _count_leaves(monkeypatch, stop_after=3)
   capsys.readouterr()
   assert main(["compress", src, again, "--distributed", *ARGS]) == 130
   # The one line says the finished leaves are kept (not "no output was written").
@@ -174,8 +182,7 @@ def test_one_process_sharded_output_matches_and_resumes(ckpt, tmp_path, monkeypa
   data = bytearray(pathlib.Path(part).read_bytes())
   data[-1] ^= 0xFF
   pathlib.Path(part).write_bytes(bytes(data))
-  calls.clear()
-  monkeypatch.setattr(_dist, "_encode", lambda src, i, *a: calls.append(i) or real(src, i, *a))
+  calls = _count_leaves(monkeypatch)
   assert main(["compress", src, again, "--distributed", *ARGS]) == 0
   assert sorted(calls) == sorted([first[0], *(i for i in range(7) if i not in first)])
   for name in ("model-00001-of-00001.safetensors", _sharded.INDEX):
@@ -193,15 +200,7 @@ def test_resume_recompresses_the_leaves_whose_input_changed(ckpt, tmp_path, monk
   mine = str(tmp_path / "in.safetensors")
   pathlib.Path(mine).write_bytes(pathlib.Path(src).read_bytes())
   out = str(tmp_path / "out")
-  real, calls = _dist._encode, []  # noqa: SLF001
-
-  def stop_after_two(src, i, *a):
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    calls.append(i)
-    return real(src, i, *a)
-
-  monkeypatch.setattr(_dist, "_encode", stop_after_two)
+  calls = _count_leaves(monkeypatch, stop_after=2)
   assert main(["compress", mine, out, "--distributed", *ARGS]) == 130
   first = list(calls)
   # Same names, shapes and dtypes, so the same arguments' fingerprint; one done leaf changed.
@@ -210,10 +209,8 @@ def test_resume_recompresses_the_leaves_whose_input_changed(ckpt, tmp_path, monk
     name = f.entries[first[0]][1]
   save_file(dict(t, **{name: t[name][::-1].copy()}), mine)
   ref2 = str(tmp_path / "ref2.safetensors")
-  monkeypatch.setattr(_dist, "_encode", real)
   assert main(["compress", mine, ref2, *ARGS]) == 0
-  calls.clear()
-  monkeypatch.setattr(_dist, "_encode", lambda src, i, *a: calls.append(i) or real(src, i, *a))
+  calls = _count_leaves(monkeypatch)
   assert main(["compress", mine, out, "--distributed", *ARGS]) == 0
   # The changed leaf is compressed again, the unchanged finished one is not.
   assert first[0] in calls and first[1] not in calls
