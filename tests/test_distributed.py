@@ -273,6 +273,21 @@ def test_peers_wait_names_failed_and_unfinished_processes(service):
   assert peers[0].statuses() == {0: "done", 1: "done", 2: "done"}
 
 
+def test_a_failing_process_tells_the_others(service, tmp_path, monkeypatch):
+  # Process 1 of 3 in this process, on the service's client 1: its error becomes its status.
+  monkeypatch.setattr(_dist, "_init_cluster", lambda *a: None)
+  monkeypatch.setattr(_dist, "_client", lambda: service[1])
+  monkeypatch.setattr(jax.distributed, "shutdown", lambda: None)
+  missing = str(tmp_path / "missing.safetensors")
+  assert main(["compress", missing, str(tmp_path / "d"), *ARGS, "--distributed", "--coordinator",
+               "127.0.0.1:1", "--num-processes", "3", "--process-id", "1"]) == 1
+  peers = _dist.Peers(service[0], 0, 3)
+  status = peers.statuses()
+  assert list(status) == [1] and "missing.safetensors" in status[1]
+  with pytest.raises(CliError, match=r"processes \[1\] failed: process 1: .*missing"):
+    peers.wait_all_done(30, check_s=0.2)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
