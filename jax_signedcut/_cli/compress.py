@@ -43,6 +43,16 @@ def oversized(b) -> str | None:
   return None
 
 
+def warn_oversized(default, rules) -> None:
+  """Warns (stderr) about each budget that pays for more than bf16 storage."""
+  for what, b in [("default budget", default), *((f"rule {r!r}", b) for r, b in rules)]:
+    big = oversized(b)
+    if big:
+      print(f"jax-signedcut: warning: {what}: {big} is more than a bf16 copy of the matrices "
+            "takes (rate 1 = bits 16 = the bf16 size), so the output is larger than a bf16 "
+            "checkpoint", file=sys.stderr)
+
+
 def _budget_dict(b) -> dict | None:
   if b is None:
     return None
@@ -107,12 +117,7 @@ def run(args) -> int:
   if default is None and not any(b is not None for _, b in rules):
     raise CliError("no budget: give --rate, --bits, --width or --max-error (or a --rule with a "
                    "budget)")
-  for what, b in [("default budget", default), *((f"rule {r!r}", b) for r, b in rules)]:
-    big = oversized(b)
-    if big:
-      print(f"jax-signedcut: warning: {what}: {big} is more than a bf16 copy of the matrices "
-            "takes (rate 1 = bits 16 = the bf16 size), so the output is larger than a bf16 "
-            "checkpoint", file=sys.stderr)
+  warn_oversized(default, rules)
   arg_options = dict(args.option or [])
   key = jax.random.key(args.seed)
   with _sources.open_source(args.input) as src, _writer.Writer(args.output) as writer:
