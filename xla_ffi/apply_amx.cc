@@ -100,7 +100,8 @@ SIGNEDCUT_AMX void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* xv
 
 template <bool kTwoB, bool kTwoN>
 SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
-                           int64_t nkk, float* y, int64_t y_bt, int64_t nb) {
+                           int64_t nkk, float* y, int64_t y_bt, int64_t nb,
+                           const Bf16Side* side) {
   float* y1 = y + y_bt;     // next batch tile
   float* y2 = y + 16 * nb;  // next column tile
   float* y3 = y1 + 16 * nb;
@@ -123,6 +124,7 @@ SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, 
         if (kTwoN) _tile_dpbf16ps(3, 5, 7);
       }
     }
+    if (side) side->step(side->ctx, kk);
   }
   _tile_stored(0, y, 64);
   if (kTwoB) _tile_stored(1, y1, 64);
@@ -132,15 +134,15 @@ SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, 
 
 SIGNEDCUT_AMX void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                           int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                          bool two_n) {
+                          bool two_n, const Bf16Side* side) {
   if (two_b && two_n) {
-    ExpandT<true, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb);
+    ExpandT<true, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else if (two_b) {
-    ExpandT<true, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb);
+    ExpandT<true, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else if (two_n) {
-    ExpandT<false, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb);
+    ExpandT<false, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else {
-    ExpandT<false, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb);
+    ExpandT<false, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   }
 }
 

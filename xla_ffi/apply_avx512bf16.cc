@@ -58,6 +58,7 @@ SIGNEDCUT_BF16 void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* x
                  load);
     }
   }
+
 }
 
 // kR rows (b0.. of one batch tile) × one or two column tiles of Y. p points
@@ -94,13 +95,17 @@ SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx
 
 SIGNEDCUT_BF16 void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                            int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                           bool two_n) {
+                           bool two_n, const Bf16Side* side) {
   for (int i = 0; i < (two_b ? 2 : 1); ++i) {
     const uint16_t* pi = p + i * p_bt;
     float* yi = y + i * y_bt;
     int64_t b = 0;
     for (; b + 8 <= nb; b += 8) ExpandRows<8>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
     for (; b < nb; ++b) ExpandRows<1>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+  }
+  // No tile unit to overlap with: the side work runs after the products.
+  if (side) {
+    for (int64_t kk = 0; kk < nkk; ++kk) side->step(side->ctx, kk);
   }
 }
 

@@ -49,6 +49,16 @@ namespace signedcut {
 // tile bt and 16-column tile ct (nct = ldy / 16, ldy ≥ n a multiple of 32)
 // one tile of nb rows × 16 f32 (row stride 64 bytes):
 //   Y[(bt·nct + ct)·16nb + 16b + i] = y[bt·nb + b, 16ct + i].
+// Vector work (the sign expansion of the next operand) that an expansion
+// micro-kernel runs in nkk slices, slice kk right after issuing the tile
+// products of block kk, so that it executes while the AMX unit works instead
+// of between two micro-kernel calls (where the in-order retirement of the
+// long tile products left the vector units idle).
+struct Bf16Side {
+  void (*step)(const void* ctx, int64_t kk);
+  const void* ctx;
+};
+
 struct Bf16Core {
   const char* name;
   // Called by a worker before it runs a phase (1: project, 2: expand) with
@@ -72,9 +82,11 @@ struct Bf16Core {
   // elements to the next batch tile's; tx at tile (ct0, 0), tx_ct the distance
   // in elements between column tiles; y at Y tile (bt0, ct0), y_bt the
   // distance in floats to the next batch tile's (the next column tile's is
-  // 16nb).
+  // 16nb). side (may be null): its slices 0..nkk-1, which must not touch
+  // the operands or Y of this call.
   void (*expand)(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
-                 int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b, bool two_n);
+                 int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b, bool two_n,
+                 const Bf16Side* side);
 };
 
 // Only valid where Cpu().avx512_bf16 / AmxUsable().

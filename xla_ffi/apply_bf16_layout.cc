@@ -103,15 +103,16 @@ SIGNEDCUT_AVX512BW void ExpandS(const uint32_t* bits, int64_t mw, int64_t ncut, 
 }
 
 // Tx tiles (ct, kk) for the column tiles ct0 and, if two, ct0 + 1 (ct0
-// even: both lie in the same sign word) and nkk 32-cut blocks of cuts
-// [0, ncut) of `bits` (row stride nw words); missing cuts are +1.
+// even: both lie in the same sign word), cut pairs [j0, j1) (even) of the
+// nkk 32-cut blocks of cuts [0, ncut) of `bits` (row stride nw words);
+// missing cuts are +1.
 SIGNEDCUT_AVX512BW void ExpandT(const uint32_t* bits, int64_t nw, int64_t ncut, int64_t nkk,
-                                int64_t ct0, bool two, uint16_t* tx) {
+                                int64_t ct0, bool two, uint16_t* tx, int64_t j0, int64_t j1) {
   const int64_t word = ct0 / 2;
   const __m512i plus = _mm512_set1_epi16(static_cast<short>(kPlusOne));
   const __m512i minus = _mm512_set1_epi16(static_cast<short>(kMinusOne));
   uint16_t* dst1 = tx + nkk * 512;
-  for (int64_t j = 0; j < nkk * 32; j += 2) {
+  for (int64_t j = j0; j < j1; j += 2) {
     const uint64_t a = j < ncut ? bits[j * nw + word] : 0u;
     const uint64_t b = j + 1 < ncut ? bits[(j + 1) * nw + word] : 0u;
     // Bit 2i + e of the low (high) half: sign of column i (16 + i) in cut j + e.
@@ -122,6 +123,20 @@ SIGNEDCUT_AVX512BW void ExpandT(const uint32_t* bits, int64_t nw, int64_t ncut, 
                           _mm512_mask_blend_epi16(static_cast<__mmask32>(k >> 32), plus, minus));
     }
   }
+}
+
+// The expansion of one column-tile pair's Tx as side work (Bf16Side), one
+// 32-cut block per slice.
+struct ExpandTJob {
+  const uint32_t* bits;
+  int64_t nw, ncut, nkk, ct0;
+  bool two;
+  uint16_t* tx;
+};
+
+SIGNEDCUT_AVX512BW void ExpandTStep(const void* ctx, int64_t kk) {
+  const auto& j = *static_cast<const ExpandTJob*>(ctx);
+  ExpandT(j.bits, j.nw, j.ncut, j.nkk, j.ct0, j.two, j.tx, 32 * kk, 32 * kk + 32);
 }
 
 // P (tile-major, apply_bf16.h) for nkk 32-cut blocks from the f32 projection
@@ -167,7 +182,7 @@ Bf16Scratch::Bf16Scratch(const Bf16Shape& s)
     : sx(static_cast<size_t>(2 * kBf16BlockKb * 512)),
       ptmp(static_cast<size_t>(kBf16ChunkCuts / 16 * s.bt * 16 * s.nb)),
       p(static_cast<size_t>(2 * s.rows_pad * kBf16ChunkCuts)),
-      tx(static_cast<size_t>(2 * kBf16ChunkCuts / 32 * 512)) {}
+      tx(static_cast<size_t>(2 * 2 * kBf16ChunkCuts / 32 * 512)) {}
 
 SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
                                       const Bf16Shape& s, const uint16_t* xv, int64_t j0,
@@ -196,15 +211,21 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
     SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, sc.p.data());
     // Expand: Y(bt, ct) += (P_hi + P_lo)(bt, ·) · Tx(ct, ·), two column tiles
     // of expanded signs at a time (32 KiB for 512 cuts: L1).
+    // The signs of the next pair are expanded into the other half of sc.tx
+    // by the first micro-kernel call of the current pair (Bf16Side).
     core.begin(2, s.nb);
-    const int64_t nct = s.ldy / 16;
+    const int64_t nct = s.ldy / 16, tx_half = 2 * nkk * 512;
+    ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, 0, nct > 1, sc.tx.data(), 0, nkk * 32);
     for (int64_t ct = 0; ct < nct; ct += 2) {
       const bool two_n = ct + 1 < nct;
-      ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, ct, two_n, sc.tx.data());
+      const uint16_t* tx = sc.tx.data() + (ct / 2 % 2) * tx_half;
+      const ExpandTJob next{a.t_bits + k0 * nw, nw, ncut, nkk, ct + 2, ct + 3 < nct,
+                            sc.tx.data() + (ct / 2 % 2 == 0 ? tx_half : 0)};
+      const Bf16Side side{ExpandTStep, &next};
       for (int64_t bt = 0; bt < s.bt; bt += 2) {
-        core.expand(sc.p.data() + bt * nkk * 64 * s.nb, nkk * 64 * s.nb, sc.tx.data(),
-                    nkk * 512, nkk, y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb,
-                    bt + 1 < s.bt, two_n);
+        core.expand(sc.p.data() + bt * nkk * 64 * s.nb, nkk * 64 * s.nb, tx, nkk * 512, nkk,
+                    y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb, bt + 1 < s.bt,
+                    two_n, bt == 0 && ct + 2 < nct ? &side : nullptr);
       }
     }
   }
