@@ -144,6 +144,22 @@ def test_bf16_cores_equal_scalar_on_rounded_x(m, n, w, rows, core):
   assert np.abs(np.asarray(got) - _oracle(x, f)).max() > 3e-5 * np.abs(_oracle(x, f)).max()
 
 
+@pytest.mark.parametrize("core", [_core_param(c) for c in BF16_CORES])
+def test_bf16_overlapped_sign_expansion(core):
+  """The paths of the bf16 driver that the shapes above reach only by chance.
+
+  33 rows: three batch tiles (the last one alone), so the next column tiles'
+  signs are expanded during the current products; n = 100: four pairs of
+  column tiles; w = 2100 over four partitions: two chunks each, the last with
+  13 cuts (an odd number of 16-cut blocks, half a 32-cut block of zeros).
+  """
+  f = _random_factors(70, 100, 2100, seed=7)
+  x = np.random.default_rng(3).standard_normal((33, 70), np.float32)
+  got = _apply.apply_ffi(jnp.asarray(x), f, core=core)
+  _close_bf16(got, x, f)
+  _close(got, _apply.apply_ffi(jnp.asarray(_bf16(x)), f, core="scalar"), rtol=1e-4)
+
+
 @needs_ffi
 def test_auto_core_choice():
   """auto: f32 below BF16_MIN_ROWS rows or with exact, else the best bf16 core if any."""

@@ -99,50 +99,50 @@ SIGNEDCUT_AMX void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* xv
 }
 
 template <bool kTwoB, bool kTwoN>
-SIGNEDCUT_AMX void ExpandT(const uint16_t* p_hi, const uint16_t* p_lo, int64_t ldp,
-                           const uint16_t* tx, int64_t tx_ct, int64_t nkk, float* y, int64_t ldy,
-                           int64_t nb) {
-  const int64_t ys = 4 * ldy, ps = 2 * ldp;  // row strides, bytes
-  float* y1 = y + nb * ldy;  // next batch tile
-  float* y2 = y + 16;        // next column tile
-  float* y3 = y1 + 16;
-  const int64_t p_bt = nb * ldp;
-  _tile_loadd(0, y, ys);
-  if (kTwoB) _tile_loadd(1, y1, ys);
-  if (kTwoN) _tile_loadd(2, y2, ys);
-  if (kTwoB && kTwoN) _tile_loadd(3, y3, ys);
+SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
+                           int64_t nkk, float* y, int64_t y_bt, int64_t nb,
+                           const Bf16Side* side) {
+  float* y1 = y + y_bt;     // next batch tile
+  float* y2 = y + 16 * nb;  // next column tile
+  float* y3 = y1 + 16 * nb;
+  const int64_t p_kk = 64 * nb, p_lo = 32 * nb;  // elements
+  _tile_loadd(0, y, 64);
+  if (kTwoB) _tile_loadd(1, y1, 64);
+  if (kTwoN) _tile_loadd(2, y2, 64);
+  if (kTwoB && kTwoN) _tile_loadd(3, y3, 64);
   for (int64_t kk = 0; kk < nkk; ++kk) {
     _tile_loadd(6, tx + kk * 512, 64);
     if (kTwoN) _tile_loadd(7, tx + tx_ct + kk * 512, 64);
     for (int half = 0; half < 2; ++half) {
-      const uint16_t* p = (half == 0 ? p_hi : p_lo) + 32 * kk;
-      _tile_loadd(4, p, ps);
+      const uint16_t* a = p + kk * p_kk + half * p_lo;
+      _tile_loadd(4, a, 64);
       _tile_dpbf16ps(0, 4, 6);
       if (kTwoN) _tile_dpbf16ps(2, 4, 7);
       if (kTwoB) {
-        _tile_loadd(5, p + p_bt, ps);
+        _tile_loadd(5, a + p_bt, 64);
         _tile_dpbf16ps(1, 5, 6);
         if (kTwoN) _tile_dpbf16ps(3, 5, 7);
       }
     }
+    if (side) side->step(side->ctx, kk);
   }
-  _tile_stored(0, y, ys);
-  if (kTwoB) _tile_stored(1, y1, ys);
-  if (kTwoN) _tile_stored(2, y2, ys);
-  if (kTwoB && kTwoN) _tile_stored(3, y3, ys);
+  _tile_stored(0, y, 64);
+  if (kTwoB) _tile_stored(1, y1, 64);
+  if (kTwoN) _tile_stored(2, y2, 64);
+  if (kTwoB && kTwoN) _tile_stored(3, y3, 64);
 }
 
-SIGNEDCUT_AMX void Expand(const uint16_t* p_hi, const uint16_t* p_lo, int64_t ldp,
-                          const uint16_t* tx, int64_t tx_ct, int64_t nkk, float* y, int64_t ldy,
-                          int64_t nb, bool two_b, bool two_n) {
+SIGNEDCUT_AMX void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
+                          int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
+                          bool two_n, const Bf16Side* side) {
   if (two_b && two_n) {
-    ExpandT<true, true>(p_hi, p_lo, ldp, tx, tx_ct, nkk, y, ldy, nb);
+    ExpandT<true, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else if (two_b) {
-    ExpandT<true, false>(p_hi, p_lo, ldp, tx, tx_ct, nkk, y, ldy, nb);
+    ExpandT<true, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else if (two_n) {
-    ExpandT<false, true>(p_hi, p_lo, ldp, tx, tx_ct, nkk, y, ldy, nb);
+    ExpandT<false, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   } else {
-    ExpandT<false, false>(p_hi, p_lo, ldp, tx, tx_ct, nkk, y, ldy, nb);
+    ExpandT<false, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
   }
 }
 

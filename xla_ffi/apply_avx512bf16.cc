@@ -58,27 +58,29 @@ SIGNEDCUT_BF16 void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* x
                  load);
     }
   }
+
 }
 
-// kR rows × one or two column tiles of Y.
+// kR rows (b0.. of one batch tile) × one or two column tiles of Y. p points
+// at the batch tile's P tile (kk 0, hi), y at its Y tile (ct0).
 template <int kR>
-SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p_hi, const uint16_t* p_lo, int64_t ldp,
-                               const uint16_t* tx, int64_t tx_ct, int64_t nkk, float* y,
-                               int64_t ldy, bool two_n) {
+SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx, int64_t tx_ct,
+                               int64_t nkk, float* y, int64_t nb, bool two_n) {
+  const int64_t p_kk = 64 * nb, p_lo = 32 * nb;
   __m512 acc[kR][2];
 #pragma GCC unroll 8
   for (int b = 0; b < kR; ++b) {
-    acc[b][0] = _mm512_loadu_ps(y + b * ldy);
-    acc[b][1] = two_n ? _mm512_loadu_ps(y + b * ldy + 16) : _mm512_setzero_ps();
+    acc[b][0] = _mm512_loadu_ps(y + (b0 + b) * 16);
+    acc[b][1] = two_n ? _mm512_loadu_ps(y + 16 * nb + (b0 + b) * 16) : _mm512_setzero_ps();
   }
   for (int64_t kk = 0; kk < nkk; ++kk) {
+    const uint16_t* pk = p + kk * p_kk + b0 * 32;
     for (int r = 0; r < 16; ++r) {
       const __m512i t0 = _mm512_loadu_si512(tx + kk * 512 + r * 32);
       const __m512i t1 = two_n ? _mm512_loadu_si512(tx + tx_ct + kk * 512 + r * 32) : t0;
-      const int64_t j = 32 * kk + 2 * r;
 #pragma GCC unroll 8
       for (int b = 0; b < kR; ++b) {
-        const __m512i hi = Pair(p_hi + b * ldp + j), lo = Pair(p_lo + b * ldp + j);
+        const __m512i hi = Pair(pk + b * 32 + 2 * r), lo = Pair(pk + p_lo + b * 32 + 2 * r);
         acc[b][0] = Dp(Dp(acc[b][0], hi, t0), lo, t0);
         if (two_n) acc[b][1] = Dp(Dp(acc[b][1], hi, t1), lo, t1);
       }
@@ -86,21 +88,24 @@ SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p_hi, const uint16_t* p_lo, int64
   }
 #pragma GCC unroll 8
   for (int b = 0; b < kR; ++b) {
-    _mm512_storeu_ps(y + b * ldy, acc[b][0]);
-    if (two_n) _mm512_storeu_ps(y + b * ldy + 16, acc[b][1]);
+    _mm512_storeu_ps(y + (b0 + b) * 16, acc[b][0]);
+    if (two_n) _mm512_storeu_ps(y + 16 * nb + (b0 + b) * 16, acc[b][1]);
   }
 }
 
-SIGNEDCUT_BF16 void Expand(const uint16_t* p_hi, const uint16_t* p_lo, int64_t ldp,
-                           const uint16_t* tx, int64_t tx_ct, int64_t nkk, float* y, int64_t ldy,
-                           int64_t nb, bool two_b, bool two_n) {
-  const int64_t rows = two_b ? 2 * nb : nb;
-  int64_t b = 0;
-  for (; b + 8 <= rows; b += 8) {
-    ExpandRows<8>(p_hi + b * ldp, p_lo + b * ldp, ldp, tx, tx_ct, nkk, y + b * ldy, ldy, two_n);
+SIGNEDCUT_BF16 void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
+                           int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
+                           bool two_n, const Bf16Side* side) {
+  for (int i = 0; i < (two_b ? 2 : 1); ++i) {
+    const uint16_t* pi = p + i * p_bt;
+    float* yi = y + i * y_bt;
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) ExpandRows<8>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+    for (; b < nb; ++b) ExpandRows<1>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
   }
-  for (; b < rows; ++b) {
-    ExpandRows<1>(p_hi + b * ldp, p_lo + b * ldp, ldp, tx, tx_ct, nkk, y + b * ldy, ldy, two_n);
+  // No tile unit to overlap with: the side work runs after the products.
+  if (side) {
+    for (int64_t kk = 0; kk < nkk; ++kk) side->step(side->ctx, kk);
   }
 }
 

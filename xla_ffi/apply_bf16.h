@@ -36,14 +36,29 @@ namespace signedcut {
 // Ptmp (the projection's f32 result): per cut block cb and batch tile bt, a
 // tile of 16 cuts × nb rows f32 (stride 4nb bytes), tiles in order (cb, bt).
 //
-// P_hi, P_lo (the A operand of the expansion): rows × Kc cuts bf16, row
-// stride Kc; tile (bt, kk) holds rows bt·nb.. and cuts 32kk..32kk+31.
+// P (the A operand of the expansion), tile-major so that every tile load
+// reads 1 KiB of consecutive lines: per batch tile bt and 32-cut block kk two
+// tiles of nb rows × 32 cuts bf16 (row stride 64 bytes), P_hi then P_lo:
+//   P[((bt·nkk + kk)·2 + h)·32nb + 32b + j] = half h of p[bt·nb + b, 32kk + j].
 //
 // Tx (the B operand of the expansion), per 16-column tile ct and 32-cut block
 // kk: 16 rows (cut pairs 2r, 2r + 1) × 16 columns × 2 (the pair) ±1, one 1 KiB
 // tile; tiles stored in order (ct, kk).
 //
-// Y (the expansion's f32 result): rows × ldy f32, ldy ≥ n a multiple of 32.
+// Y (the expansion's f32 result), tile-major for the same reason: per batch
+// tile bt and 16-column tile ct (nct = ldy / 16, ldy ≥ n a multiple of 32)
+// one tile of nb rows × 16 f32 (row stride 64 bytes):
+//   Y[(bt·nct + ct)·16nb + 16b + i] = y[bt·nb + b, 16ct + i].
+// Vector work (the sign expansion of the next operand) that an expansion
+// micro-kernel runs in nkk slices, slice kk right after issuing the tile
+// products of block kk, so that it executes while the AMX unit works instead
+// of between two micro-kernel calls (where the in-order retirement of the
+// long tile products left the vector units idle).
+struct Bf16Side {
+  void (*step)(const void* ctx, int64_t kk);
+  const void* ctx;
+};
+
 struct Bf16Core {
   const char* name;
   // Called by a worker before it runs a phase (1: project, 2: expand) with
@@ -63,12 +78,15 @@ struct Bf16Core {
                   bool two_b, bool load);
   // Expansion micro-kernel: for batch tiles bt0 (+1 if two_b) and column
   // tiles ct0 (+1 if two_n): Y(bt, ct) += Σ_kk (P_hi + P_lo)(bt, kk) · Tx(ct, kk)
-  // over nkk blocks. p_hi / p_lo point at row bt0·nb, cut 0 (row stride ldp);
-  // tx at tile (ct0, 0), tx_ct the distance in elements between column
-  // tiles; y at row bt0·nb, column ct0·16 (row stride ldy floats).
-  void (*expand)(const uint16_t* p_hi, const uint16_t* p_lo, int64_t ldp, const uint16_t* tx,
-                 int64_t tx_ct, int64_t nkk, float* y, int64_t ldy, int64_t nb, bool two_b,
-                 bool two_n);
+  // over nkk blocks. p points at P tile (bt0, 0, hi), p_bt is the distance in
+  // elements to the next batch tile's; tx at tile (ct0, 0), tx_ct the distance
+  // in elements between column tiles; y at Y tile (bt0, ct0), y_bt the
+  // distance in floats to the next batch tile's (the next column tile's is
+  // 16nb). side (may be null): its slices 0..nkk-1, which must not touch
+  // the operands or Y of this call.
+  void (*expand)(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
+                 int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b, bool two_n,
+                 const Bf16Side* side);
 };
 
 // Only valid where Cpu().avx512_bf16 / AmxUsable().

@@ -37,10 +37,11 @@ struct Bf16Scratch {
   explicit Bf16Scratch(const Bf16Shape& s);
   std::vector<uint16_t> sx;
   std::vector<float> ptmp;
-  std::vector<uint16_t> p_hi, p_lo, tx;
+  std::vector<uint16_t> p, tx;
 };
 
-// y (rows_pad × ldy, zeroed by the caller) += the product of cuts [j0, j1).
+// y (rows_pad × ldy in the tile-major Y layout of apply_bf16.h, zeroed by the
+// caller) += the product of cuts [j0, j1).
 void Bf16Partition(const Bf16Core& core, const ApplyArgs& a, const Bf16Shape& s,
                    const uint16_t* xv, int64_t j0, int64_t j1, float* y, Bf16Scratch& sc);
 

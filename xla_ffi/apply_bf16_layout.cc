@@ -103,15 +103,16 @@ SIGNEDCUT_AVX512BW void ExpandS(const uint32_t* bits, int64_t mw, int64_t ncut, 
 }
 
 // Tx tiles (ct, kk) for the column tiles ct0 and, if two, ct0 + 1 (ct0
-// even: both lie in the same sign word) and nkk 32-cut blocks of cuts
-// [0, ncut) of `bits` (row stride nw words); missing cuts are +1.
+// even: both lie in the same sign word), cut pairs [j0, j1) (even) of the
+// nkk 32-cut blocks of cuts [0, ncut) of `bits` (row stride nw words);
+// missing cuts are +1.
 SIGNEDCUT_AVX512BW void ExpandT(const uint32_t* bits, int64_t nw, int64_t ncut, int64_t nkk,
-                                int64_t ct0, bool two, uint16_t* tx) {
+                                int64_t ct0, bool two, uint16_t* tx, int64_t j0, int64_t j1) {
   const int64_t word = ct0 / 2;
   const __m512i plus = _mm512_set1_epi16(static_cast<short>(kPlusOne));
   const __m512i minus = _mm512_set1_epi16(static_cast<short>(kMinusOne));
   uint16_t* dst1 = tx + nkk * 512;
-  for (int64_t j = 0; j < nkk * 32; j += 2) {
+  for (int64_t j = j0; j < j1; j += 2) {
     const uint64_t a = j < ncut ? bits[j * nw + word] : 0u;
     const uint64_t b = j + 1 < ncut ? bits[(j + 1) * nw + word] : 0u;
     // Bit 2i + e of the low (high) half: sign of column i (16 + i) in cut j + e.
@@ -124,31 +125,54 @@ SIGNEDCUT_AVX512BW void ExpandT(const uint32_t* bits, int64_t nw, int64_t ncut, 
   }
 }
 
-// P_hi / P_lo (rows_pad × ldp) from the f32 projection tiles: p = c ∘ Ptmp.
+// The expansion of one column-tile pair's Tx as side work (Bf16Side), one
+// 32-cut block per slice.
+struct ExpandTJob {
+  const uint32_t* bits;
+  int64_t nw, ncut, nkk, ct0;
+  bool two;
+  uint16_t* tx;
+};
+
+SIGNEDCUT_AVX512BW void ExpandTStep(const void* ctx, int64_t kk) {
+  const auto& j = *static_cast<const ExpandTJob*>(ctx);
+  ExpandT(j.bits, j.nw, j.ncut, j.nkk, j.ct0, j.two, j.tx, 32 * kk, 32 * kk + 32);
+}
+
+// P (tile-major, apply_bf16.h) for nkk 32-cut blocks from the f32 projection
+// tiles: p = c ∘ Ptmp; cuts past ncut are zero (their Tx rows are +1).
 SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, int64_t ncb,
-                               const Bf16Shape& s, int64_t ldp, uint16_t* p_hi, uint16_t* p_lo) {
+                               int64_t nkk, const Bf16Shape& s, uint16_t* p) {
   const __m512i cuts = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
       _mm512_set1_epi32(static_cast<int>(s.nb)));
-  for (int64_t cb = 0; cb < ncb; ++cb) {
+  const int64_t tile = 32 * s.nb;  // elements per P tile
+  for (int64_t cb = 0; cb < 2 * nkk; ++cb) {
+    if (cb >= ncb) {  // the second half of the last 32-cut block, past ncut
+      for (int64_t bt = 0; bt < s.bt; ++bt) {
+        uint16_t* at = p + ((bt * nkk + cb / 2) * 2) * tile + 16;
+        for (int64_t b = 0; b < s.nb; ++b) {
+          std::memset(at + b * 32, 0, 32);
+          std::memset(at + tile + b * 32, 0, 32);
+        }
+      }
+      continue;
+    }
     const int64_t left = ncut - cb * 16;
     const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
     const __m512 cv = _mm512_maskz_loadu_ps(valid, c + cb * 16);
     for (int64_t bt = 0; bt < s.bt; ++bt) {
-      const float* tile = ptmp + (cb * s.bt + bt) * 16 * s.nb;
+      const float* src = ptmp + (cb * s.bt + bt) * 16 * s.nb;
+      uint16_t* at = p + ((bt * nkk + cb / 2) * 2) * tile + (cb % 2) * 16;
       for (int64_t b = 0; b < s.nb; ++b) {
-        const __m512 v = _mm512_mul_ps(cv, _mm512_i32gather_ps(cuts, tile + b, 4));
+        const __m512 v = _mm512_mul_ps(cv, _mm512_i32gather_ps(cuts, src + b, 4));
         const __m512i hi = RoundBf16(v);
         const __m512i lo = RoundBf16(_mm512_sub_ps(v, Bf16ToF32(hi)));
-        const int64_t at = (bt * s.nb + b) * ldp + cb * 16;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_hi + at), _mm512_cvtepi32_epi16(hi));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_lo + at), _mm512_cvtepi32_epi16(lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + b * 32), _mm512_cvtepi32_epi16(hi));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + tile + b * 32),
+                            _mm512_cvtepi32_epi16(lo));
       }
     }
-  }
-  // Cuts past ncut up to the 32-cut block: zero (their Tx rows are +1).
-  for (int64_t r = 0; r < s.rows_pad; ++r) {
-    for (int64_t j = ncb * 16; j < ldp; ++j) p_hi[r * ldp + j] = p_lo[r * ldp + j] = 0;
   }
 }
 
@@ -157,9 +181,8 @@ SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, 
 Bf16Scratch::Bf16Scratch(const Bf16Shape& s)
     : sx(static_cast<size_t>(2 * kBf16BlockKb * 512)),
       ptmp(static_cast<size_t>(kBf16ChunkCuts / 16 * s.bt * 16 * s.nb)),
-      p_hi(static_cast<size_t>(s.rows_pad * kBf16ChunkCuts)),
-      p_lo(static_cast<size_t>(s.rows_pad * kBf16ChunkCuts)),
-      tx(static_cast<size_t>(2 * kBf16ChunkCuts / 32 * 512)) {}
+      p(static_cast<size_t>(2 * s.rows_pad * kBf16ChunkCuts)),
+      tx(static_cast<size_t>(2 * 2 * kBf16ChunkCuts / 32 * 512)) {}
 
 SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
                                       const Bf16Shape& s, const uint16_t* xv, int64_t j0,
@@ -167,7 +190,7 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
   const int64_t mw = (a.m + 31) / 32, nw = (a.n + 31) / 32;
   for (int64_t k0 = j0; k0 < j1; k0 += kBf16ChunkCuts) {
     const int64_t ncut = std::min(j1, k0 + kBf16ChunkCuts) - k0;
-    const int64_t ncb = (ncut + 15) / 16, nkk = (ncut + 31) / 32, ldp = nkk * 32;
+    const int64_t ncb = (ncut + 15) / 16, nkk = (ncut + 31) / 32;
     // Project: Ptmp(cb, bt) = Σ_kb Sx(cb, kb) · Xv(kb, bt). The signs of two
     // cut blocks are expanded for kBf16BlockKb blocks of m at a time (32 KiB,
     // stays in L1) and used at once by every batch tile.
@@ -185,18 +208,30 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
         }
       }
     }
-    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, s, ldp, sc.p_hi.data(), sc.p_lo.data());
+    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, sc.p.data());
     // Expand: Y(bt, ct) += (P_hi + P_lo)(bt, ·) · Tx(ct, ·), two column tiles
     // of expanded signs at a time (32 KiB for 512 cuts: L1).
+    // With more than one batch tile the signs of the next pair are expanded
+    // into the other half of sc.tx by the first micro-kernel call of the
+    // current pair (Bf16Side). With one (≤ 16 rows) that call's products are
+    // too short to hide the expansion, and the second buffer only costs L1:
+    // the signs are expanded in place before the call (measured at 8 rows,
+    // one thread: 15.6 vs 18.3 ms).
     core.begin(2, s.nb);
-    const int64_t nct = s.ldy / 16;
+    const bool overlap = s.bt > 1;
+    const int64_t nct = s.ldy / 16, tx_half = overlap ? 2 * nkk * 512 : 0;
+    if (overlap) ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, 0, nct > 1, sc.tx.data(), 0, nkk * 32);
     for (int64_t ct = 0; ct < nct; ct += 2) {
       const bool two_n = ct + 1 < nct;
-      ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, ct, two_n, sc.tx.data());
+      const uint16_t* tx = sc.tx.data() + (ct / 2 % 2) * tx_half;
+      const ExpandTJob next{a.t_bits + k0 * nw, nw, ncut, nkk, ct + 2, ct + 3 < nct,
+                            sc.tx.data() + (ct / 2 % 2 == 0 ? tx_half : 0)};
+      const Bf16Side side{ExpandTStep, &next};
+      if (!overlap) ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, ct, two_n, sc.tx.data(), 0, nkk * 32);
       for (int64_t bt = 0; bt < s.bt; bt += 2) {
-        core.expand(sc.p_hi.data() + bt * s.nb * ldp, sc.p_lo.data() + bt * s.nb * ldp, ldp,
-                    sc.tx.data(), nkk * 512, nkk, y + bt * s.nb * s.ldy + ct * 16, s.ldy, s.nb,
-                    bt + 1 < s.bt, two_n);
+        core.expand(sc.p.data() + bt * nkk * 64 * s.nb, nkk * 64 * s.nb, tx, nkk * 512, nkk,
+                    y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb, bt + 1 < s.bt,
+                    two_n, overlap && bt == 0 && ct + 2 < nct ? &side : nullptr);
       }
     }
   }

@@ -261,14 +261,17 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
 
   const int64_t stride = job->BufferFloats();
   if (bf16) {
-    // y = Σ over partitions, in a fixed order.
-    const int64_t ldy = job->shape.ldy;
+    // y = Σ over partitions, in a fixed order, out of the tile-major layout
+    // (tile (r / nb, i / 16), row r % nb, column i % 16).
+    const int64_t nb = job->shape.nb, nct = job->shape.ldy / 16;
     for (int64_t r = 0; r < rows; ++r) {
       float* yr = y + r * n;
-      std::copy(job->extra.data() + r * ldy, job->extra.data() + r * ldy + n, yr);
-      for (int64_t k = 1; k < parts; ++k) {
-        const float* e = job->extra.data() + k * stride + r * ldy;
-        for (int64_t i = 0; i < n; ++i) yr[i] += e[i];
+      const int64_t row = (r / nb) * nct * 16 * nb + (r % nb) * 16;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = row + (i / 16) * 16 * nb + i % 16;
+        float v = job->extra[at];
+        for (int64_t k = 1; k < parts; ++k) v += job->extra[k * stride + at];
+        yr[i] = v;
       }
     }
     return true;
