@@ -64,9 +64,13 @@ def files(tmp_path_factory):
   enc = tok.encode_batch(texts)
 
   # --- outside the library: torch hooks on the Hugging Face model --------------------------
+  verbosity = transformers.logging.get_verbosity()
   transformers.logging.set_verbosity_error()   # "unused weights" of layers 1-5: on purpose
-  cfg = transformers.BertConfig.from_pretrained(path, num_hidden_layers=1)
-  hf = transformers.BertModel.from_pretrained(path, config=cfg, add_pooling_layer=False).eval()
+  try:
+    cfg = transformers.BertConfig.from_pretrained(path, num_hidden_layers=1)
+    hf = transformers.BertModel.from_pretrained(path, config=cfg, add_pooling_layer=False).eval()
+  finally:
+    transformers.logging.set_verbosity(verbosity)
   ids = torch.tensor([e.ids for e in enc])
   mask = torch.tensor([e.attention_mask for e in enc])
   keep = mask.reshape(-1).bool()
