@@ -76,11 +76,12 @@ SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002
                   (r"/intermediate/kernel$", 0.002))
 
 
-def calibration_rules(rate, bits):
-  """Per-kind rules giving the calibrated kernels their sparse share (the budget unchanged)."""
+def calibration_rules(rate, bits, search="hcut"):
+  """Per-kind rules giving the calibrated kernels their sparse share and sign search."""
+  kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
-                              options={"sparse_fraction": f}))
-          for pattern, f in SPARSE_BY_KIND]
+                              options={"sparse_fraction": f, "search": search}))
+          for pattern, f in kinds]
 
 
 def _inner(f):
@@ -107,6 +108,8 @@ def main(argv=None) -> dict:
   p.add_argument("--quiet", action="store_true", help="no progress bars, no per-matrix table")
   p.add_argument("--calibrate", action="store_true",
                  help="compress the Linear kernels for their outputs on the calibration texts")
+  p.add_argument("--search", default="hcut", choices=("hcut", "diag"),
+                 help="with --calibrate: the sign search (docs/calibration.md section 6)")
   args = p.parse_args(argv)
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
   outliers = args.outliers if args.outliers == "auto" else float(args.outliers)
@@ -125,7 +128,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     calibration = bert.calibrate_texts(model, tok, CALIBRATION)
     t_calibrate = time.perf_counter() - t0
-    rules = calibration_rules(rate, args.bits)
+    rules = calibration_rules(rate, args.bits, args.search)
     say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
         f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
 

@@ -38,10 +38,13 @@ SIGNED_CUT_OPTIONS = {
     "damp": 0.01,            # ridge of the search metric, relative to mean(diag H)
     "max_flips": 256,        # single sign flips per s-step
     "max_rounds": 20,        # alternations per cut
+    "search": "hcut",        # "hcut": H-aware sign search (jnp); "diag": C++ cuts of D·W
     "sparse_fraction": 0.0,  # share of entries stored apart, chosen by output impact
     "refit": True,           # least-squares refit of c (and the sparse values) under H
     "fallback": True,        # keep the plain cuts when their output error is lower
 }
+
+_CUT_KEYS = ("alpha", "shrink", "damp", "max_flips", "max_rounds", "search")
 
 
 def _where(path):
@@ -102,8 +105,7 @@ def check_options(options) -> dict:
   for k in ("refit", "fallback"):
     if not isinstance(opts[k], bool):
       raise ValueError(f"{k} must be True or False, got {opts[k]!r}")
-  _cuts.CutOptions(**{k: opts[k] for k in ("alpha", "shrink", "damp", "max_flips",
-                                           "max_rounds")})   # its own checks
+  _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})   # its own checks
   return opts
 
 
@@ -121,8 +123,7 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
   from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
 
   opts = check_options(options)
-  cut_opts = _cuts.CutOptions(**{k: opts[k] for k in ("alpha", "shrink", "damp", "max_flips",
-                                                      "max_rounds")})
+  cut_opts = _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})
   a = jnp.asarray(a, jnp.float32)
   m, n = a.shape
   k_sparse = int(opts["sparse_fraction"] * m * n)
@@ -132,7 +133,8 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
     raise ValueError(f"{_where(path)}: bits_per_weight={bits_per_weight:g} pays for no "
                      f"calibrated cut on shape {(m, n)} after the input scales ({4 * m} bytes) "
                      f"and {k_sparse} sparse entries")
-  part, _ = _cuts.calibrated_cuts(a, h, key=key, width=width, options=cut_opts)
+  part, _ = _cuts.calibrated_cuts(a, h, key=key, width=width, options=cut_opts,
+                                  with_gains=False)
   out = _cuts.fit_budget(part, a, h, bits_per_weight=bits_per_weight,
                          sparse_fraction=opts["sparse_fraction"], options=cut_opts,
                          refit=opts["refit"])

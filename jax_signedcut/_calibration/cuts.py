@@ -38,6 +38,10 @@ from jax_signedcut._calibration.parts import InputScaled
 _HI = jax.lax.Precision.HIGHEST
 
 
+#: The sign searches of :class:`CutOptions`.
+SEARCHES = ("hcut", "diag")
+
+
 @dataclasses.dataclass(frozen=True)
 class CutOptions:
   """Options of :func:`calibrated_cuts` (static, hashable).
@@ -52,6 +56,12 @@ class CutOptions:
       stopping at ``max_rounds`` (17 rounds per cut on average), 256 flips took 4
       rounds per cut, a third of the CPU time, and lowered the output error more.
     max_rounds: alternations per cut.
+    search: how the signs are found. ``"hcut"``: the H-aware greedy search of
+      :func:`objective.hcut_decompose` under the search metric (a jnp loop).
+      ``"diag"``: the plain greedy cuts of ``D·W`` by the C++ kernel (the
+      diagonal metric ``D²``: with α = 1 that is ``diag(H)``), with the
+      greedy scales; the refit of :func:`fit_budget` then brings in the full
+      metric. ``max_flips`` and ``max_rounds`` are not used by it.
   """
 
   alpha: float = 0.5
@@ -59,8 +69,11 @@ class CutOptions:
   damp: float = 0.01
   max_flips: int = 256
   max_rounds: int = 20
+  search: str = "hcut"
 
   def __post_init__(self):
+    if self.search not in SEARCHES:
+      raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
     for name in ("alpha", "shrink", "damp"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0:
@@ -104,7 +117,8 @@ def search_metric(h_scaled: jax.Array, opts: CutOptions) -> jax.Array:
 
 
 def calibrated_cuts(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
-                    options: CutOptions = CutOptions()) -> tuple[InputScaled, jax.Array]:
+                    options: CutOptions = CutOptions(),
+                    with_gains: bool = True) -> tuple[InputScaled, jax.Array | None]:
   """Width-``width`` H-aware signed cuts of ``diag(d) · w`` with greedy scales.
 
   Args:
@@ -113,11 +127,14 @@ def calibrated_cuts(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
     key: ``jax.random.key``.
     width: number of cuts (the largest budget wanted: prefixes give the rest).
     options: see :class:`CutOptions`.
+    with_gains: also return the gains (the ``"diag"`` search computes them
+      afterwards, from the Gram of the cuts; ``False`` skips that).
 
   Returns:
     ``(part, gains)``: an :class:`InputScaled` whose inner ``SignedCut`` holds
     all ``width`` cuts with their greedy scales, and the drop of the output
-    error ``tr(EᵀHE)`` under the search metric per cut (width,).
+    error ``tr(EᵀHE)`` under the search metric per cut (width,) (``None``
+    for the ``"diag"`` search without ``with_gains``).
 
   Raises:
     ValueError: mismatched shapes or width < 1.
@@ -126,12 +143,34 @@ def calibrated_cuts(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
   m, n = w.shape
   d = input_scale(h, options.alpha)
   hp = h / d[:, None] / d[None, :]
+  metric = search_metric(hp, options)
+  if options.search == "diag":
+    inner = sc.decompose(d[:, None] * w, key=key, width=width, outliers=0)
+    part = InputScaled(scale=d, inner=inner)
+    return part, (_greedy_gains(part, w, metric) if with_gains else None)
   s, t, c, gains = objective.hcut_decompose(
-      d[:, None] * w, search_metric(hp, options), key=key, width=width,
+      d[:, None] * w, metric, key=key, width=width,
       max_flips=options.max_flips, max_rounds=options.max_rounds)
   inner = sc.SignedCut(s_bits=sc.pack_signs(s), t_bits=sc.pack_signs(t), c=c,
                        num_cuts=jnp.int32(width), shape=(m, n))
   return InputScaled(scale=d, inner=inner), gains
+
+
+@jax.jit
+def _prefix_gains(hs, s, t, c, target):
+  # err(k) = L0 − 2 Σ_{j≤k} c_j b_j + Σ_{j,l≤k} c_j c_l G_jl, so the drop of cut k is
+  # 2 c_k b_k − c_k² G_kk − 2 c_k Σ_{l<k} G_kl c_l.
+  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
+  b = jnp.sum(jnp.matmul(hs, target, precision=_HI) * t, axis=1)
+  before = jnp.matmul(jnp.tril(g, -1), c, precision=_HI)
+  return 2 * c * b - c * c * jnp.diagonal(g) - 2 * c * before
+
+
+def _greedy_gains(part: InputScaled, w, metric):
+  """The drop of ``tr(RᵀH_sR)`` per cut of ``part`` with its own (greedy) scales."""
+  s, t = _signs(part.inner)
+  hs = jnp.matmul(s, metric, precision=_HI)
+  return _prefix_gains(hs, s, t, part.inner.c, part.scale[:, None] * w)
 
 
 def _signs(f: sc.SignedCut):
@@ -229,6 +268,11 @@ def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight
   c = f.c[:cuts]
   idx = val = None
   sp = jnp.zeros_like(target)
+  if refit and system is None and k_sparse and rounds > 1:
+    # Form the least-squares system of the kept cuts once for all rounds.
+    kept = dataclasses.replace(f, s_bits=f.s_bits[:cuts], t_bits=f.t_bits[:cuts], c=c,
+                               num_cuts=jnp.int32(cuts))
+    system = gram(InputScaled(scale=d, inner=kept), w, h, options)
   for r in range(max(1, rounds)):
     if refit and system is not None:
       b = system.b[:cuts]

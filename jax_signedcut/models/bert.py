@@ -329,10 +329,16 @@ def calibration_batches(tokenizer, texts, *, batch_size: int = 32):
   """Yields ``(input_ids, attention_mask)`` int32 batches of ``texts`` for :func:`calibrate_texts`.
 
   Rows are padded to ``batch_size`` (all-padding rows carry no token), so each
-  sequence length compiles once.
+  sequence length compiles once. The texts are batched in order of their token
+  count (the statistics are sums, so the order does not matter): batches of
+  similar lengths carry less padding, which the step computes and masks out
+  (MiniLM's ``CALIBRATION`` texts: 11264 positions for 7044 tokens, 17920 in
+  the given order).
   """
   texts = list(texts)
-  for start in range(0, len(texts), batch_size):
+  lengths = [sum(e.attention_mask) for e in tokenizer.encode_batch(texts)]
+  texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
+  for start in range(0, len(texts), batch_size):   # longest first: the short batch is the last
     chunk = tokenizer.encode_batch(texts[start:start + batch_size])
     ids = np.zeros((batch_size, len(chunk[0].ids)), np.int32)
     mask = np.zeros_like(ids)
