@@ -84,6 +84,45 @@ def calibration_rules(rate, bits, search="hcut"):
           for pattern, f in kinds]
 
 
+# --- allocation (issue 14, alloc14): bits per kernel from curves and measured sensitivities ---
+def _sparse_for(path):
+  return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
+
+
+def allocation(model, tok, params, calibration, *, bits, search, key, say):
+  """Per-kernel bits at ``bits`` on average over the calibrated kernels, and the rules.
+
+  Curves: each kernel's squared relative output error under the calibration H at
+  ``bits`` ± 1 of the part it keeps; sensitivities: only that kernel replaced by its
+  ``bits`` part, ``mean(1 − cos)`` of the embeddings on 64 calibration texts per unit
+  of its error (calibration texts only). Returns ``(bits by path, rules, sensitivities)``.
+  """
+  from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
+  from jax_signedcut._core.tree import leaf_key  # noqa: PLC0415
+  from jax_signedcut.models.calibration_texts import CALIBRATION  # noqa: PLC0415
+
+  flat = flat_paths(params)
+  names = sorted(calibration.hessians)
+  opts = lambda p: {"sparse_fraction": _sparse_for(p), "search": search}  # noqa: E731
+  curves, kept = _alloc.budget_curves(
+      {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
+      budgets=_alloc.budget_grid(bits), options=opts, keep=bits)
+  errors = {p: float(np.interp(bits, *curves[p])) for p in names}
+  sens = bert.sensitivities(model, tok, list(CALIBRATION[::5])[:64], kept, errors)
+  sizes = {p: int(np.prod(np.shape(flat[p]))) for p in names}
+  alloc = _alloc.allocate_bits(curves, sizes, bits, sensitivity=sens)
+  mean = sum(alloc[p] * sizes[p] for p in names) / sum(sizes.values())
+  say(f"allocation: {mean:.3f} bits/weight over {len(names)} kernels (target {bits:g})")
+  kinds = sorted({re.sub(r"layers/\d+/", "", p) for p in names})
+  layers = sorted({int(m.group(1)) for p in names if (m := re.search(r"layers/(\d+)/", p))})
+  say("  " + f"{'layer':<7}" + "".join(f"{k.split('/')[0]:>15}" for k in kinds))
+  for layer in layers:
+    say("  " + f"{layer:<7}" + "".join(
+        f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
+  return alloc, _alloc.allocation_rules(alloc, options=opts), sens
+# --- end allocation ---
+
+
 def _inner(f):
   return f.inner if isinstance(f, sc.InputScaled) else f
 
@@ -110,7 +149,12 @@ def main(argv=None) -> dict:
                  help="compress the Linear kernels for their outputs on the calibration texts")
   p.add_argument("--search", default="hcut", choices=("hcut", "diag"),
                  help="with --calibrate: the sign search (docs/calibration.md section 6)")
+  p.add_argument("--allocate", action="store_true",
+                 help="with --calibrate --bits: bits per kernel from measured sensitivities "
+                      "(same total)")
   args = p.parse_args(argv)
+  if args.allocate and not (args.calibrate and args.bits is not None):
+    p.error("--allocate needs --calibrate and --bits")
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
   outliers = args.outliers if args.outliers == "auto" else float(args.outliers)
   say = (lambda *a: None) if args.quiet else print
@@ -131,6 +175,12 @@ def main(argv=None) -> dict:
     rules = calibration_rules(rate, args.bits, args.search)
     say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
         f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
+  alloc, sens, t_allocate = None, None, 0.0
+  if args.allocate:
+    t0 = time.perf_counter()
+    alloc, rules, sens = allocation(model, tok, params, calibration, bits=args.bits,
+                                    search=args.search, key=jax.random.key(args.seed), say=print)
+    t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
   t0 = time.perf_counter()
@@ -163,6 +213,8 @@ def main(argv=None) -> dict:
   budget_text = f"rate {rate:g}" if rate is not None else f"{args.bits:g} bits/weight"
   if args.calibrate:
     budget_text += ", calibrated"
+  if args.allocate:
+    budget_text += ", allocated"
   sc.save(args.out, factors, metadata={"model": "all-MiniLM-L6-v2", "budget": budget_text,
                                        "outliers": str(outliers), "seed": args.seed})
   size = os.path.getsize(args.out)
@@ -193,6 +245,8 @@ def main(argv=None) -> dict:
       seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total,
       seconds_calibrate=t_calibrate,
       calibrated_kernels=sum(r["calibrated"] for r in rows))
+  if args.allocate:
+    report.update(allocation=alloc, sensitivities=sens, seconds_allocate=t_allocate)
 
   say(f"\nall-MiniLM-L6-v2{'' if args.layers is None else f' (first {args.layers} layers)'}: "
       f"signed cuts at {budget_text}, outliers={outliers}, backend={args.backend}")
@@ -225,7 +279,8 @@ def main(argv=None) -> dict:
     print(f"calibrated kernels: {report['calibrated_kernels']} of {len(rows)} matrices (the "
           "others kept plain cuts, which had the lower output error under H, or have no "
           "statistics)")
-  print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}decompose "
+  print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}"
+        f"{'' if not args.allocate else f'allocate {t_allocate:.1f} s, '}decompose "
         f"{t_decompose:.1f} s, evaluation {t_eval:.1f} s, total {total:.1f} s")
   return report
 
