@@ -223,3 +223,16 @@ def test_cli_allocate_errors(torch_files, tmp_path, capsys):
     code, _, err = _cli(capsys, "compress", src, out, *argv, "--allocate", "-q")
     assert code != 0 and match in err, (argv, err)
     assert not out.exists()
+
+
+def test_curve_argument_errors(kernels):
+  weights, hessians, _, _ = kernels
+  for kw, match in ((dict(budgets=BUDGETS, keep=3.5), r"keep=3.5 is not among budgets"),
+                    (dict(budgets=(4.0, 3.0)), "budgets must be increasing"),
+                    (dict(budgets=BUDGETS, keep=(3.0, 6.0)), "is not among budgets")):
+    with pytest.raises(ValueError, match=match):
+      allocate.budget_curves(weights, hessians, key=KEY, **kw)
+  with pytest.raises(ValueError, match=r"must name the same kernels; differ in \['b'\]"):
+    allocate.budget_curves(weights, {"a": hessians["a"]}, key=KEY, budgets=BUDGETS)
+  with pytest.raises(ValueError, match="bits_per_weight - step > 0"):
+    allocate.budget_grid(1.0)

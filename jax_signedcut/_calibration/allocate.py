@@ -152,11 +152,12 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
       for every kernel or a callable ``name -> dict``.
     outliers: the plain alternative's ``outliers``.
     keep: also return each kernel's kept part (dense) at this budget (one of
-      ``budgets``), e.g. to measure sensitivities.
+      ``budgets``), e.g. to measure sensitivities; or a tuple of budgets.
 
   Returns:
     ``(curves, kept)``: ``curves = {name: (bits array, squared error array)}``,
-    ``kept = {name: dense (in, out) array}`` (empty without ``keep``).
+    ``kept = {name: dense (in, out) array}`` (empty without ``keep``; keyed
+    ``(name, bits)`` when ``keep`` is a tuple).
 
   Raises:
     ValueError: names in one mapping and not the other, budgets not increasing,
@@ -173,8 +174,10 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
   budgets = tuple(float(b) for b in budgets)
   if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
     raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
-  if keep is not None and float(keep) not in budgets:
-    raise ValueError(f"keep={keep!r} is not one of budgets {budgets}")
+  several = isinstance(keep, (tuple, list))
+  keeps = () if keep is None else tuple(float(b) for b in (keep if several else (keep,)))
+  if any(b not in budgets for b in keeps):
+    raise ValueError(f"keep={keep!r} is not among budgets {budgets}")
   if set(weights) != set(hessians):
     odd = sorted(set(weights) ^ set(hessians))
     raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
@@ -207,8 +210,8 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
         if e_plain < e:
           best, e = plain, e_plain
       errs.append(e * e)
-      if keep is not None and b == float(keep):
-        kept[name] = np.asarray(best)
+      if b in keeps:
+        kept[(name, b) if several else name] = np.asarray(best)
     curves[name] = (np.array(budgets), np.array(errs))
   return curves, kept
 
