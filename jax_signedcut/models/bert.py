@@ -41,7 +41,7 @@ from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import is_compressed
 
 __all__ = ["Bert", "BertConfig", "DISTILL_OUTPUTS", "calibrate_texts", "calibration_batches",
-           "distill_blocks", "distill_texts", "encode", "hf_kernel_names", "hidden_states", "load_safetensors",
+           "distill_blocks", "distill_texts", "encode", "refit_attention", "hf_kernel_names", "hidden_states", "load_safetensors",
            "load_tokenizer", "minilm_dir", "sentence_embedding", "with_factors"]
 
 
@@ -115,7 +115,8 @@ class Layer(nnx.Module):
     self.output = nnx.Linear(f, d, rngs=rngs)
     self.output_norm = _norm(cfg, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """The self-attention sub-block's output before the residual and LayerNorm (B, L, d)."""
     b, l, d = x.shape
     h = self.num_heads
 
@@ -126,7 +127,10 @@ class Layer(nnx.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     context = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-    x = self.attention_norm(x + self.attention_out(context.reshape(b, l, d)))
+    return self.attention_out(context.reshape(b, l, d))
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = self.attention_norm(x + self.attention(x, mask))
     y = self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
     return self.output_norm(x + y)
 
@@ -501,6 +505,52 @@ def distill_blocks(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int
     results.append(run(s_layer, block, xs, target_of, layer))
     xs = {k: [(apply_block(s_layer, x), x[1], x[2]) for x in v] for k, v in xs.items()}
   return results
+
+
+def refit_attention(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
+                    lr: float = 2e-3, dev_texts=None, batch_size: int = 32, key=None,
+                    **kwargs) -> list:
+  """The attention regression of each layer, refitted in the compressed format.
+
+  For layer l, the floats of the compressed query/key/value/attention_out
+  kernels and their biases (:func:`jax_signedcut.distill` with ``only``) are
+  trained so that the student's attention sub-block (:meth:`Layer.attention`)
+  matches the teacher's on the teacher's real inputs to layer l — the loss
+  ``‖softmax(Q Kᵀ/√d) V W_O − B‖²`` of ``fit_attention``, per head and with
+  biases, but over the compressed parts (``fit_attention`` itself refits dense
+  X = W_Q W_Kᵀ and Y = W_V, which the format cannot hold).
+
+  Returns:
+    The ``DistillResult`` of each layer.
+
+  Raises:
+    ValueError: empty ``texts``.
+  """
+  from jax_signedcut._calibration.distill import distill  # noqa: PLC0415
+
+  texts = list(texts)
+  if not texts:
+    raise ValueError("texts is empty: the refit needs at least one text")
+  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
+  if dev_texts:
+    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  hidden = {k: [_hidden_jit(teacher, ids, m) for ids, m in v] for k, v in sets.items()}
+  attend = nnx.jit(_masked_attention)
+  results = []
+  for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers, strict=True)):
+    inp = {k: [(h[l], m.astype(bool), m.astype(jnp.float32)[..., None])
+               for (_, m), h in zip(sets[k], hidden[k])] for k in sets}
+    tgt = {k: [attend(t_layer, x) for x in v] for k, v in inp.items()}
+    results.append(distill(s_layer, t_layer, inp["train"], steps=steps, lr=lr, key=key,
+                           outputs=_masked_attention, targets=tgt["train"],
+                           dev_batches=inp.get("dev"), dev_targets=tgt.get("dev"),
+                           only=r"^(query|key|value|attention_out)/", **kwargs))
+  return results
+
+
+def _masked_attention(layer, batch):
+  x, mask, weight = batch
+  return layer.attention(x, mask) * weight
 
 
 _hidden_jit = nnx.jit(lambda model, ids, mask: tuple(
