@@ -421,11 +421,28 @@ def test_public_apply_rounds_x_only_where_a_bf16_core_pays():
   exact = _apply.apply_signed_cut(x, f, precision=jax.lax.Precision.HIGHEST)
   _close(exact, _oracle(x, f))
   assert np.abs(np.asarray(fast) - np.asarray(exact)).max() > 1e-4 * np.abs(exact).max()
-  # The single pass only when asked.
+  # The single pass only when asked: by apply_signed_cut and by both layers' precision field.
   single = np.asarray(_apply.apply_ffi(x, f, core=best, precision=SINGLE))
   assert (single != np.asarray(fast)).any()
   np.testing.assert_array_equal(np.asarray(_apply.apply_signed_cut(
       x, f, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32)), single)
+  from flax import nnx  # noqa: PLC0415
+  import jax_signedcut.linen as scl  # noqa: PLC0415
+  from jax_signedcut.nnx import SignedCutDense  # noqa: PLC0415
+  for precision, want in [(None, fast), (SINGLE, single), ("highest", exact)]:
+    layer = SignedCutDense.from_factors(f, precision=precision)
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
+    graphdef, state = nnx.split(layer)          # the level is static: the state (what
+    assert nnx.merge(graphdef, state).precision == precision  # checkpoints hold) is the
+    assert jax.tree.structure(state) == jax.tree.structure(  # same for every level
+        nnx.state(SignedCutDense.from_factors(f)))
+    linen = scl.SignedCutDense(n, use_bias=False, precision=precision)
+    np.testing.assert_array_equal(
+        np.asarray(linen.apply({scl.COLLECTION: {scl.KERNEL: f}}, x)), want)
+  with pytest.raises(ValueError, match="precision must be"):
+    SignedCutDense.from_factors(f, precision="fast")
+  with pytest.raises(ValueError, match="precision must be"):
+    scl.SignedCutDense(n, width=4, precision="fast")
   # Below the work threshold the same rows stay in f32.
   small = _random_factors(40, 30, 20)
   _close(_apply.apply_signed_cut(x[:, :40], small), _oracle(x[:, :40], small))
