@@ -5,9 +5,9 @@
 // are exact in bf16; every product is exact in f32 and every sum is f32. The
 // projection p = c ∘ (x·S) (f32) enters the second product as two bf16 terms,
 // p_hi = bf16(p) and p_lo = bf16(p − p_hi), so it carries 16 bits of mantissa
-// there (relative error ≤ 2⁻¹⁷), far below the rounding of x (≤ 2⁻⁹ per entry).
+// there (relative error ≤ 2⁻¹⁶), far below the rounding of x (≤ 2⁻⁸ per entry).
 // In the single-pass mode (ApplyPrecision::kBf16) only p_hi enters (relative
-// error ≤ 2⁻⁹, like x): the P_lo tiles are neither written nor read, and the
+// error ≤ 2⁻⁸, like x): the P_lo tiles are neither written nor read, and the
 // expansion runs half its tile products.
 //
 // Both products are cast as tile GEMMs with K-pairs interleaved (the VNNI

@@ -64,7 +64,7 @@ using TaskRunner = std::function<void(std::function<void()>)>;
 // names in jax_signedcut/_kernels/apply.py). kDefault: a bf16 core (where
 // `auto` picks one) rounds x to bf16 and feeds p = c ∘ (x·S) to the second
 // product as two bf16 halves (≈ 16 mantissa bits). kBf16: the same, with p
-// as one bf16 (a single pass: a third fewer tile products, p off by ≤ 2⁻⁹
+// as one bf16 (a single pass: a third fewer tile products, p off by ≤ 2⁻⁸
 // relative). kHighest: f32 cores only. The f32 cores ignore the difference
 // between kDefault and kBf16.
 enum class ApplyPrecision : int32_t { kDefault = 0, kHighest = 1, kBf16 = 2 };

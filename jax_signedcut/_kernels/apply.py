@@ -124,10 +124,10 @@ def check_precision(precision) -> str:
 
   * ``None``, ``"default"``, ``Precision.DEFAULT``: ``"default"``. x is rounded
     to bf16, f32 accumulation, and p = c ∘ (x·S) enters the second product as
-    two bf16 halves (relative error ≤ 2⁻¹⁷).
+    two bf16 halves (relative error ≤ 2⁻¹⁶).
   * ``"bf16_bf16_f32"``, ``DotAlgorithmPreset.BF16_BF16_F32`` (bf16 operands,
     f32 accumulation, one pass): as ``"default"`` but p enters as one bf16
-    (relative error ≤ 2⁻⁹, like x), a third fewer tile products. Opt-in only.
+    (relative error ≤ 2⁻⁸, like x), a third fewer tile products. Opt-in only.
   * ``"highest"``, ``"high"``, ``Precision.HIGHEST``, ``Precision.HIGH``:
     ``"highest"``, f32 cores only (the kernel has no bf16×3 path, so HIGH,
     which asks for more than bf16 operands, gets f32).
@@ -266,7 +266,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
       (f32 accumulation, p in two bf16 halves) from ``BF16_MIN_ROWS`` rows
       where the CPU has AMX or AVX512-BF16; ``"bf16_bf16_f32"`` (or
       ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32``) also rounds p to one bf16
-      there (faster, ≈ 2⁻⁹ relative like x); ``"highest"`` (or
+      there (faster, ≤ 2⁻⁸ relative like x); ``"highest"`` (or
       ``jax.lax.Precision.HIGHEST`` / ``HIGH``) keeps every path in f32. The
       pure-JAX path is always f32. See :func:`check_precision`.
 
