@@ -15,14 +15,16 @@ Factors are random sign bits (any valid SignedCut costs the same to apply); no
 decomposition is run. Rows: the packed-apply CPU kernel as ``"auto"`` runs it
 (``ffi``: the core named in brackets, a bf16 core — AMX or AVX512-BF16, x
 rounded to bf16 — from 8 rows where the CPU has one), the same kernel with
-``precision="highest"`` (``ffi f32``: the f32 AVX-512 or scalar core), and
+``precision="bf16_bf16_f32"`` (``ffi 1-pass``: p rounded to one bf16 as well,
+the opt-in single-pass mode), with ``precision="highest"`` (``ffi f32``: the
+f32 AVX-512 or scalar core), and
 optionally (``--jnp``) the pure-JAX blocked path (``impl="jnp"``, what other
 platforms use); below the table, the time of one expansion for ``dense=True``
 and the batch from which it pays.
 
 Usage:
   python benchmarks/dense_benchmark.py [--size 4096] [--rounds 15] [--batches 1,8,64,512]
-                                       [--jnp] [--markdown FILE]
+                                       [--jnp] [--no-f32] [--no-expand] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main():
   ap.add_argument("--rounds", type=int, default=15)
   ap.add_argument("--batches", default="1,8,64,512")
   ap.add_argument("--jnp", action="store_true", help="also time the pure-JAX path")
+  ap.add_argument("--no-f32", action="store_true", help="skip the kernel's f32 rows")
+  ap.add_argument("--no-expand", action="store_true", help="skip timing dense=True's expansion")
   ap.add_argument("--markdown", default=None, help="also write the table to this file")
   args = ap.parse_args()
   load = os.getloadavg()
@@ -99,7 +103,9 @@ def main():
     w = sc.width_for_rate(m, n, rate)
     layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
     layers[f"SignedCutDense rate {rate:g} (w={w}) ffi"] = (layer, "ffi", None)
-    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi f32"] = (layer, "ffi", "highest")
+    layers[f"SignedCutDense rate {rate:g} (w={w}) ffi 1-pass"] = (layer, "ffi", "bf16_bf16_f32")
+    if not args.no_f32:
+      layers[f"SignedCutDense rate {rate:g} (w={w}) ffi f32"] = (layer, "ffi", "highest")
     if args.jnp:
       layers[f"SignedCutDense rate {rate:g} (w={w}) jnp"] = (layer, "jnp", None)
   rows = []
@@ -114,7 +120,8 @@ def main():
       jax.block_until_ready(run(xin))  # compile
       if impl == "ffi":
         w_ = layer.factors.width
-        core = _apply.apply_core("auto", exact=precision is not None, rows=batch,
+        exact = _apply.check_precision(precision) == "highest"
+        core = _apply.apply_core("auto", exact=exact, rows=batch,
                                  work=batch * w_ * (m + n))
         name = f"{name} [{core}]"
       runs[name] = (run, xin, layer)
@@ -136,10 +143,12 @@ def main():
 
   # dense=True pays for expanding the factors on every call: time it once at rate ½.
   w = sc.width_for_rate(m, n, 0.5)
-  layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
-  expand = jax.jit(lambda f: sc.reconstruct(f))
-  jax.block_until_ready(expand(layer.factors))
-  t_expand = statistics.median(_time(lambda _: expand(layer.factors), None) for _ in range(2))
+  t_expand = None
+  if not args.no_expand:
+    layer = SignedCutDense(m, n, width=w, rngs=nnx.Rngs(1))
+    expand = jax.jit(lambda f: sc.reconstruct(f))
+    jax.block_until_ready(expand(layer.factors))
+    t_expand = statistics.median(_time(lambda _: expand(layer.factors), None) for _ in range(2))
 
   lines = [
       f"SignedCutDense vs nnx.Linear, {m}x{n}; {platform.machine()} {os.cpu_count()} cores, "
@@ -155,8 +164,9 @@ def main():
   for batch, name, wms, wratio, cms, cratio, nbytes in rows:
     lines.append(f"| {batch} | {name} | {wms:.2f} | {wratio:.2f} | {cms:.2f} | {cratio:.2f} "
                  f"| {nbytes:,} |")
-  lines += ["", f"Expanding rate-½ factors to a dense kernel (dense=True, per call): "
-            f"{t_expand * 1e3:.0f} ms."]
+  if t_expand is not None:
+    lines += ["", f"Expanding rate-½ factors to a dense kernel (dense=True, per call): "
+              f"{t_expand * 1e3:.0f} ms."]
   per_row = {}
   for batch, name, _, _, ms, *_ in rows:
     if batch == max(batches):
@@ -164,7 +174,7 @@ def main():
   lin = per_row.get("nnx.Linear f32")
   fac = min((v for k, v in per_row.items() if k.startswith(f"SignedCutDense rate 0.5 (w={w})")),
             default=None)
-  if lin is not None and fac is not None and fac > lin:
+  if t_expand is not None and lin is not None and fac is not None and fac > lin:
     lines.append(f"dense=True beats the factored product from batch ≈ "
                  f"{t_expand * 1e3 / (fac - lin):.0f} (expansion / (factored − dense) per row "
                  f"at batch {max(batches)}).")

@@ -26,6 +26,25 @@ docs/calibration.md). The embedding tables have no statistics and get plain cuts
 
     python examples/compress_minilm.py --bits 4 --calibrate
 
+With ``--allocate`` (needs ``--calibrate --bits B``) the kernels get B − 1, B or
+B + 1 bits per weight, B on average: each kernel's output error curve under its H
+and its sensitivity measured on 64 calibration texts (the loss with only that
+kernel compressed, per unit of its error) choose them
+(``jax_signedcut._calibration.allocate``; docs/calibration.md section 4). The
+allocation is printed and returned in the report (``allocation``, ``sensitivities``).
+
+    python examples/compress_minilm.py --bits 4 --calibrate --search diag --allocate
+
+With ``--distill`` the compressed model is then distilled to the original
+(``jax_signedcut.distill``, block by block: ``bert.distill_blocks``): the cut
+scales c, sparse values, input scales, biases and LayerNorm parameters are
+trained on the calibration texts (the development texts pick the step kept),
+the sign bits S, T unchanged; the distilled checkpoint replaces ``--out``.
+``--factors CKPT`` starts from a checkpoint written before (no compression).
+
+    python examples/compress_minilm.py --bits 4 --calibrate --distill
+    python examples/compress_minilm.py --factors minilm_4bit.safetensors --distill
+
 Nothing is downloaded. ``main(argv)`` returns the report as a dict (the test
 suite runs a one-layer version).
 """
@@ -131,6 +150,55 @@ def _kind(path):
   return re.sub(r"layers/\d+/", "layers/*/", path)
 
 
+def distill_checkpoint(args, teacher, student, tok, factors, say):
+  """``--distill``: distils ``student`` to ``teacher``, writes it to ``args.out``, returns it reloaded.
+
+  Returns:
+    (the distilled model loaded back from the checkpoint, report entries).
+  """
+  from jax_signedcut.models.calibration_texts import CALIBRATION, DEVELOPMENT  # noqa: PLC0415
+  from jax_signedcut.nnx import PackedFactor  # noqa: PLC0415
+
+  def frozen_bits(tree):
+    return [np.asarray(a) for a in jax.tree.leaves(tree) if not np.issubdtype(a.dtype, np.floating)]
+
+  bits_before = frozen_bits(nnx.state(student, PackedFactor))
+  t0 = time.perf_counter()
+  kw = dict(steps=args.distill_steps, lr=args.distill_lr, dev_texts=DEVELOPMENT,
+            key=jax.random.key(args.seed))
+  if args.distill_mode == "blocks":
+    results = bert.distill_blocks(student, teacher, tok, CALIBRATION, **kw)
+  else:
+    results = [bert.distill_texts(student, teacher, tok, CALIBRATION,
+                                  outputs=args.distill_mode, **kw)]
+  seconds = time.perf_counter() - t0
+  packed, params = (flat_paths(nnx.state(student, cls)) for cls in (PackedFactor, nnx.Param))
+  bits_same = all(np.array_equal(a, b) for a, b in zip(
+      bits_before, frozen_bits(nnx.state(student, PackedFactor)), strict=True))
+
+  def updated(kp, leaf):
+    from jax_signedcut._core.tree import leaf_path  # noqa: PLC0415
+    path = leaf_path(kp)
+    if path in packed:
+      return packed[path]
+    return params[path] if not sc.is_compressed(leaf) and path in params else leaf
+
+  distilled = jax.tree_util.tree_map_with_path(updated, factors, is_leaf=sc.is_compressed)
+  sc.save(args.out, distilled, metadata={"model": "all-MiniLM-L6-v2", "distilled": "true",
+                                         "distill": f"{args.distill_mode}, "
+                                         f"{args.distill_steps} steps, lr {args.distill_lr:g}"})
+  loaded, _ = load_factors(args.out)
+  model_dir = bert.minilm_dir()
+  reloaded = bert.with_factors(bert.load_safetensors(model_dir, num_layers=args.layers),
+                               loaded, dense_leaves=True)
+  dev = [(int(r.best_step), float(r.dev_loss[0]), float(r.dev_loss.min())) for r in results]
+  say("distillation (block: best step, development loss before -> after): " + "; ".join(
+      f"{i - 1 if args.distill_mode == 'blocks' else 'all'}: {b}, {d0:.4f} -> {d1:.4f}"
+      for i, (b, d0, d1) in enumerate(dev)))
+  return reloaded, dict(seconds_distill=seconds, distill_sign_bits_unchanged=bits_same,
+                        distill_dev=dev, distill_trained=sum(r.trained for r in results))
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   budget = p.add_mutually_exclusive_group()
@@ -152,7 +220,20 @@ def main(argv=None) -> dict:
   p.add_argument("--allocate", action="store_true",
                  help="with --calibrate --bits: bits per kernel from measured sensitivities "
                       "(same total)")
+  p.add_argument("--distill", action="store_true",
+                 help="then train c, sparse values, input scales, biases and LayerNorm "
+                 "parameters against the original model (S, T unchanged)")
+  p.add_argument("--distill-mode", default="blocks", choices=("blocks", "hidden", "embedding"),
+                 help="block by block (default), or the whole model on every layer's hidden "
+                 "states or on the sentence embedding")
+  p.add_argument("--distill-steps", type=int, default=100,
+                 help="optimizer steps (per block with --distill-mode blocks)")
+  p.add_argument("--distill-lr", type=float, default=2e-3, help="peak learning rate")
+  p.add_argument("--factors", default=None,
+                 help="start from this compressed checkpoint instead of compressing")
   args = p.parse_args(argv)
+  if args.factors is not None and args.calibrate:
+    p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
@@ -184,10 +265,14 @@ def main(argv=None) -> dict:
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
   t0 = time.perf_counter()
-  factors = sc.decompose_leafwise(params, key=jax.random.key(args.seed), rate=rate,
-                                  bits_per_weight=args.bits, outliers=outliers,
-                                  backend=args.backend, skip=tuple(args.skip),
-                                  progress=not args.quiet, rules=rules, calibration=calibration)
+  if args.factors is not None:
+    factors = sc.load(args.factors)
+  else:
+    factors = sc.decompose_leafwise(params, key=jax.random.key(args.seed), rate=rate,
+                                    bits_per_weight=args.bits, outliers=outliers,
+                                    backend=args.backend, skip=tuple(args.skip),
+                                    progress=not args.quiet, rules=rules,
+                                    calibration=calibration)
   t_decompose = time.perf_counter() - t0
 
   # 2. Errors and bytes.
@@ -211,6 +296,8 @@ def main(argv=None) -> dict:
 
   # 3. The checkpoint: write, then read back into a model with SignedCutDense layers.
   budget_text = f"rate {rate:g}" if rate is not None else f"{args.bits:g} bits/weight"
+  if args.factors is not None:
+    budget_text = f"from {args.factors}"
   if args.calibrate:
     budget_text += ", calibrated"
   if args.allocate:
@@ -221,6 +308,16 @@ def main(argv=None) -> dict:
   loaded, _ = load_factors(args.out)
   compressed = bert.with_factors(bert.load_safetensors(model_dir, num_layers=args.layers), loaded)
   n_swapped = sum(isinstance(m, sc.nnx.SignedCutDense) for _, m in nnx.iter_modules(compressed))
+
+  # 3b. (--distill) Train the float parts against the original model; rewrite the checkpoint.
+  distilled = {}
+  if args.distill:
+    e_before = bert.encode(compressed, tok, SENTENCES)
+    compressed, distilled = distill_checkpoint(args, model, compressed, tok, factors, say)
+    distilled["cosine_mean_before_distill"] = float(
+        _cosine(bert.encode(model, tok, SENTENCES), e_before).mean())
+    distilled["checkpoint_bytes_before_distill"] = int(size)
+    size = os.path.getsize(args.out)
 
   # 4. What is lost: embedding cosine, retrieval.
   t0 = time.perf_counter()
@@ -244,7 +341,7 @@ def main(argv=None) -> dict:
       top1_correct_compressed=float(np.mean(top_comp == np.array(ANSWERS))),
       seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total,
       seconds_calibrate=t_calibrate,
-      calibrated_kernels=sum(r["calibrated"] for r in rows))
+      calibrated_kernels=sum(r["calibrated"] for r in rows), **distilled)
   if args.allocate:
     report.update(allocation=alloc, sensitivities=sens, seconds_allocate=t_allocate)
 
@@ -279,9 +376,17 @@ def main(argv=None) -> dict:
     print(f"calibrated kernels: {report['calibrated_kernels']} of {len(rows)} matrices (the "
           "others kept plain cuts, which had the lower output error under H, or have no "
           "statistics)")
+  if args.distill:
+    print(f"distilled ({args.distill_mode}, {args.distill_steps} steps, lr {args.distill_lr:g}): "
+          f"{report['distill_trained']} floats trained in {report['seconds_distill']:.1f} s; "
+          f"cosine mean before {report['cosine_mean_before_distill']:.5f}; sign bits unchanged: "
+          f"{report['distill_sign_bits_unchanged']}; checkpoint "
+          f"{report['checkpoint_bytes_before_distill']} -> {size} bytes")
+  t_distill = distilled.get("seconds_distill")
   print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}"
         f"{'' if not args.allocate else f'allocate {t_allocate:.1f} s, '}decompose "
-        f"{t_decompose:.1f} s, evaluation {t_eval:.1f} s, total {total:.1f} s")
+        f"{t_decompose:.1f} s, {'' if t_distill is None else f'distill {t_distill:.1f} s, '}"
+        f"evaluation {t_eval:.1f} s, total {total:.1f} s")
   return report
 
 

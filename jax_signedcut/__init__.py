@@ -56,6 +56,8 @@ from jax_signedcut._signedcut.tensor import decompose_tensor as decompose_tensor
 from jax_signedcut._signedcut.tensor import reconstruct_tensor as reconstruct_tensor
 from jax_signedcut._signedcut.tensor import tensor_bytes_per_cut as tensor_bytes_per_cut
 from jax_signedcut._core.tree import Budget as Budget
+from jax_signedcut._calibration.distill import DistillResult as DistillResult
+from jax_signedcut._calibration.distill import distill as distill
 from jax_signedcut._calibration.stats import Calibration as Calibration
 from jax_signedcut._calibration.stats import calibrate as calibrate
 from jax_signedcut._calibration.stats import calibrate_linen as calibrate_linen
@@ -124,6 +126,8 @@ __all__ = [
     "tensor_bytes_per_cut",
     # Calibration: input statistics for decompose(..., calibration=...).
     "Calibration",
+    "DistillResult",
+    "distill",
     "calibrate",
     "calibrate_linen",
     "load_calibration",

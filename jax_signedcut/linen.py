@@ -53,7 +53,7 @@ import numpy as np
 
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import Compressed, check_compressed, is_compressed
-from jax_signedcut._kernels.apply import apply_signed_cut
+from jax_signedcut._kernels.apply import apply_signed_cut, check_precision
 from jax_signedcut._parts.lowrank import DTYPE as _LOWRANK_DTYPE
 from jax_signedcut._parts.lowrank import LowRankPart
 from jax_signedcut._parts.sparse import Sparse
@@ -96,13 +96,17 @@ class SignedCutDense(nn.Module):
       (in, out) kernel or its ``jax.eval_shape`` (e.g.
       ``jax.eval_shape(lambda: f)``, hashable); ``init`` creates zeros of its
       structure. Any method.
+    precision: how much the CPU kernel may round (``None``, ``"default"``,
+      ``"bf16_bf16_f32"``, ``"highest"``, a ``jax.lax.Precision`` …), as for
+      the NNX layer; a module attribute, not a variable.
 
   ``init`` creates a zero kernel in the ``"signed_cut"`` collection; fill it
   with :func:`convert_params`.
 
   Raises:
     ValueError: (on construction) ``features`` or ``width`` < 1, both
-      ``width`` and ``like``, or a ``like`` of another output size.
+      ``width`` and ``like``, a ``like`` of another output size, or an
+      unknown ``precision``.
   """
 
   features: int
@@ -113,6 +117,7 @@ class SignedCutDense(nn.Module):
   sparse_slots: int = 0
   lowrank: int = 0
   like: Any = None
+  precision: Any = None  # last: the fields before it keep their positions
 
   def __post_init__(self):
     _check_int("features", self.features, 1)
@@ -122,6 +127,7 @@ class SignedCutDense(nn.Module):
       _check_int("in_features", self.in_features, 1)
     _check_int("sparse_slots", self.sparse_slots, 0)
     _check_int("lowrank", self.lowrank, 0)
+    check_precision(self.precision)
     if self.like is not None:
       check_compressed(self.like, "like")
       if self.width is not None or self.sparse_slots or self.lowrank:
@@ -147,7 +153,7 @@ class SignedCutDense(nn.Module):
                        f"compresses (in, out) = {tuple(f.shape)}")
     bias = self.param("bias", nn.initializers.zeros_init(), (n,), jnp.float32) \
         if self.use_bias else None
-    return apply_signed_cut(x, f, bias, dense=self.dense)
+    return apply_signed_cut(x, f, bias, dense=self.dense, precision=self.precision)
 
   def _zero_kernel(self, m: int):
     """The kernel ``init`` creates: zeros of ``like``'s structure, or zero signed cuts."""

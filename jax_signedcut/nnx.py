@@ -46,7 +46,7 @@ from flax import nnx
 from jax_signedcut._core import checks as _checks
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import Compressed, check_compressed, is_compressed
-from jax_signedcut._kernels.apply import apply_signed_cut
+from jax_signedcut._kernels.apply import apply_signed_cut, check_precision
 from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut.factors import SignedCut, split_cuts
 
@@ -85,6 +85,13 @@ class SignedCutDense(nnx.Module):
       pays from a batch of roughly w·m·n / (w·(m+n) − m·n) rows (≈ 2300 for
       4096² at rate ½; ``benchmarks/DENSE_RESULTS.md``); to expand once and
       reuse, use :meth:`to_linear`.
+    precision: how much the CPU kernel may round, as for
+      :func:`~jax_signedcut.nnx.apply_signed_cut` (like ``nnx.Linear``'s
+      ``precision``): ``None`` / ``"default"`` (x rounded to bf16 from 8 rows
+      where the CPU has AMX or AVX512-BF16, p in two bf16 halves),
+      ``"bf16_bf16_f32"`` / ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32``
+      (p in one bf16 too: faster), ``"highest"`` / ``jax.lax.Precision.HIGHEST``
+      (f32). A static attribute: not part of the layer's state or checkpoints.
     rngs: if given, random sign bits and scales ``1/sqrt(w·in)`` (a kernel of
       LeCun-normal variance), otherwise zero cuts.
 
@@ -102,7 +109,7 @@ class SignedCutDense(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, width: int, use_bias: bool = True,
-               dense: bool = False, rngs: nnx.Rngs | None = None):
+               dense: bool = False, precision=None, rngs: nnx.Rngs | None = None):
     # numpy integers (np.int64 from a config array) are ints too; stored as Python ints.
     in_features, out_features, width = (
         _checks.integer(name, v, minimum=1, error=ValueError)
@@ -110,25 +117,27 @@ class SignedCutDense(nnx.Module):
                         ("width", width)))
     self.in_features, self.out_features = in_features, out_features
     self.dense = dense
+    check_precision(precision)  # a bad value fails here, naming the argument
+    self.precision = precision
     self.kernel = PackedFactor(_cuts(in_features, out_features, width, rngs))
     # nnx.data: a bias None now may become a Param in from_factors.
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else nnx.data(None)
 
   @classmethod
   def from_factors(cls, f: Compressed, bias: jax.Array | None = None, *,
-                   dense: bool = False) -> SignedCutDense:
+                   dense: bool = False, precision=None) -> SignedCutDense:
     """A layer holding ``f``: one compressed (in, out) matrix, or a stack (L, …) for nnx.scan.
 
     Args:
       f: any compressed matrix (a ``SignedCut``, a ``Sum`` of parts, a
         ``QuantizedMatrix``, a ``LowRank`` …).
       bias: optional bias of shape ``f.batch_shape + (out,)``.
-      dense: as for the constructor.
+      dense, precision: as for the constructor.
 
     Raises:
       TypeError: ``f`` is not a compressed matrix.
-      ValueError: ``f`` is not a matrix, or ``bias`` does not have shape
-        f.batch_shape + (out,).
+      ValueError: ``f`` is not a matrix, ``bias`` does not have shape
+        f.batch_shape + (out,), or an unknown ``precision``.
     """
     check_compressed(f)
     if len(f.shape) != 2:
@@ -139,7 +148,7 @@ class SignedCutDense(nnx.Module):
                        f"{f.shape}, got {tuple(jnp.shape(bias))}")
     # The constructor builds random signed cuts only; a one-cut placeholder is
     # made and replaced by f (NNX modules are mutable).
-    layer = cls(m, n, width=1, use_bias=False, dense=dense)
+    layer = cls(m, n, width=1, use_bias=False, dense=dense, precision=precision)
     layer.kernel = PackedFactor(f)
     if bias is not None:
       layer.bias = nnx.Param(jnp.asarray(bias))
@@ -147,8 +156,11 @@ class SignedCutDense(nnx.Module):
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, f: Compressed, *,
-                  dense: bool = False) -> SignedCutDense:
+                  dense: bool = False, precision=None) -> SignedCutDense:
     """The layer replacing ``linear`` with ``f``, a compressed form of its kernel (bias copied).
+
+    ``precision`` is the new layer's (as for the constructor), not copied
+    from ``linear``: the kernel's levels are not XLA's.
 
     Raises:
       TypeError: ``f`` is not a compressed matrix.
@@ -162,7 +174,7 @@ class SignedCutDense(nnx.Module):
           f"Linear's kernel has shape {kshape} (in_features={linear.in_features}, "
           f"out_features={linear.out_features})")
     bias = None if linear.bias is None else linear.bias[...]
-    return cls.from_factors(f, bias, dense=dense)
+    return cls.from_factors(f, bias, dense=dense, precision=precision)
 
   @property
   def factors(self) -> Compressed:
@@ -198,7 +210,7 @@ class SignedCutDense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias[...]
-    return apply_signed_cut(x, self.factors, bias, dense=self.dense)
+    return apply_signed_cut(x, self.factors, bias, dense=self.dense, precision=self.precision)
 
 
 #: The same layer under the name that says it holds any compressed kernel.
@@ -231,7 +243,8 @@ def _set_child(model, path, new):
     setattr(parent, last, new)
 
 
-def swap_linears(model: nnx.Module, factors=None, *, dense: bool = False, **decompose_kwargs):
+def swap_linears(model: nnx.Module, factors=None, *, dense: bool = False, precision=None,
+                 **decompose_kwargs):
   """Replaces, in place, every ``nnx.Linear`` of ``model`` with a compressed kernel.
 
   Args:
@@ -243,7 +256,7 @@ def swap_linears(model: nnx.Module, factors=None, *, dense: bool = False, **deco
       becomes a :class:`SignedCutDense` holding it, the others stay.
       ``None``: decompose here with ``decompose_kwargs`` (``key``, ``rules``,
       ``rate`` …, as for :func:`jax_signedcut.decompose`).
-    dense: passed to each new layer.
+    dense, precision: passed to each new layer.
     **decompose_kwargs: only with ``factors=None``.
 
   Returns:
@@ -270,7 +283,8 @@ def swap_linears(model: nnx.Module, factors=None, *, dense: bool = False, **deco
       kpath = "/".join(map(str, path + ("kernel",)))
       f = by_path.pop(kpath, None)
       if f is not None:
-        swaps.append((path, SignedCutDense.from_linear(module, f, dense=dense)))
+        swaps.append((path, SignedCutDense.from_linear(module, f, dense=dense,
+                                                                precision=precision)))
   if by_path:
     raise ValueError("compressed values at paths that are not the kernel of an nnx.Linear in "
                      "the model: " + ", ".join(sorted(by_path)))

@@ -4,9 +4,13 @@ Tolerances: the f32 paths accumulate in f32 in different orders; against the
 float64 oracle ``x @ S diag(c) Tᵀ`` they agree to 2e-6 · (|x|·|S diag(c) Tᵀ|)
 elementwise-bounded sums, checked here as |Δ| ≤ 1e-5 · max|y| + 1e-6. The bf16
 cores (AMX, AVX512-BF16) round x to bf16 and then compute in f32 with p in two
-bf16 halves (2⁻¹⁷ relative): they are checked against the float64 oracle of
+bf16 halves (2⁻¹⁶ relative): they are checked against the float64 oracle of
 the rounded x at 3e-5 · max|y|, and against the scalar f32 core run on the
 rounded x; a bf16 core that did not round x, or any other slip, fails that.
+The opt-in single-pass mode (precision="bf16_bf16_f32") rounds p once too:
+|Δ| ≤ 2⁻⁸ · Σ_j |p_j| + 3e-5 · max|y| + 1e-6 against the float64 oracle of the
+rounded x (round to nearest: |bf16(v) − v| ≤ 2⁻⁸ |v|), and bit for bit
+against a numpy emulation on integer data where every f32 sum is exact.
 Cores this CPU lacks are skipped with the reason (pytest -rs shows which ran).
 """
 
@@ -48,13 +52,14 @@ def _oracle(x, f):
   return np.asarray(x, np.float64) @ w
 
 
-def _close_bf16(y, x, f):
+def _close_bf16(y, x, f, p_rel=2e-5):
   """A bf16 core's y against the float64 oracle of bf16(x).
 
-  p = c ∘ (x·S) enters the second product as two bf16 halves (2⁻¹⁷ relative
-  each), so besides f32 accumulation the error is bounded by ~2⁻¹⁶·Σ_j |p_j|
-  (which matters where the cuts cancel); a core that rounded p to one bf16
-  would be off by ~2⁻⁹·Σ_j |p_j|.
+  p = c ∘ (x·S) enters the second product as two bf16 halves (|p − hi − lo|
+  ≤ 2⁻¹⁶ |p|), so besides f32 accumulation the error is bounded by
+  ``p_rel``·Σ_j |p_j| with p_rel = 2e-5 ≥ 2⁻¹⁶ (which matters where the cuts
+  cancel); a core that rounded p to one bf16 would be off by up to
+  2⁻⁸·Σ_j |p_j|, the bound of the single-pass mode (p_rel = 2⁻⁸).
   """
   m, _ = f.shape
   xb = _bf16(x).astype(np.float64)
@@ -63,7 +68,7 @@ def _close_bf16(y, x, f):
   ref = _oracle(xb, f)
   y = np.asarray(y, np.float64)
   assert y.shape == ref.shape
-  bound = 3e-5 * np.abs(ref).max() + 2e-5 * p_abs[:, None] + 1e-6
+  bound = 3e-5 * np.abs(ref).max() + p_rel * p_abs[:, None] + 1e-6
   bad = np.abs(y - ref) > bound
   assert not bad.any(), f"{bad.sum()} of {bad.size} off: max |Δ| {np.abs(y - ref).max():.3g}"
 
@@ -106,7 +111,7 @@ def _run(impl, x2, f):
   if impl == "jnp":
     return _apply.apply_jnp(x2, f)
   if impl == "ffi":
-    return _apply.apply_ffi(x2, f, exact=True)
+    return _apply.apply_ffi(x2, f, precision="highest")
   return _apply.apply_ffi(x2, f, core=impl)
 
 
@@ -158,6 +163,59 @@ def test_bf16_overlapped_sign_expansion(core):
   got = _apply.apply_ffi(jnp.asarray(x), f, core=core)
   _close_bf16(got, x, f)
   _close(got, _apply.apply_ffi(jnp.asarray(_bf16(x)), f, core="scalar"), rtol=1e-4)
+
+
+SINGLE = "bf16_bf16_f32"
+
+
+@pytest.mark.parametrize("m, n, w", SHAPES)
+@pytest.mark.parametrize("core", [_core_param(c) for c in BF16_CORES])
+def test_single_pass_matches_the_oracle(m, n, w, core):
+  """precision="bf16_bf16_f32": within 2⁻⁸·Σ_j|p_j| of the oracle of bf16(x), not the default."""
+  f = _random_factors(m, n, w, seed=m + n)
+  x = jax.random.normal(jax.random.key(17), (17, m))
+  got = _apply.apply_ffi(x, f, core=core, precision=SINGLE)
+  _close_bf16(got, x, f, p_rel=2.0 ** -8)
+  # p really entered as one bf16: the default (two halves) differs.
+  assert (np.asarray(got) != np.asarray(_apply.apply_ffi(x, f, core=core))).any()
+
+
+@pytest.mark.parametrize("core", [_core_param(c) for c in BF16_CORES])
+def test_single_pass_rounds_p_once_to_nearest_even(core):
+  """Bit for bit on integer data: x ∈ -3..3 and c ∈ 1..63 make every p an
+  integer below 2¹⁶ and every f32 sum exact, so the default (p_hi + p_lo, 16
+  bits) gives x·W exactly and the single pass Σ_j bf16(p_j)·t_j exactly."""
+  m, n, w = SHAPES[4]
+  rng = np.random.default_rng(11)
+  f = _random_factors(m, n, w, seed=m + n)
+  f = sc.SignedCut(f.s_bits, f.t_bits, jnp.asarray(rng.integers(1, 64, w).astype(np.float32)),
+                   f.num_cuts, shape=f.shape)
+  x = rng.integers(-3, 4, (17, m)).astype(np.float32)
+  s = _packing.unpack_signs_np(np.asarray(f.s_bits), m).astype(np.float64)
+  t = _packing.unpack_signs_np(np.asarray(f.t_bits), n).astype(np.float64)
+  p = (x @ s.T) * np.asarray(f.c, np.float64)[None, :]                  # exact integers
+  assert np.abs(p).max() < 2 ** 16 and (np.abs(p) > 256).mean() > 0.5  # most p get rounded
+  np.testing.assert_array_equal(_apply.apply_ffi(jnp.asarray(x), f, core=core), p @ t)
+  np.testing.assert_array_equal(_apply.apply_ffi(jnp.asarray(x), f, core=core, precision=SINGLE),
+                                _bf16(p.astype(np.float32)).astype(np.float64) @ t)
+
+
+@needs_ffi
+def test_precision_values():
+  """Every accepted spelling, and a clear error for the rest (Python and the FFI attribute)."""
+  P, D = jax.lax.Precision, jax.lax.DotAlgorithmPreset
+  for v, level in [(None, "default"), ("default", "default"), (P.DEFAULT, "default"),
+                   ("bf16_bf16_f32", SINGLE), (D.BF16_BF16_F32, SINGLE), ("HIGHEST", "highest"),
+                   ("high", "highest"), (P.HIGH, "highest"), (P.HIGHEST, "highest")]:
+    assert _apply.check_precision(v) == level
+  for bad in ("bf16", "fastest", 2, D.BF16_BF16_F32_X3, [None]):
+    with pytest.raises(ValueError, match="precision must be None, 'default', 'bf16_bf16_f32'"):
+      _apply.check_precision(bad)
+  f = _random_factors(33, 97, 300)
+  call = jax.ffi.ffi_call("signedcut_apply", jax.ShapeDtypeStruct((2, 97), jnp.float32))
+  with pytest.raises(Exception, match="precision must be 0 .* got 3"):
+    jax.block_until_ready(call(jnp.ones((2, 33)), f.s_bits, f.t_bits, f.c, impl=np.int32(0),
+                               precision=np.int32(3)))
 
 
 @needs_ffi
@@ -363,6 +421,28 @@ def test_public_apply_rounds_x_only_where_a_bf16_core_pays():
   exact = _apply.apply_signed_cut(x, f, precision=jax.lax.Precision.HIGHEST)
   _close(exact, _oracle(x, f))
   assert np.abs(np.asarray(fast) - np.asarray(exact)).max() > 1e-4 * np.abs(exact).max()
+  # The single pass only when asked: by apply_signed_cut and by both layers' precision field.
+  single = np.asarray(_apply.apply_ffi(x, f, core=best, precision=SINGLE))
+  assert (single != np.asarray(fast)).any()
+  np.testing.assert_array_equal(np.asarray(_apply.apply_signed_cut(
+      x, f, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32)), single)
+  from flax import nnx  # noqa: PLC0415
+  import jax_signedcut.linen as scl  # noqa: PLC0415
+  from jax_signedcut.nnx import SignedCutDense  # noqa: PLC0415
+  for precision, want in [(None, fast), (SINGLE, single), ("highest", exact)]:
+    layer = SignedCutDense.from_factors(f, precision=precision)
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
+    graphdef, state = nnx.split(layer)          # the level is static: the state (what
+    assert nnx.merge(graphdef, state).precision == precision  # checkpoints hold) is the
+    assert jax.tree.structure(state) == jax.tree.structure(  # same for every level
+        nnx.state(SignedCutDense.from_factors(f)))
+    linen = scl.SignedCutDense(n, use_bias=False, precision=precision)
+    np.testing.assert_array_equal(
+        np.asarray(linen.apply({scl.COLLECTION: {scl.KERNEL: f}}, x)), want)
+  with pytest.raises(ValueError, match="precision must be"):
+    SignedCutDense.from_factors(f, precision="fast")
+  with pytest.raises(ValueError, match="precision must be"):
+    scl.SignedCutDense(n, width=4, precision="fast")
   # Below the work threshold the same rows stay in f32.
   small = _random_factors(40, 30, 20)
   _close(_apply.apply_signed_cut(x[:, :40], small), _oracle(x[:, :40], small))

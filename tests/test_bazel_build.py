@@ -80,5 +80,5 @@ def test_bazel_library_applies_the_same(bazel_lib, core):
   outs = []
   for target in (APPLY_TARGET, "signedcut_apply"):
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    outs.append(np.asarray(call(x, s, t, c, impl=impl, exact=np.int32(0))))
+    outs.append(np.asarray(call(x, s, t, c, impl=impl, precision=np.int32(0))))
   np.testing.assert_array_equal(outs[0], outs[1])

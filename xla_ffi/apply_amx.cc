@@ -98,7 +98,7 @@ SIGNEDCUT_AMX void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* xv
   }
 }
 
-template <bool kTwoB, bool kTwoN>
+template <bool kTwoB, bool kTwoN, bool kLo>
 SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                            int64_t nkk, float* y, int64_t y_bt, int64_t nb,
                            const Bf16Side* side) {
@@ -113,7 +113,7 @@ SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, 
   for (int64_t kk = 0; kk < nkk; ++kk) {
     _tile_loadd(6, tx + kk * 512, 64);
     if (kTwoN) _tile_loadd(7, tx + tx_ct + kk * 512, 64);
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < (kLo ? 2 : 1); ++half) {
       const uint16_t* a = p + kk * p_kk + half * p_lo;
       _tile_loadd(4, a, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -132,17 +132,28 @@ SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, 
   if (kTwoB && kTwoN) _tile_stored(3, y3, 64);
 }
 
+template <bool kLo>
+SIGNEDCUT_AMX void ExpandLo(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
+                            int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
+                            bool two_n, const Bf16Side* side) {
+  if (two_b && two_n) {
+    ExpandT<true, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+  } else if (two_b) {
+    ExpandT<true, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+  } else if (two_n) {
+    ExpandT<false, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+  } else {
+    ExpandT<false, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+  }
+}
+
 SIGNEDCUT_AMX void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                           int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                          bool two_n, const Bf16Side* side) {
-  if (two_b && two_n) {
-    ExpandT<true, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
-  } else if (two_b) {
-    ExpandT<true, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
-  } else if (two_n) {
-    ExpandT<false, true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+                          bool two_n, bool lo, const Bf16Side* side) {
+  if (lo) {
+    ExpandLo<true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, side);
   } else {
-    ExpandT<false, false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+    ExpandLo<false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, side);
   }
 }
 

@@ -62,8 +62,9 @@ SIGNEDCUT_BF16 void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* x
 }
 
 // kR rows (b0.. of one batch tile) × one or two column tiles of Y. p points
-// at the batch tile's P tile (kk 0, hi), y at its Y tile (ct0).
-template <int kR>
+// at the batch tile's P tile (kk 0, hi), y at its Y tile (ct0). kLo: add the
+// P_lo products too.
+template <int kR, bool kLo>
 SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx, int64_t tx_ct,
                                int64_t nkk, float* y, int64_t nb, bool two_n) {
   const int64_t p_kk = 64 * nb, p_lo = 32 * nb;
@@ -80,9 +81,14 @@ SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx
       const __m512i t1 = two_n ? _mm512_loadu_si512(tx + tx_ct + kk * 512 + r * 32) : t0;
 #pragma GCC unroll 8
       for (int b = 0; b < kR; ++b) {
-        const __m512i hi = Pair(pk + b * 32 + 2 * r), lo = Pair(pk + p_lo + b * 32 + 2 * r);
-        acc[b][0] = Dp(Dp(acc[b][0], hi, t0), lo, t0);
-        if (two_n) acc[b][1] = Dp(Dp(acc[b][1], hi, t1), lo, t1);
+        const __m512i hi = Pair(pk + b * 32 + 2 * r);
+        acc[b][0] = Dp(acc[b][0], hi, t0);
+        if (two_n) acc[b][1] = Dp(acc[b][1], hi, t1);
+        if (kLo) {
+          const __m512i lo = Pair(pk + p_lo + b * 32 + 2 * r);
+          acc[b][0] = Dp(acc[b][0], lo, t0);
+          if (two_n) acc[b][1] = Dp(acc[b][1], lo, t1);
+        }
       }
     }
   }
@@ -95,13 +101,18 @@ SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx
 
 SIGNEDCUT_BF16 void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                            int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                           bool two_n, const Bf16Side* side) {
+                           bool two_n, bool lo, const Bf16Side* side) {
   for (int i = 0; i < (two_b ? 2 : 1); ++i) {
     const uint16_t* pi = p + i * p_bt;
     float* yi = y + i * y_bt;
     int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) ExpandRows<8>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
-    for (; b < nb; ++b) ExpandRows<1>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+    if (lo) {
+      for (; b + 8 <= nb; b += 8) ExpandRows<8, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+      for (; b < nb; ++b) ExpandRows<1, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+    } else {
+      for (; b + 8 <= nb; b += 8) ExpandRows<8, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+      for (; b < nb; ++b) ExpandRows<1, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+    }
   }
   // No tile unit to overlap with: the side work runs after the products.
   if (side) {

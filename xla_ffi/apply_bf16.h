@@ -5,7 +5,10 @@
 // are exact in bf16; every product is exact in f32 and every sum is f32. The
 // projection p = c ∘ (x·S) (f32) enters the second product as two bf16 terms,
 // p_hi = bf16(p) and p_lo = bf16(p − p_hi), so it carries 16 bits of mantissa
-// there (relative error ≤ 2⁻¹⁷), far below the rounding of x (≤ 2⁻⁹ per entry).
+// there (relative error ≤ 2⁻¹⁶), far below the rounding of x (≤ 2⁻⁸ per entry).
+// In the single-pass mode (ApplyPrecision::kBf16) only p_hi enters (relative
+// error ≤ 2⁻⁸, like x): the P_lo tiles are neither written nor read, and the
+// expansion runs half its tile products.
 //
 // Both products are cast as tile GEMMs with K-pairs interleaved (the VNNI
 // layout that TDPBF16PS and VDPBF16PS read):
@@ -78,7 +81,7 @@ struct Bf16Core {
                   bool two_b, bool load);
   // Expansion micro-kernel: for batch tiles bt0 (+1 if two_b) and column
   // tiles ct0 (+1 if two_n): Y(bt, ct) += Σ_kk (P_hi + P_lo)(bt, kk) · Tx(ct, kk)
-  // over nkk blocks. p points at P tile (bt0, 0, hi), p_bt is the distance in
+  // over nkk blocks (P_hi alone if !lo). p points at P tile (bt0, 0, hi), p_bt is the distance in
   // elements to the next batch tile's; tx at tile (ct0, 0), tx_ct the distance
   // in elements between column tiles; y at Y tile (bt0, ct0), y_bt the
   // distance in floats to the next batch tile's (the next column tile's is
@@ -86,7 +89,7 @@ struct Bf16Core {
   // the operands or Y of this call.
   void (*expand)(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                  int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b, bool two_n,
-                 const Bf16Side* side);
+                 bool lo, const Bf16Side* side);
 };
 
 // Only valid where Cpu().avx512_bf16 / AmxUsable().

@@ -41,9 +41,11 @@ struct Bf16Scratch {
 };
 
 // y (rows_pad × ldy in the tile-major Y layout of apply_bf16.h, zeroed by the
-// caller) += the product of cuts [j0, j1).
+// caller) += the product of cuts [j0, j1); p in two bf16 halves if `lo`, else
+// in one (the single-pass mode).
 void Bf16Partition(const Bf16Core& core, const ApplyArgs& a, const Bf16Shape& s,
-                   const uint16_t* xv, int64_t j0, int64_t j1, float* y, Bf16Scratch& sc);
+                   const uint16_t* xv, int64_t j0, int64_t j1, float* y, Bf16Scratch& sc,
+                   bool lo);
 
 }  // namespace signedcut
 

@@ -140,9 +140,10 @@ SIGNEDCUT_AVX512BW void ExpandTStep(const void* ctx, int64_t kk) {
 }
 
 // P (tile-major, apply_bf16.h) for nkk 32-cut blocks from the f32 projection
-// tiles: p = c ∘ Ptmp; cuts past ncut are zero (their Tx rows are +1).
+// tiles: p = c ∘ Ptmp; cuts past ncut are zero (their Tx rows are +1). The
+// P_lo tiles only if `lo` (else they are never read).
 SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, int64_t ncb,
-                               int64_t nkk, const Bf16Shape& s, uint16_t* p) {
+                               int64_t nkk, const Bf16Shape& s, bool lo, uint16_t* p) {
   const __m512i cuts = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
       _mm512_set1_epi32(static_cast<int>(s.nb)));
@@ -153,7 +154,7 @@ SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, 
         uint16_t* at = p + ((bt * nkk + cb / 2) * 2) * tile + 16;
         for (int64_t b = 0; b < s.nb; ++b) {
           std::memset(at + b * 32, 0, 32);
-          std::memset(at + tile + b * 32, 0, 32);
+          if (lo) std::memset(at + tile + b * 32, 0, 32);
         }
       }
       continue;
@@ -167,10 +168,12 @@ SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, 
       for (int64_t b = 0; b < s.nb; ++b) {
         const __m512 v = _mm512_mul_ps(cv, _mm512_i32gather_ps(cuts, src + b, 4));
         const __m512i hi = RoundBf16(v);
-        const __m512i lo = RoundBf16(_mm512_sub_ps(v, Bf16ToF32(hi)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + b * 32), _mm512_cvtepi32_epi16(hi));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + tile + b * 32),
-                            _mm512_cvtepi32_epi16(lo));
+        if (lo) {
+          const __m512i rest = RoundBf16(_mm512_sub_ps(v, Bf16ToF32(hi)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + tile + b * 32),
+                              _mm512_cvtepi32_epi16(rest));
+        }
       }
     }
   }
@@ -186,7 +189,7 @@ Bf16Scratch::Bf16Scratch(const Bf16Shape& s)
 
 SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
                                       const Bf16Shape& s, const uint16_t* xv, int64_t j0,
-                                      int64_t j1, float* y, Bf16Scratch& sc) {
+                                      int64_t j1, float* y, Bf16Scratch& sc, bool lo) {
   const int64_t mw = (a.m + 31) / 32, nw = (a.n + 31) / 32;
   for (int64_t k0 = j0; k0 < j1; k0 += kBf16ChunkCuts) {
     const int64_t ncut = std::min(j1, k0 + kBf16ChunkCuts) - k0;
@@ -208,8 +211,8 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
         }
       }
     }
-    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, sc.p.data());
-    // Expand: Y(bt, ct) += (P_hi + P_lo)(bt, ·) · Tx(ct, ·), two column tiles
+    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, lo, sc.p.data());
+    // Expand: Y(bt, ct) += (P_hi [+ P_lo])(bt, ·) · Tx(ct, ·), two column tiles
     // of expanded signs at a time (32 KiB for 512 cuts: L1).
     // With more than one batch tile the signs of the next pair are expanded
     // into the other half of sc.tx by the first micro-kernel call of the
@@ -231,7 +234,7 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
       for (int64_t bt = 0; bt < s.bt; bt += 2) {
         core.expand(sc.p.data() + bt * nkk * 64 * s.nb, nkk * 64 * s.nb, tx, nkk * 512, nkk,
                     y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb, bt + 1 < s.bt,
-                    two_n, overlap && bt == 0 && ct + 2 < nct ? &side : nullptr);
+                    two_n, lo, overlap && bt == 0 && ct + 2 < nct ? &side : nullptr);
       }
     }
   }

@@ -98,6 +98,7 @@ bool IsBf16(ApplyCore core) {
 struct ApplyJob {
   ApplyArgs a;
   ApplyCore core;
+  bool p_lo = true;            // bf16 cores: p in two bf16 halves (else one)
   int64_t parts;
   float* y;                    // f32 cores: partition 0's buffer (the output)
   std::vector<float> extra;    // f32 cores: partitions 1..; bf16: all partitions
@@ -120,7 +121,8 @@ struct ApplyJob {
         case ApplyCore::kAmx:
         case ApplyCore::kAvx512Bf16:
           Bf16Partition(core == ApplyCore::kAmx ? AmxCore() : Avx512Bf16Core(), a, shape,
-                        xv.data(), j0, j1, extra.data() + k * BufferFloats(), scratch[k]);
+                        xv.data(), j0, j1, extra.data() + k * BufferFloats(), scratch[k],
+                        p_lo);
           break;
         case ApplyCore::kAvx512: {
           float* out = k == 0 ? y : extra.data() + (k - 1) * BufferFloats();
@@ -199,7 +201,8 @@ ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_
 
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
-                    ApplyCore core, int threads, const TaskRunner& spawn) {
+                    ApplyCore core, int threads, const TaskRunner& spawn,
+                    ApplyPrecision precision) {
   if (threads <= 0) threads = UsableCpus();
   const int64_t parts = Partitions(rows, m, n, w);
   threads = static_cast<int>(std::min<int64_t>(threads, parts));
@@ -209,6 +212,7 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
   try {
     job = std::make_shared<ApplyJob>();
     job->core = core;
+    job->p_lo = precision != ApplyPrecision::kBf16;
     job->a = ApplyArgs{x, s_bits, t_bits, c, nullptr, nullptr, rows, m, n, w};
     if (bf16) {
       job->shape = Bf16ShapeOf(rows, m, n);
@@ -314,8 +318,13 @@ int64_t Prod(ffi::Span<const int64_t> dims, size_t upto) {
 // over) split y's rows into G equal groups.
 ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                      ffi::Buffer<ffi::U32> t_bits, ffi::Buffer<ffi::F32> c,
-                     ffi::ResultBuffer<ffi::F32> y, int32_t impl, int32_t exact,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t impl, int32_t precision,
                      ffi::ThreadPool pool) {
+  if (precision < 0 || precision > 2)
+    return ffi::Error::InvalidArgument(
+        "signedcut_apply: precision must be 0 (default), 1 (highest) or 2 (bf16_bf16_f32), "
+        "got " + std::to_string(precision));
+  const auto prec = static_cast<signedcut::ApplyPrecision>(precision);
   const auto xd = x.dimensions(), sd = s_bits.dimensions(), td = t_bits.dimensions(),
              cd = c.dimensions(), yd = y->dimensions();
   if (xd.size() < 1 || yd.size() != xd.size() || sd.size() < 2 || td.size() != sd.size() ||
@@ -351,7 +360,8 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
   if (rows == 0 || m == 0 || n == 0) return ffi::Error::Success();
   std::string error;
   const signedcut::ApplyCore core = signedcut::ResolveApplyCore(
-      static_cast<signedcut::ApplyCore>(impl), exact != 0, rows, rows * w * (m + n), &error);
+      static_cast<signedcut::ApplyCore>(impl), prec == signedcut::ApplyPrecision::kHighest, rows,
+      rows * w * (m + n), &error);
   if (core == signedcut::ApplyCore::kAuto) return ffi::Error::InvalidArgument(error);
   // Helpers run on XLA's intra-op pool (the threads XLA's own ops use, which
   // otherwise sit spinning next to ours); the caller is one worker.
@@ -365,7 +375,7 @@ ffi::Error ApplyImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> s_bits,
                                    s_bits.typed_data() + g * w * sd.back(),
                                    t_bits.typed_data() + g * w * td.back(),
                                    c.typed_data() + g * w, y->typed_data() + g * rows * n, rows,
-                                   m, n, w, core, threads, spawn))
+                                   m, n, w, core, threads, spawn, prec))
       return ffi::Error(ffi::ErrorCode::kResourceExhausted,
                         "signedcut_apply: could not allocate the (rows, w) scratch");
   }
@@ -383,5 +393,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SignedCutApply, ApplyImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (..., n)
                                   .Attr<int32_t>("impl")   // 0 auto, 1 scalar, 2 avx512,
                                                            // 3 avx512_bf16, 4 amx
-                                  .Attr<int32_t>("exact")  // 1: auto picks f32 cores only
+                                  .Attr<int32_t>("precision")  // ApplyPrecision: 0 default,
+                                                               // 1 highest (auto: f32 cores
+                                                               // only), 2 bf16_bf16_f32
                                   .Ctx<ffi::ThreadPool>());

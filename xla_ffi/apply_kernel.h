@@ -60,6 +60,15 @@ void ApplyExpandAvx512(const ApplyArgs& a, int64_t j0, int64_t j1, float* y);
 // thread pool (ffi::ThreadPool) promises.
 using TaskRunner = std::function<void(std::function<void()>)>;
 
+// How much rounding a call allows (the FFI attribute "precision"; the Python
+// names in jax_signedcut/_kernels/apply.py). kDefault: a bf16 core (where
+// `auto` picks one) rounds x to bf16 and feeds p = c ∘ (x·S) to the second
+// product as two bf16 halves (≈ 16 mantissa bits). kBf16: the same, with p
+// as one bf16 (a single pass: a third fewer tile products, p off by ≤ 2⁻⁸
+// relative). kHighest: f32 cores only. The f32 cores ignore the difference
+// between kDefault and kBf16.
+enum class ApplyPrecision : int32_t { kDefault = 0, kHighest = 1, kBf16 = 2 };
+
 // The implementations of the product. kScalar and kAvx512 compute in f32
 // (the reference); kAvx512Bf16 (vdpbf16ps) and kAmx (AMX tiles) round x to
 // bf16 and accumulate in f32 (apply_bf16.h states their numerics).
@@ -90,10 +99,12 @@ ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_
 // `threads` workers (0: the usable CPUs) claim partitions one at a time, so a
 // worker that is held up by another process leaves its share to the others.
 // The caller is one worker; `spawn` starts the others (empty: std::thread).
+// `precision` kBf16 makes a bf16 core take p as one bf16 (see ApplyPrecision).
 // Returns false if the scratch could not be allocated.
 bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bits,
                     const float* c, float* y, int64_t rows, int64_t m, int64_t n, int64_t w,
-                    ApplyCore core, int threads, const TaskRunner& spawn = {});
+                    ApplyCore core, int threads, const TaskRunner& spawn = {},
+                    ApplyPrecision precision = ApplyPrecision::kDefault);
 
 // CPUs this process may run on (its affinity mask), at least 1.
 int UsableCpus();

@@ -7,8 +7,9 @@
 //   g++ -O3 -DNDEBUG -std=c++17 -w -I$(python -c "import jax.ffi; print(jax.ffi.include_dir())") \
 //     -Ixla_ffi benchmarks/drivers/apply_bench.cc xla_ffi/cpu_features.cc xla_ffi/apply_*.cc \
 //     -lpthread -o /tmp/apply_bench
-// Run: /tmp/apply_bench ROWS M N W CORE THREADS [REPEATS]
+// Run: /tmp/apply_bench ROWS M N W CORE THREADS [REPEATS [PRECISION]]
 //   CORE: 0 auto, 1 scalar, 2 avx512, 3 avx512_bf16, 4 amx.
+//   PRECISION: 0 default, 1 highest, 2 bf16_bf16_f32 (ApplyPrecision).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -35,12 +36,13 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   using namespace signedcut;
   if (argc < 7) {
-    std::fprintf(stderr, "usage: %s ROWS M N W CORE THREADS [REPEATS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s ROWS M N W CORE THREADS [REPEATS [PRECISION]]\n", argv[0]);
     return 2;
   }
   const int64_t rows = std::atoll(argv[1]), m = std::atoll(argv[2]), n = std::atoll(argv[3]),
                 w = std::atoll(argv[4]);
   const int threads = std::atoi(argv[6]), reps = argc > 7 ? std::atoi(argv[7]) : 5;
+  const auto precision = static_cast<ApplyPrecision>(argc > 8 ? std::atoi(argv[8]) : 0);
   std::mt19937 g(1);
   std::normal_distribution<float> nd;
   std::vector<float> x(rows * m), c(w), y(rows * n);
@@ -50,7 +52,8 @@ int main(int argc, char** argv) {
   for (auto& v : sb) v = g();
   for (auto& v : tb) v = g();
   std::string err;
-  const ApplyCore core = ResolveApplyCore(static_cast<ApplyCore>(std::atoi(argv[5])), false, rows,
+  const ApplyCore core = ResolveApplyCore(static_cast<ApplyCore>(std::atoi(argv[5])),
+                                          precision == ApplyPrecision::kHighest, rows,
                                           rows * w * (m + n), &err);
   if (core == ApplyCore::kAuto) {
     std::fprintf(stderr, "%s\n", err.c_str());
@@ -61,7 +64,7 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     const double c0 = CpuSeconds();
     if (!ApplySignedCut(x.data(), sb.data(), tb.data(), c.data(), y.data(), rows, m, n, w, core,
-                        threads)) {
+                        threads, {}, precision)) {
       std::fprintf(stderr, "allocation failed\n");
       return 1;
     }

@@ -16,7 +16,9 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   (AMX tiles, or AVX512-BF16 ``vdpbf16ps`` on CPUs without AMX) expand the
   signs to ±1 bf16 tiles and run both products as tile GEMMs: x is rounded to
   bf16, products are exact and sums f32, and p enters the second product as
-  two bf16 halves (≈ 16 mantissa bits). The core is chosen once per process
+  two bf16 halves (≈ 16 mantissa bits), or with ``precision="bf16_bf16_f32"``
+  as one (a single pass, a third fewer tile products; see
+  :func:`check_precision`). The core is chosen once per process
   (``JAX_SIGNEDCUT_APPLY_IMPL`` = ``scalar``, ``avx512``, ``avx512_bf16`` or
   ``amx`` overrides the CPU check); bf16 cores only from ``BF16_MIN_ROWS``
   rows and ``BF16_MIN_WORK`` multiply-adds, never with
@@ -60,6 +62,9 @@ BF16_MIN_ROWS = 8
 BF16_MIN_WORK = 1 << 22
 #: The kernel's cores (its ``impl`` attribute).
 APPLY_IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
+#: The rounding levels of ``precision`` (the kernel's ``precision`` attribute,
+#: ``ApplyPrecision`` in ``xla_ffi/apply_kernel.h``); see :func:`check_precision`.
+PRECISIONS = {"default": 0, "highest": 1, "bf16_bf16_f32": 2}
 
 _HI = jax.lax.Precision.HIGHEST
 _APPLY_TARGET = "signedcut_apply"
@@ -110,6 +115,43 @@ def apply_jnp(x2: jax.Array, f: SignedCut, *, block: int = BLOCK) -> jax.Array:
   return y
 
 
+def check_precision(precision) -> str:
+  """The level (a key of ``PRECISIONS``) that a ``precision`` argument asks for.
+
+  Named after ``jax.lax.Precision`` and ``jax.lax.DotAlgorithmPreset``; each
+  level bounds what the CPU kernel's bf16 cores (AMX, AVX512-BF16) may round,
+  and the f32 paths (the f32 cores, the pure-JAX path) satisfy every level:
+
+  * ``None``, ``"default"``, ``Precision.DEFAULT``: ``"default"``. x is rounded
+    to bf16, f32 accumulation, and p = c ∘ (x·S) enters the second product as
+    two bf16 halves (relative error ≤ 2⁻¹⁶).
+  * ``"bf16_bf16_f32"``, ``DotAlgorithmPreset.BF16_BF16_F32`` (bf16 operands,
+    f32 accumulation, one pass): as ``"default"`` but p enters as one bf16
+    (relative error ≤ 2⁻⁸, like x), a third fewer tile products. Opt-in only.
+  * ``"highest"``, ``"high"``, ``Precision.HIGHEST``, ``Precision.HIGH``:
+    ``"highest"``, f32 cores only (the kernel has no bf16×3 path, so HIGH,
+    which asks for more than bf16 operands, gets f32).
+
+  Raises:
+    ValueError: any other value, naming the argument and the values accepted.
+  """
+  if precision is None:
+    return "default"
+  lax = jax.lax
+  if isinstance(precision, str) and precision.lower() in PRECISIONS:
+    return precision.lower()
+  if isinstance(precision, str) and precision.lower() == "high":
+    return "highest"
+  if precision is lax.DotAlgorithmPreset.BF16_BF16_F32:
+    return "bf16_bf16_f32"
+  if isinstance(precision, lax.Precision):
+    return "default" if precision == lax.Precision.DEFAULT else "highest"
+  raise ValueError(
+      "precision must be None, 'default', 'bf16_bf16_f32', 'high', 'highest', a "
+      "jax.lax.Precision or jax.lax.DotAlgorithmPreset.BF16_BF16_F32, got "
+      f"{precision!r}")
+
+
 def _has_ffi_kernel() -> bool:
   return _extension.has_target(_APPLY_TARGET)
 
@@ -142,30 +184,30 @@ def _has_bf16_core() -> bool:
   return _has_ffi_kernel() and apply_core("auto") in ("amx", "avx512_bf16")
 
 
-def _ffi_raw(x2, s_bits, t_bits, c, n, impl, exact):
+def _ffi_raw(x2, s_bits, t_bits, c, n, impl, precision):
   if not _has_ffi_kernel():  # also registers the targets (imports _ffi) on first use
     raise ValueError("the signedcut_apply kernel is not built into this jax_signedcut")
   call = jax.ffi.ffi_call(_APPLY_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                           vmap_method="expand_dims")
   return call(x2, s_bits, t_bits, c.astype(jnp.float32), impl=np.int32(APPLY_IMPLS[impl]),
-              exact=np.int32(exact))
+              precision=np.int32(PRECISIONS[precision]))
 
 
 # The kernel has no autodiff rule of its own: the x-cotangent is the same
 # kernel on the transposed factors (Wᵀ = T·diag(c)·Sᵀ), the c-cotangent comes
 # from the pure-JAX path, and the sign bits get float0 (they are integers).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _ffi_apply(x2, s_bits, t_bits, c, shape, impl, exact):
-  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], impl, exact)
+def _ffi_apply(x2, s_bits, t_bits, c, shape, impl, precision):
+  return _ffi_raw(x2, s_bits, t_bits, c, shape[1], impl, precision)
 
 
-def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, impl, exact):
-  return _ffi_apply(x2, s_bits, t_bits, c, shape, impl, exact), (x2, s_bits, t_bits, c)
+def _ffi_apply_fwd(x2, s_bits, t_bits, c, shape, impl, precision):
+  return _ffi_apply(x2, s_bits, t_bits, c, shape, impl, precision), (x2, s_bits, t_bits, c)
 
 
-def _ffi_apply_bwd(shape, impl, exact, res, g):
+def _ffi_apply_bwd(shape, impl, precision, res, g):
   x2, s_bits, t_bits, c = res
-  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], impl, exact)
+  gx = _ffi_raw(g, t_bits, s_bits, c, shape[0], impl, precision)
   _, vjp_c = jax.vjp(
       lambda c: apply_jnp(x2, SignedCut(s_bits, t_bits, c, jnp.int32(0), shape=shape)), c)
   (gc,) = vjp_c(g)
@@ -177,7 +219,7 @@ _ffi_apply.defvjp(_ffi_apply_fwd, _ffi_apply_bwd)
 
 
 def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False, core: str = "auto",
-              exact: bool = False) -> jax.Array:
+              precision=None) -> jax.Array:
   """The CPU FFI kernel: f32 x2 (B, m) → (B, n) f32 (differentiable in x2 and c).
 
   Args:
@@ -189,17 +231,19 @@ def apply_ffi(x2: jax.Array, f: SignedCut, *, force_scalar: bool = False, core: 
       ``"scalar"``, ``"avx512"`` (f32), ``"avx512_bf16"``, ``"amx"`` (x
       rounded to bf16, f32 accumulation); an explicit core this CPU cannot
       run is an error at run time.
-    exact: with ``core="auto"``, use the f32 cores only.
+    precision: see :func:`check_precision`; ``"highest"`` with
+      ``core="auto"`` uses the f32 cores only, ``"bf16_bf16_f32"`` makes a
+      bf16 core take p as one bf16.
   """
   if core not in APPLY_IMPLS:
     raise ValueError(f"core must be one of {tuple(APPLY_IMPLS)}, got {core!r}")
   return _ffi_apply(x2, f.s_bits, f.t_bits, f.c, tuple(f.shape),
-                    "scalar" if force_scalar else core, bool(exact))
+                    "scalar" if force_scalar else core, check_precision(precision))
 
 
 def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
                      dense: bool = False, impl: str = "auto",
-                     precision: str | None = None) -> jax.Array:
+                     precision=None) -> jax.Array:
   """``y = x·W + b`` with ``W = S·diag(c)·Tᵀ`` (m, n) = (in, out) given as factors.
 
   Args:
@@ -218,10 +262,13 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
     impl: ``"auto"`` (on CPU the FFI kernel when built, in f32 only for fewer
       than ``FFI_MAX_ROWS`` rows; else pure JAX), ``"jnp"`` or ``"ffi"`` (CPU
       only).
-    precision: ``None`` lets the CPU kernel round x to bf16 (f32
-      accumulation) from ``BF16_MIN_ROWS`` rows where the CPU has AMX or
-      AVX512-BF16; ``"highest"`` (or ``jax.lax.Precision.HIGHEST``) keeps every
-      path in f32. The pure-JAX path is always f32.
+    precision: ``None`` (``"default"``) lets the CPU kernel round x to bf16
+      (f32 accumulation, p in two bf16 halves) from ``BF16_MIN_ROWS`` rows
+      where the CPU has AMX or AVX512-BF16; ``"bf16_bf16_f32"`` (or
+      ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32``) also rounds p to one bf16
+      there (faster, ≤ 2⁻⁸ relative like x); ``"highest"`` (or
+      ``jax.lax.Precision.HIGHEST`` / ``HIGH``) keeps every path in f32. The
+      pure-JAX path is always f32. See :func:`check_precision`.
 
   Returns:
     (..., n) in ``x.dtype``, accumulated in f32.
@@ -245,11 +292,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
   if impl == "ffi" and not _has_ffi_kernel():
     raise ValueError("impl='ffi' needs the compiled signedcut_apply kernel, which this "
                      "build of jax_signedcut does not provide")
-  if precision == jax.lax.Precision.HIGHEST:
-    precision = "highest"
-  if precision not in (None, "highest"):
-    raise ValueError(f"precision must be None or 'highest', got {precision!r}")
-  exact = precision == "highest"
+  precision = check_precision(precision)
   m, n = f.shape
   batch = x.shape[:-1]
   x2 = x.reshape(-1, m).astype(jnp.float32)
@@ -260,7 +303,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
     y = None
     for p in parts:
       # The cuts take the implementation asked for; every other part its own product.
-      yp = cuts_matmul(x2, p, impl=impl, exact=exact) if isinstance(p, SignedCut) \
+      yp = cuts_matmul(x2, p, impl=impl, precision=precision) if isinstance(p, SignedCut) \
           else p._matmul(x2)  # noqa: SLF001
       y = yp if y is None else y + yp
   if bias is not None:
@@ -269,11 +312,14 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
 
 
 def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto",
-                exact: bool = False) -> jax.Array:
-  """``x2 · S·diag(c)·Tᵀ`` (B, n) f32 for f32 x2 (B, m), by ``impl`` (see apply_signed_cut).
+                precision=None) -> jax.Array:
+  """``x2 · S·diag(c)·Tᵀ`` (B, n) f32 for f32 x2 (B, m), by ``impl`` and ``precision``.
 
-  ``exact`` keeps the CPU kernel on its f32 cores (``precision="highest"``).
+  See :func:`apply_signed_cut`; ``precision="highest"`` keeps the CPU kernel
+  on its f32 cores.
   """
+  precision = check_precision(precision)
+  exact = precision == "highest"
   m, n = f.shape
   rows = x2.shape[0]
   # Where the kernel takes a bf16 core it beats the blocked GEMMs at every batch size.
@@ -283,6 +329,6 @@ def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto",
   if impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel() or not kernel_rows)):
     return apply_jnp(x2, f)
   if impl == "ffi":
-    return apply_ffi(x2, f, exact=exact)
-  return _extension.on_platform(x2, f, cpu=functools.partial(apply_ffi, exact=exact),
+    return apply_ffi(x2, f, precision=precision)
+  return _extension.on_platform(x2, f, cpu=functools.partial(apply_ffi, precision=precision),
                                 default=apply_jnp)

@@ -40,9 +40,9 @@ from flax import nnx
 from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import is_compressed
 
-__all__ = ["Bert", "BertConfig", "calibrate_texts", "calibration_batches", "encode",
-           "hf_kernel_names", "load_safetensors", "load_tokenizer", "minilm_dir",
-           "sentence_embedding", "with_factors"]
+__all__ = ["Bert", "BertConfig", "DISTILL_OUTPUTS", "calibrate_texts", "calibration_batches",
+           "distill_blocks", "distill_texts", "encode", "refit_attention", "hf_kernel_names", "hidden_states", "load_safetensors",
+           "load_tokenizer", "minilm_dir", "sentence_embedding", "with_factors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,8 @@ class Layer(nnx.Module):
     self.output = nnx.Linear(f, d, rngs=rngs)
     self.output_norm = _norm(cfg, rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """The self-attention sub-block's output before the residual and LayerNorm (B, L, d)."""
     b, l, d = x.shape
     h = self.num_heads
 
@@ -126,7 +127,10 @@ class Layer(nnx.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
     context = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-    x = self.attention_norm(x + self.attention_out(context.reshape(b, l, d)))
+    return self.attention_out(context.reshape(b, l, d))
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = self.attention_norm(x + self.attention(x, mask))
     y = self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
     return self.output_norm(x + y)
 
@@ -146,13 +150,18 @@ class Bert(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                token_type_ids: jax.Array | None = None) -> jax.Array:
+    return self.hidden_states(input_ids, attention_mask, token_type_ids)[-1]
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
+                    token_type_ids: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """The embeddings' output and each layer's: ``num_layers + 1`` arrays (B, L, hidden)."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     mask = attention_mask.astype(bool)
-    x = self.embeddings(input_ids, token_type_ids)
+    xs = [self.embeddings(input_ids, token_type_ids)]
     for layer in self.layers:
-      x = layer(x, mask)
-    return x
+      xs.append(layer(xs[-1], mask))
+    return tuple(xs)
 
 
 def sentence_embedding(model: Bert, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -293,13 +302,15 @@ def encode(model: Bert, tokenizer, texts, *, batch_size: int = 32) -> np.ndarray
   return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
 
 
-def with_factors(model: Bert, factors, *, dense: bool = False) -> Bert:
+def with_factors(model: Bert, factors, *, dense: bool = False, dense_leaves: bool = False) -> Bert:
   """Puts a ``decompose`` result over ``nnx.state(model, nnx.Param)`` into ``model``, in place.
 
   Linear kernels held compressed (any method) become ``SignedCutDense``
   layers (via :func:`jax_signedcut.nnx.swap_linears`); any other compressed
   leaf (the embedding tables) is reconstructed into its dense variable. Dense
-  leaves of ``factors`` are left as the model has them.
+  leaves of ``factors`` are left as the model has them, unless
+  ``dense_leaves=True``: then they are copied in (a distilled checkpoint's
+  biases and LayerNorm parameters).
 
   Returns:
     ``model``.
@@ -319,6 +330,15 @@ def with_factors(model: Bert, factors, *, dense: bool = False) -> Bert:
     keys = tuple(int(k) if k.isdigit() else k for k in path.split("/"))
     var = _variable(model, keys)
     var.set_value(f.reconstruct(var.dtype))
+  if dense_leaves:
+    for kp, leaf in flat:
+      if leaf is not None and not is_compressed(leaf):
+        path = _tree.leaf_path(kp)
+        var = _variable(model, tuple(int(k) if k.isdigit() else k for k in path.split("/")))
+        if tuple(jnp.shape(leaf)) != tuple(var.shape):
+          raise ValueError(f"factors leaf {path} has shape {tuple(jnp.shape(leaf))}, the model "
+                           f"expects {tuple(var.shape)}")
+        var.set_value(jnp.asarray(leaf, var.dtype))
   only_linear = jax.tree_util.tree_unflatten(
       treedef, [x if is_compressed(x) else None for x in linear])
   swap_linears(model, only_linear, dense=dense)
@@ -368,6 +388,179 @@ def calibrate_texts(model: Bert, tokenizer, texts, *, batch_size: int = 32):
     raise ValueError("texts is empty: calibration needs at least one text")
   return stats.calibrate(model, calibration_batches(tokenizer, texts, batch_size=batch_size),
                          token_mask=lambda b: b[1])
+
+
+def hidden_states(model: Bert, input_ids: jax.Array, attention_mask: jax.Array) -> tuple:
+  """Each layer's output (B, L, hidden) with the padding tokens zeroed (``num_layers`` arrays)."""
+  m = attention_mask.astype(jnp.float32)[..., None]
+  return tuple(x * m for x in model.hidden_states(input_ids, attention_mask)[1:])
+
+
+#: What :func:`distill_texts` can match: every layer's hidden states (padding
+#: zeroed), the last layer's, or the sentence embedding.
+DISTILL_OUTPUTS = {
+    "hidden": hidden_states,
+    "last": lambda model, ids, mask: hidden_states(model, ids, mask)[-1],
+    "embedding": sentence_embedding,
+}
+
+
+def distill_texts(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
+                  lr: float = 1e-3, outputs: str = "hidden", dev_texts=None,
+                  batch_size: int = 32, key=None, **kwargs):
+  """:func:`jax_signedcut.distill` of a compressed :class:`Bert` to the original on ``texts``.
+
+  Args:
+    student: the compressed model (``SignedCutDense`` layers, :func:`with_factors`);
+      updated in place.
+    teacher: the original model.
+    tokenizer: from :func:`load_tokenizer`.
+    texts: training texts (calibration texts, never evaluation texts).
+    steps, lr, key: as for ``distill`` (one batch of ``batch_size`` texts a step).
+    outputs: a key of :data:`DISTILL_OUTPUTS`.
+    dev_texts: held-out texts; the step with the lowest loss on them is kept.
+    **kwargs: passed to ``distill`` (``train``, ``only``, ``eval_every`` …).
+
+  Returns:
+    The ``DistillResult``.
+
+  Raises:
+    ValueError: empty ``texts`` or an unknown ``outputs``.
+  """
+  from jax_signedcut._calibration.distill import distill  # noqa: PLC0415
+
+  if outputs not in DISTILL_OUTPUTS:
+    raise ValueError(f"outputs must be one of {sorted(DISTILL_OUTPUTS)}, got {outputs!r}")
+  texts = list(texts)
+  if not texts:
+    raise ValueError("texts is empty: distillation needs at least one text")
+  batches = list(calibration_batches(tokenizer, texts, batch_size=batch_size))
+  dev = None if not dev_texts else list(
+      calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  fn = DISTILL_OUTPUTS[outputs]
+  return distill(student, teacher, batches, steps=steps, lr=lr, key=key,
+                 outputs=lambda model, batch: fn(model, *batch), dev_batches=dev, **kwargs)
+
+
+def distill_blocks(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
+                   lr: float = 1e-3, dev_texts=None, target: str = "teacher",
+                   batch_size: int = 32, key=None, progress=None, **kwargs) -> list:
+  """Block-wise, sequential :func:`jax_signedcut.distill`: the embeddings, then each layer in turn.
+
+  Block l is trained on the inputs the already-distilled compressed blocks
+  before it produce (computed once per block, so a step runs one block), to
+  match the teacher's hidden states after block l (``target="teacher"``: the
+  block also makes up for the errors before it) or the teacher's block l on the
+  student's inputs (``"local"``). Padding tokens are left out of the loss.
+
+  Args:
+    student, teacher, tokenizer, texts, dev_texts, batch_size, key: as for
+      :func:`distill_texts`.
+    steps: optimizer steps per block.
+    lr: peak learning rate.
+    target: ``"teacher"`` or ``"local"``.
+    progress: called as ``progress(block, step, loss)`` (block −1: the embeddings).
+    **kwargs: passed to ``distill`` (``train``, ``eval_every`` …).
+
+  Returns:
+    The ``DistillResult`` of each block (embeddings first).
+
+  Raises:
+    ValueError: empty ``texts``, an unknown ``target``.
+  """
+  from jax_signedcut._calibration.distill import distill  # noqa: PLC0415
+
+  if target not in ("teacher", "local"):
+    raise ValueError(f"target must be 'teacher' or 'local', got {target!r}")
+  texts = list(texts)
+  if not texts:
+    raise ValueError("texts is empty: distillation needs at least one text")
+  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
+  if dev_texts:
+    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  masks = {k: [m.astype(jnp.float32)[..., None] for _, m in v] for k, v in sets.items()}
+  hidden_t = {k: [_hidden_jit(teacher, ids, m) for ids, m in v] for k, v in sets.items()}
+
+  def embed(m, b):
+    return m(b[0], jnp.zeros_like(b[0])) * b[2]
+
+  def block(m, b):
+    return m(b[0], b[1]) * b[2]
+
+  def run(blk, fn, inputs, target_of, name):
+    def step_progress(i, v):
+      if progress is not None:
+        progress(name, i, v)
+    tgt = {k: [target_of(k, i, x) for i, x in enumerate(inputs[k])] for k in inputs}
+    return distill(blk, teacher_blk[name], inputs["train"], steps=steps, lr=lr, key=key,
+                   outputs=fn, targets=tgt["train"], dev_batches=inputs.get("dev"),
+                   dev_targets=tgt.get("dev"), progress=step_progress, **kwargs)
+
+  teacher_blk = {-1: teacher.embeddings, **dict(enumerate(teacher.layers))}
+  inputs = {k: [(ids, m, masks[k][i]) for i, (ids, m) in enumerate(v)] for k, v in sets.items()}
+  results = [run(student.embeddings, embed, inputs, lambda k, i, x: hidden_t[k][i][0], -1)]
+  apply_embed = nnx.jit(embed)
+  xs = {k: [(apply_embed(student.embeddings, x), x[1].astype(bool), x[2]) for x in v]
+        for k, v in inputs.items()}
+  apply_block = nnx.jit(block)
+  for layer, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers, strict=True)):
+    if target == "teacher":
+      target_of = lambda k, i, x, l=layer: hidden_t[k][i][l + 1]  # noqa: E731
+    else:
+      target_of = lambda k, i, x, t=t_layer: apply_block(t, x)  # noqa: E731
+    results.append(run(s_layer, block, xs, target_of, layer))
+    xs = {k: [(apply_block(s_layer, x), x[1], x[2]) for x in v] for k, v in xs.items()}
+  return results
+
+
+def refit_attention(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
+                    lr: float = 2e-3, dev_texts=None, batch_size: int = 32, key=None,
+                    **kwargs) -> list:
+  """The attention regression of each layer, refitted in the compressed format.
+
+  For layer l, the floats of the compressed query/key/value/attention_out
+  kernels and their biases (:func:`jax_signedcut.distill` with ``only``) are
+  trained so that the student's attention sub-block (:meth:`Layer.attention`)
+  matches the teacher's on the teacher's real inputs to layer l — the loss
+  ``‖softmax(Q Kᵀ/√d) V W_O − B‖²`` of ``fit_attention``, per head and with
+  biases, but over the compressed parts (``fit_attention`` itself refits dense
+  X = W_Q W_Kᵀ and Y = W_V, which the format cannot hold).
+
+  Returns:
+    The ``DistillResult`` of each layer.
+
+  Raises:
+    ValueError: empty ``texts``.
+  """
+  from jax_signedcut._calibration.distill import distill  # noqa: PLC0415
+
+  texts = list(texts)
+  if not texts:
+    raise ValueError("texts is empty: the refit needs at least one text")
+  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
+  if dev_texts:
+    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  hidden = {k: [_hidden_jit(teacher, ids, m) for ids, m in v] for k, v in sets.items()}
+  attend = nnx.jit(_masked_attention)
+  results = []
+  for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers, strict=True)):
+    inp = {k: [(h[l], m.astype(bool), m.astype(jnp.float32)[..., None])
+               for (_, m), h in zip(sets[k], hidden[k])] for k in sets}
+    tgt = {k: [attend(t_layer, x) for x in v] for k, v in inp.items()}
+    results.append(distill(s_layer, t_layer, inp["train"], steps=steps, lr=lr, key=key,
+                           outputs=_masked_attention, targets=tgt["train"],
+                           dev_batches=inp.get("dev"), dev_targets=tgt.get("dev"),
+                           only=r"^(query|key|value|attention_out)/", **kwargs))
+  return results
+
+
+def _masked_attention(layer, batch):
+  x, mask, weight = batch
+  return layer.attention(x, mask) * weight
+
+
+_hidden_jit = nnx.jit(lambda model, ids, mask: tuple(
+    x * mask.astype(jnp.float32)[..., None] for x in model.hidden_states(ids, mask)))
 
 
 def hf_kernel_names(cfg: BertConfig) -> dict[str, str]:
