@@ -26,6 +26,15 @@ docs/calibration.md). The embedding tables have no statistics and get plain cuts
 
     python examples/compress_minilm.py --bits 4 --calibrate
 
+With ``--allocate`` (needs ``--calibrate --bits B``) the kernels get B − 1, B or
+B + 1 bits per weight, B on average: each kernel's output error curve under its H
+and its sensitivity measured on 64 calibration texts (the loss with only that
+kernel compressed, per unit of its error) choose them
+(``jax_signedcut._calibration.allocate``; docs/calibration.md section 4). The
+allocation is printed and returned in the report (``allocation``, ``sensitivities``).
+
+    python examples/compress_minilm.py --bits 4 --calibrate --search diag --allocate
+
 With ``--distill`` the compressed model is then distilled to the original
 (``jax_signedcut.distill``, block by block: ``bert.distill_blocks``): the cut
 scales c, sparse values, input scales, biases and LayerNorm parameters are
@@ -92,6 +101,45 @@ def calibration_rules(rate, bits, search="hcut"):
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
                               options={"sparse_fraction": f, "search": search}))
           for pattern, f in kinds]
+
+
+# --- allocation (issue 14, alloc14): bits per kernel from curves and measured sensitivities ---
+def _sparse_for(path):
+  return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
+
+
+def allocation(model, tok, params, calibration, *, bits, search, key, say):
+  """Per-kernel bits at ``bits`` on average over the calibrated kernels, and the rules.
+
+  Curves: each kernel's squared relative output error under the calibration H at
+  ``bits`` ± 1 of the part it keeps; sensitivities: only that kernel replaced by its
+  ``bits`` part, ``mean(1 − cos)`` of the embeddings on 64 calibration texts per unit
+  of its error (calibration texts only). Returns ``(bits by path, rules, sensitivities)``.
+  """
+  from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
+  from jax_signedcut._core.tree import leaf_key  # noqa: PLC0415
+  from jax_signedcut.models.calibration_texts import CALIBRATION  # noqa: PLC0415
+
+  flat = flat_paths(params)
+  names = sorted(calibration.hessians)
+  opts = lambda p: {"sparse_fraction": _sparse_for(p), "search": search}  # noqa: E731
+  curves, kept = _alloc.budget_curves(
+      {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
+      budgets=_alloc.budget_grid(bits), options=opts, keep=bits)
+  errors = {p: float(np.interp(bits, *curves[p])) for p in names}
+  sens = bert.sensitivities(model, tok, list(CALIBRATION[::5])[:64], kept, errors)
+  sizes = {p: int(np.prod(np.shape(flat[p]))) for p in names}
+  alloc = _alloc.allocate_bits(curves, sizes, bits, sensitivity=sens)
+  mean = sum(alloc[p] * sizes[p] for p in names) / sum(sizes.values())
+  say(f"allocation: {mean:.3f} bits/weight over {len(names)} kernels (target {bits:g})")
+  kinds = sorted({re.sub(r"layers/\d+/", "", p) for p in names})
+  layers = sorted({int(m.group(1)) for p in names if (m := re.search(r"layers/(\d+)/", p))})
+  say("  " + f"{'layer':<7}" + "".join(f"{k.split('/')[0]:>15}" for k in kinds))
+  for layer in layers:
+    say("  " + f"{layer:<7}" + "".join(
+        f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
+  return alloc, _alloc.allocation_rules(alloc, options=opts), sens
+# --- end allocation ---
 
 
 def _inner(f):
@@ -169,6 +217,9 @@ def main(argv=None) -> dict:
                  help="compress the Linear kernels for their outputs on the calibration texts")
   p.add_argument("--search", default="hcut", choices=("hcut", "diag"),
                  help="with --calibrate: the sign search (docs/calibration.md section 6)")
+  p.add_argument("--allocate", action="store_true",
+                 help="with --calibrate --bits: bits per kernel from measured sensitivities "
+                      "(same total)")
   p.add_argument("--distill", action="store_true",
                  help="then train c, sparse values, input scales, biases and LayerNorm "
                  "parameters against the original model (S, T unchanged)")
@@ -183,6 +234,8 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.factors is not None and args.calibrate:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
+  if args.allocate and not (args.calibrate and args.bits is not None):
+    p.error("--allocate needs --calibrate and --bits")
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
   outliers = args.outliers if args.outliers == "auto" else float(args.outliers)
   say = (lambda *a: None) if args.quiet else print
@@ -203,6 +256,12 @@ def main(argv=None) -> dict:
     rules = calibration_rules(rate, args.bits, args.search)
     say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
         f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
+  alloc, sens, t_allocate = None, None, 0.0
+  if args.allocate:
+    t0 = time.perf_counter()
+    alloc, rules, sens = allocation(model, tok, params, calibration, bits=args.bits,
+                                    search=args.search, key=jax.random.key(args.seed), say=print)
+    t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
   t0 = time.perf_counter()
@@ -241,6 +300,8 @@ def main(argv=None) -> dict:
     budget_text = f"from {args.factors}"
   if args.calibrate:
     budget_text += ", calibrated"
+  if args.allocate:
+    budget_text += ", allocated"
   sc.save(args.out, factors, metadata={"model": "all-MiniLM-L6-v2", "budget": budget_text,
                                        "outliers": str(outliers), "seed": args.seed})
   size = os.path.getsize(args.out)
@@ -281,6 +342,8 @@ def main(argv=None) -> dict:
       seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total,
       seconds_calibrate=t_calibrate,
       calibrated_kernels=sum(r["calibrated"] for r in rows), **distilled)
+  if args.allocate:
+    report.update(allocation=alloc, sensitivities=sens, seconds_allocate=t_allocate)
 
   say(f"\nall-MiniLM-L6-v2{'' if args.layers is None else f' (first {args.layers} layers)'}: "
       f"signed cuts at {budget_text}, outliers={outliers}, backend={args.backend}")
@@ -320,7 +383,8 @@ def main(argv=None) -> dict:
           f"{report['distill_sign_bits_unchanged']}; checkpoint "
           f"{report['checkpoint_bytes_before_distill']} -> {size} bytes")
   t_distill = distilled.get("seconds_distill")
-  print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}decompose "
+  print(f"time: {'' if not args.calibrate else f'calibrate {t_calibrate:.1f} s, '}"
+        f"{'' if not args.allocate else f'allocate {t_allocate:.1f} s, '}decompose "
         f"{t_decompose:.1f} s, {'' if t_distill is None else f'distill {t_distill:.1f} s, '}"
         f"evaluation {t_eval:.1f} s, total {total:.1f} s")
   return report

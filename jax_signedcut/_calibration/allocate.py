@@ -105,3 +105,232 @@ def allocate(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], budget: float,
     pos[name] = p + 1
     push(name)
   return {name: hulls[name][2][pos[name]] for name in curves}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits per kernel from calibrated curves and measured sensitivities (issue 14).
+
+
+def budget_grid(bits_per_weight: float, step: float = 1.0) -> tuple[float, float, float]:
+  """The options ``(b − step, b, b + step)`` bits per weight around a target ``b``.
+
+  Raises:
+    ValueError: ``b − step`` not > 0.
+  """
+  lo = float(bits_per_weight) - step
+  if not (np.isfinite(lo) and lo > 0 and step > 0):
+    raise ValueError(f"allocation around bits_per_weight={bits_per_weight!r} with step "
+                     f"{step!r} needs bits_per_weight - step > 0")
+  return (lo, float(bits_per_weight), float(bits_per_weight) + step)
+
+
+def _options_for(options, name):
+  if options is None:
+    return {}
+  if callable(options):
+    return dict(options(name) or {})
+  return dict(options)
+
+
+def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], *,
+                  key, budgets, options=None, outliers="auto", keep: float | None = None):
+  """Each kernel's squared relative output error at each budget, of the part it would keep.
+
+  One calibrated cut run per kernel at the largest budget; every smaller budget is
+  its prefix refit (:func:`~jax_signedcut._calibration.cuts.fit_budget`). With
+  ``fallback`` (default) a budget's error is the lower of the calibrated part and
+  the plain ``decompose`` of the same budget — what ``decompose(...,
+  calibration=...)`` keeps.
+
+  Args:
+    weights: ``{name: (in, out) kernel}`` (Flax layout: transpose torch weights).
+    hessians: ``{name: (in, in) H/N}``, the same names.
+    key: PRNG key, or a callable ``name -> key`` (e.g. ``lambda p: leaf_key(key, p)``,
+      the key ``decompose`` gives that leaf, for the same cuts).
+    budgets: increasing bits per weight, e.g. :func:`budget_grid` ``(4)``.
+    options: signed-cut calibration options (``SIGNED_CUT_OPTIONS`` keys), one dict
+      for every kernel or a callable ``name -> dict``.
+    outliers: the plain alternative's ``outliers``.
+    keep: also return each kernel's kept part (dense) at this budget (one of
+      ``budgets``), e.g. to measure sensitivities; or a tuple of budgets.
+
+  Returns:
+    ``(curves, kept)``: ``curves = {name: (bits array, squared error array)}``,
+    ``kept = {name: dense (in, out) array}`` (empty without ``keep``; keyed
+    ``(name, bits)`` when ``keep`` is a tuple).
+
+  Raises:
+    ValueError: names in one mapping and not the other, budgets not increasing,
+      ``keep`` not a budget, or what ``decompose(..., calibration=...)`` rejects.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jax_signedcut._calibration import api as _api  # noqa: PLC0415
+  from jax_signedcut._calibration import cuts as _cuts  # noqa: PLC0415
+  from jax_signedcut._calibration import objective as _objective  # noqa: PLC0415
+  from jax_signedcut._signedcut import budget as _budget  # noqa: PLC0415
+  from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
+
+  budgets = tuple(float(b) for b in budgets)
+  if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
+    raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
+  several = isinstance(keep, (tuple, list))
+  keeps = () if keep is None else tuple(float(b) for b in (keep if several else (keep,)))
+  if any(b not in budgets for b in keeps):
+    raise ValueError(f"keep={keep!r} is not among budgets {budgets}")
+  if set(weights) != set(hessians):
+    odd = sorted(set(weights) ^ set(hessians))
+    raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
+  curves, kept = {}, {}
+  for name in sorted(weights):
+    w = jnp.asarray(weights[name], jnp.float32)
+    h = _api.check_statistics(hessians[name], w.shape, path=name)
+    opts = _api.check_options(_options_for(options, name))
+    cut_opts = _cuts.CutOptions(**{k: opts[k] for k in _api._CUT_KEYS})  # noqa: SLF001
+    m, n = w.shape
+    sf = opts["sparse_fraction"]
+    width = int((max(budgets) * m * n / 8 - 4 * m - 8 * int(sf * m * n))
+                // _budget.bytes_per_cut(m, n))
+    if width < 1:
+      raise ValueError(f"kernel {name!r}: {max(budgets):g} bits per weight pay for no "
+                       f"calibrated cut on shape {(m, n)}")
+    k = key(name) if callable(key) else key
+    part, _ = _cuts.calibrated_cuts(w, h, key=k, width=width, options=cut_opts,
+                                    with_gains=False)
+    system = _cuts.gram(part, w, h, cut_opts)
+    errs = []
+    for b in budgets:
+      ours = _cuts.fit_budget(part, w, h, bits_per_weight=b, sparse_fraction=sf,
+                              options=cut_opts, refit=opts["refit"], system=system).reconstruct()
+      best, e = ours, float(_objective.relative_output_error(w, ours, h))
+      if opts["fallback"]:
+        plain = _decompose.decompose(w, key=k, bits_per_weight=b,
+                                     outliers=outliers).reconstruct()
+        e_plain = float(_objective.relative_output_error(w, plain, h))
+        if e_plain < e:
+          best, e = plain, e_plain
+      errs.append(e * e)
+      if b in keeps:
+        kept[(name, b) if several else name] = np.asarray(best)
+    curves[name] = (np.array(budgets), np.array(errs))
+  return curves, kept
+
+
+def check_sensitivities(sensitivity: Mapping[str, float], names, *, where: str = "") -> dict:
+  """``{name: float}`` after checking: finite, >= 0, one for each of ``names``, no others.
+
+  Raises:
+    ValueError: naming the offending names / values (and ``where``, e.g. a file).
+  """
+  at = f"{where}: " if where else ""
+  out = {}
+  for k, v in dict(sensitivity).items():
+    try:
+      f = float(v)
+    except (TypeError, ValueError):
+      f = float("nan")
+    if isinstance(v, bool) or not np.isfinite(f) or f < 0:
+      raise ValueError(f"{at}sensitivity of {k!r} must be a finite number >= 0, got {v!r}")
+    out[k] = f
+  names = set(names)
+  missing, stray = sorted(names - set(out)), sorted(set(out) - names)
+  if missing:
+    raise ValueError(f"{at}no sensitivity for {len(missing)} kernels with statistics: "
+                     f"{missing[:4]}")
+  if stray:
+    raise ValueError(f"{at}sensitivities for {len(stray)} names without statistics: "
+                     f"{stray[:4]} (kernels are e.g. {sorted(names)[:4]})")
+  return out
+
+
+def allocate_bits(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  sizes: Mapping[str, int], bits_per_weight: float, *,
+                  sensitivity: Mapping[str, float] | None = None) -> dict[str, float]:
+  """Bits per weight per kernel, ``Σ bits_l · size_l <= bits_per_weight · Σ size_l``.
+
+  Args:
+    curves: ``{name: (bits, error)}`` (e.g. :func:`budget_curves`).
+    sizes: ``{name: number of weights}``.
+    bits_per_weight: the average over these kernels.
+    sensitivity: ``{name: loss per unit of error}`` (default 1).
+
+  Returns:
+    ``{name: bits per weight}``, each one of its curve's options.
+  """
+  if set(curves) != set(sizes):
+    raise ValueError(f"curves and sizes must name the same kernels; differ in "
+                     f"{sorted(set(curves) ^ set(sizes))[:4]}")
+  if sensitivity is not None:
+    sensitivity = check_sensitivities(sensitivity, curves)
+  nbytes = {k: (np.asarray(b, np.float64) * sizes[k] / 8, e) for k, (b, e) in curves.items()}
+  total = float(bits_per_weight) * sum(sizes.values()) / 8
+  choice = allocate(nbytes, total * (1 + 1e-12), sensitivity=sensitivity)
+  return {k: float(np.asarray(curves[k][0])[i]) for k, i in choice.items()}
+
+
+def allocation_rules(bits: Mapping[str, float], *, options=None, method: str = "signed_cut"):
+  """``rules`` for ``decompose`` / ``decompose_leafwise``: one exact-path rule per kernel.
+
+  ``options``: one dict for every kernel or a callable ``name -> dict``.
+  """
+  import re  # noqa: PLC0415
+
+  from jax_signedcut._core.tree import Budget  # noqa: PLC0415
+
+  return [(f"^{re.escape(name)}$",
+           Budget(bits_per_weight=float(b), method=method,
+                  options=_options_for(options, name) or None))
+          for name, b in sorted(bits.items())]
+
+
+def measure_sensitivities(model, kept: Mapping[str, np.ndarray], loss, errors=None) -> dict:
+  """Per kernel: the model's loss with only that kernel replaced, per unit of its error.
+
+  Args:
+    model: a Flax NNX module; each name in ``kept`` is the ``/``-joined path of one
+      of its parameters (as ``nnx.state(model, nnx.Param)`` and ``decompose`` name
+      them). The parameter is restored after each measurement.
+    kept: ``{name: replacement value}`` (e.g. :func:`budget_curves`' ``kept``).
+    loss: ``loss(model) -> float``, e.g. ``mean(1 − cos)`` of the outputs to the
+      original model's on calibration inputs (never evaluation data).
+    errors: ``{name: the replacement's error}`` in the curves' unit (squared
+      relative output error); the sensitivity is ``loss / error``. None: the loss.
+
+  Returns:
+    ``{name: sensitivity >= 0}``.
+
+  Raises:
+    ValueError: a name that is no parameter of the model, a replacement of another
+      shape, a non-finite loss.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  out = {}
+  for name, value in kept.items():
+    var = _variable(model, name)
+    old = var.get_value()
+    if tuple(np.shape(value)) != tuple(old.shape):
+      raise ValueError(f"replacement for {name!r} has shape {tuple(np.shape(value))}, the "
+                       f"parameter {tuple(old.shape)}")
+    var.set_value(jnp.asarray(value, old.dtype))
+    try:
+      val = float(loss(model))
+    finally:
+      var.set_value(old)
+    if not np.isfinite(val):
+      raise ValueError(f"loss with {name!r} replaced is not finite ({val})")
+    e = 1.0 if errors is None else float(errors[name])
+    out[name] = max(val, 0.0) / max(e, 1e-30)
+  return out
+
+
+def _variable(model, name: str):
+  obj = model
+  for k in name.split("/"):
+    try:
+      obj = obj[int(k)] if k.isdigit() else getattr(obj, k)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      raise ValueError(f"{name!r} is no parameter path of the model (no {k!r})") from None
+  if not hasattr(obj, "set_value"):
+    raise ValueError(f"{name!r} is no parameter of the model (got {type(obj).__name__})")
+  return obj

@@ -20,6 +20,10 @@ compressed, each an (in, in) float32 matrix ``H / N``, with header metadata
 
     {"format": "jax_signedcut.calibration", "layout": "torch" | "flax", "tokens": "<N>"}
 
+and optionally ``"sensitivities": "{\"<name>\": <float >= 0>, ...}"`` (a JSON object, one
+finite number >= 0 for every tensor: the model's loss per unit of that weight's squared
+relative output error, for ``jax-signedcut compress --allocate``).
+
 ``layout`` says how the named weights are stored: ``"torch"``: (out, in),
 ``y = x Wᵀ`` (Hugging Face checkpoints); ``"flax"``: (in, out), ``y = x W``.
 Either way the tensor is the (in, in) second moment of the layer's input.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -56,12 +61,18 @@ class Calibration:
       :func:`calibrate`; the file format does not carry it). With it, the
       mean output shift of a compressed kernel can be folded into the bias:
       ``b' = b + meanᵀ (W − Ŵ)`` (see :func:`bias_correction`).
+    sensitivities: optional ``{weight name: loss per unit of squared relative
+      output error}`` (measured with the model, e.g.
+      :func:`~jax_signedcut._calibration.allocate.measure_sensitivities`), for
+      global bit allocation; the file carries it as the metadata field
+      ``"sensitivities"`` (a JSON object).
   """
 
   hessians: Mapping[str, np.ndarray]
   tokens: int
   layout: str = "flax"
   means: Mapping[str, np.ndarray] | None = None
+  sensitivities: Mapping[str, float] | None = None
 
   def for_weight(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The (in, in) matrix of weight ``name`` after checking it against the weight's ``shape``.
@@ -326,7 +337,8 @@ def check_hessian(h, name: str = "H", *, where: str = "") -> np.ndarray:
 
 
 def save_calibration(path: str | os.PathLike, cal: Calibration,
-                     names: Mapping[str, str] | None = None, *, layout: str | None = None) -> None:
+                     names: Mapping[str, str] | None = None, *, layout: str | None = None,
+                     sensitivities: Mapping[str, float] | None = None) -> None:
   """Writes statistics in the calibration file format (see the module doc).
 
   Args:
@@ -336,9 +348,13 @@ def save_calibration(path: str | os.PathLike, cal: Calibration,
       Hugging Face weight names); names it does not list are written unchanged.
     layout: the file's layout; defaults to ``cal.layout``. It only declares how
       the named weights are stored (the matrices are the same).
+    sensitivities: optional ``{name in cal: sensitivity}`` (default
+      ``cal.sensitivities``), one finite number >= 0 per matrix, written as the
+      metadata field ``"sensitivities"`` under the file's names.
 
   Raises:
-    ValueError: a bad layout, zero tokens, or a bad matrix.
+    ValueError: a bad layout, zero tokens, a bad matrix, or bad sensitivities
+      (non-finite, negative, missing for a matrix or naming none).
   """
   from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -348,8 +364,13 @@ def save_calibration(path: str | os.PathLike, cal: Calibration,
     raise ValueError(f"cal.tokens must be > 0, got {cal.tokens!r}")
   names = dict(names or {})
   tensors = {names.get(k, k): check_hessian(v, k) for k, v in cal.hessians.items()}
-  save_file(tensors, os.fspath(path),
-            metadata={"format": FORMAT, "layout": layout, "tokens": str(int(cal.tokens))})
+  metadata = {"format": FORMAT, "layout": layout, "tokens": str(int(cal.tokens))}
+  sens = cal.sensitivities if sensitivities is None else sensitivities
+  if sens is not None:
+    from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
+    sens = _allocate.check_sensitivities(sens, cal.hessians)
+    metadata["sensitivities"] = json.dumps({names.get(k, k): v for k, v in sorted(sens.items())})
+  save_file(tensors, os.fspath(path), metadata=metadata)
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -387,7 +408,18 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
   if not tensors:
     raise ValueError(f"{path}: holds no tensors")
   hess = {k: check_hessian(v, k, where=path) for k, v in tensors.items()}
-  return Calibration(hessians=hess, tokens=tokens, layout=layout)
+  sens = None
+  if "sensitivities" in meta:
+    from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
+    try:
+      sens = json.loads(meta["sensitivities"])
+    except ValueError:
+      sens = None
+    if not isinstance(sens, dict):
+      raise ValueError(f"{path}: metadata 'sensitivities' must be a JSON object "
+                       f"{{weight name: number >= 0}}, got {meta['sensitivities'][:80]!r}")
+    sens = _allocate.check_sensitivities(sens, hess, where=f"{path}: metadata 'sensitivities'")
+  return Calibration(hessians=hess, tokens=tokens, layout=layout, sensitivities=sens)
 
 
 def _check_layout(layout):

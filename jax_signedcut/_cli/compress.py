@@ -104,6 +104,70 @@ def _load_calibration(args, paths) -> dict:
     raise CliError(f"--calibration {args.calibration}: {e}") from None
 
 
+def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
+  """``--allocate``: the signed cut jobs of the leaves with statistics at their allocated bits.
+
+  Returns ``(jobs, {path: bits})``. Reads each such leaf once more (one at a time) for its
+  error curve.
+  """
+  import numpy as np  # noqa: PLC0415
+
+  from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
+  from jax_signedcut._calibration import stats as _stats  # noqa: PLC0415
+  from jax_signedcut._core import tree as _tree  # noqa: PLC0415
+
+  where = f"--allocate: --calibration {args.calibration}"
+  try:
+    cal = _stats.load_calibration(args.calibration)
+  except ValueError as e:
+    raise CliError(f"--calibration {args.calibration}: {e}") from None
+  if cal.sensitivities is None:
+    raise CliError(f"{where} has no sensitivities (the metadata field 'sensitivities', "
+                   "{weight name: loss per unit of squared relative output error}, written by "
+                   "save_calibration(..., sensitivities=...); see docs/calibration.md)")
+  picked, sizes, bits = [], {}, {}
+  for i, (_, path, shape, _) in enumerate(src.entries):
+    job = jobs.get(path)
+    if job is None or path not in cal.hessians or (job.method or args.method) != "signed_cut":
+      continue
+    if job.width is not None or job.max_error is not None or len(shape) != 2:
+      raise CliError(f"{where}: leaf {path!r} of shape {tuple(shape)} needs a rate or bits "
+                     "budget (no width / max_error) and a 2-D shape to be allocated")
+    picked.append((i, path))
+    sizes[path] = int(np.prod(shape))
+    bits[path] = job.bits_per_weight if job.bits_per_weight is not None else 16 * job.rate
+  if not picked:
+    raise CliError(f"{where}: no signed cut leaf of {args.input} has statistics")
+  target = sum(bits[p] * sizes[p] for p in sizes) / sum(sizes.values())
+  curves = {}
+  try:
+    budgets = _alloc.budget_grid(target)
+    for i, path in picked:
+      job = jobs[path]
+      w = np.asarray(src.get(i), np.float32)
+      w = w.T if cal.layout == "torch" else w
+      options = dict(job.options or ()) if job.method is not None or job.options else arg_options
+      outliers = args.outliers if job.outliers is None else job.outliers
+      curves.update(_alloc.budget_curves(
+          {path: w}, {path: cal.hessians[path]}, key=_tree.leaf_key(key, path),
+          budgets=budgets, options=options, outliers=outliers)[0])
+      del w
+      release_memory()
+    alloc = _alloc.allocate_bits(curves, sizes, target,
+                                 sensitivity={p: cal.sensitivities[p] for p in sizes})
+  except ValueError as e:
+    raise CliError(f"{where}: {e}") from None
+  if not args.quiet:
+    mean = sum(alloc[p] * sizes[p] for p in sizes) / sum(sizes.values())
+    print(f"allocation: {mean:.4g} bits/weight over {len(sizes)} leaves (budget {target:.4g})")
+    for p in sorted(alloc):
+      print(f"  {p}  {alloc[p]:g} bits")
+  new = dict(jobs)
+  for p, b in alloc.items():
+    new[p] = jobs[p]._replace(rate=None, bits_per_weight=b)
+  return new, alloc
+
+
 def run(args) -> int:
   import jax  # noqa: PLC0415
 
@@ -112,6 +176,8 @@ def run(args) -> int:
   from jax_signedcut._cli import sources as _sources  # noqa: PLC0415
 
   check_method_args(args)
+  if getattr(args, "allocate", False) and not args.calibration:
+    raise CliError("--allocate needs --calibration STATS (with sensitivities)")
   default = default_budget(args)
   rules = list(args.rule or [])
   if default is None and not any(b is not None for _, b in rules):
@@ -126,6 +192,9 @@ def run(args) -> int:
       print(f"jax-signedcut: warning: {w.message}", file=sys.stderr)
     jobs = dict(zip(plan.paths, plan.jobs))
     calibration = _load_calibration(args, plan.paths)   # issue 14: {path: (h, layout)}
+    alloc = None
+    if getattr(args, "allocate", False):
+      jobs, alloc = _allocate_jobs(src, args, jobs, key, arg_options)
     entries = []
     bar = progress(len(src.entries), "compress", args.quiet)
     try:
@@ -144,6 +213,8 @@ def run(args) -> int:
     user = user_metadata(args, default, rules, arg_options)
     if args.calibration:
       user["calibration"] = os.path.basename(args.calibration)
+    if alloc is not None:
+      user["allocation"] = alloc
     writer.finish(_format.header_metadata(entries, writer.crc32, user),
                   commit=lambda: _interrupts.commit(args.output))
   if not args.quiet:

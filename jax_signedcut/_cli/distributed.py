@@ -383,8 +383,8 @@ class Peers:
 def run(args) -> int:
   coord, n, pid = cluster(args)
   outdir = args.output
-  if getattr(args, "calibration", None):
-    raise CliError("--calibration is not supported with --distributed yet; compress with "
+  if getattr(args, "calibration", None) or getattr(args, "allocate", False):
+    raise CliError("--calibration / --allocate are not supported with --distributed yet; compress with "
                    "calibration statistics in one process")
   if os.path.exists(outdir) and not os.path.isdir(outdir):
     raise CliError(f"{outdir}: exists and is not a directory; with --distributed OUT is the "

@@ -92,6 +92,14 @@ calibration:
   --option sparse_fraction=0.005 adds a sparse part chosen by output impact,
   --option fallback=false drops the plain alternative), or --method gptq.
   Weights the file does not name are compressed as without it.
+  --allocate spreads the bits of the signed cut leaves the file names (their
+  total stays within the budget) over budget-1, budget, budget+1 bits per
+  weight: each leaf's output error at those budgets is measured under its H,
+  weighted by the leaf's sensitivity (the model's loss per unit of that error),
+  and the weighted sum minimised. The CLI has no model to measure
+  sensitivities with: they come from STATS (metadata field 'sensitivities',
+  written by save_calibration(..., sensitivities=...); docs/calibration.md).
+  The allocation is printed and kept in OUT's metadata.
     jax-signedcut compress model.safetensors out.safetensors --bits 4 \\
         --calibration model.calib.safetensors
 
@@ -198,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--calibration", metavar="STATS",
                  help="input statistics (a jax_signedcut.calibration safetensors file): the "
                  "leaves they name are compressed for their outputs (see below)")
+  c.add_argument("--allocate", action="store_true",
+                 help="with --calibration: spread the signed cut leaves' total bits by the "
+                 "sensitivities in STATS (see below)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
                  help="compress only matrices with both dims >= N (default 16)")
   c.add_argument("--backend", default="auto", choices=("auto", "jnp", "ffi"),

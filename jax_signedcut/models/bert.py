@@ -567,3 +567,26 @@ def hf_kernel_names(cfg: BertConfig) -> dict[str, str]:
   """``{flax kernel path: Hugging Face weight name}`` of the Linear kernels (torch layout (out, in))."""
   return {"/".join(map(str, where)): hf for hf, (where, transpose) in _hf_names(cfg).items()
           if transpose}
+
+
+def sensitivities(model: Bert, tokenizer, texts, kept, errors) -> dict[str, float]:
+  """Measured bit-allocation sensitivities of the kernels of ``kept`` on ``texts``.
+
+  For each kernel, only it is replaced by its compressed value (``kept[name]``,
+  dense, Flax layout) and the loss ``mean(1 − cos)`` of the sentence embeddings
+  to the unreplaced model's on ``texts`` is divided by ``errors[name]`` (its
+  squared relative output error): the model's loss per unit of that kernel's
+  error (:func:`jax_signedcut._calibration.allocate.measure_sensitivities`).
+  ``texts`` must be calibration texts, never evaluation texts.
+  """
+  from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
+
+  texts = list(texts)
+  ref = encode(model, tokenizer, texts)
+
+  def loss(m):
+    e = encode(m, tokenizer, texts)
+    cos = np.sum(ref * e, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(e, axis=1))
+    return float(np.mean(1 - cos))
+
+  return _allocate.measure_sensitivities(model, kept, loss, errors)

@@ -1,0 +1,238 @@
+"""Global bit allocation (issue 14): curves, sensitivities, bits per leaf, the file field, the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_signedcut as sc
+from jax_signedcut._calibration import allocate, objective
+from jax_signedcut._core import tree as _tree
+
+KEY = jax.random.key(0)
+# The shape and options of test_calibration_api.py (its compiled programs are not shared across
+# modules, but one shape and option set keeps this module to one compilation of each step).
+OPTS = {"fallback": False, "sparse_fraction": 0.01, "search": "diag"}
+BUDGETS = (3.0, 4.0, 5.0)
+
+
+def _problem(seed, m=32, n=48, tokens=300):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(tokens, m)) * np.exp(rng.normal(scale=2.0, size=m))
+  x[:, 1] += 0.8 * x[:, 0]
+  w = rng.normal(size=(m, n)) * (1 + seed)
+  return np.asarray(w, np.float32), np.asarray(x.T @ x / tokens, np.float32)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+  (w1, h1), (w2, h2) = _problem(0), _problem(1)
+  weights, hessians = {"a": w1, "b": w2}, {"a": h1, "b": h2}
+  curves, kept = allocate.budget_curves(weights, hessians, key=lambda p: _tree.leaf_key(KEY, p),
+                                        budgets=BUDGETS, options=OPTS, keep=4.0)
+  return weights, hessians, curves, kept
+
+
+def test_curves_are_the_kept_parts_errors_and_the_allocation_is_the_solvers_within_budget(
+    kernels):
+  weights, hessians, curves, kept = kernels
+  for p in weights:
+    bits, err2 = curves[p]
+    np.testing.assert_array_equal(bits, BUDGETS)
+    assert np.all(np.diff(err2) < 0)                  # more bits, less output error
+    f = sc.decompose(jnp.asarray(weights[p]), key=_tree.leaf_key(KEY, p), bits_per_weight=4,
+                     calibration=hessians[p], options=OPTS)
+    e = float(objective.relative_output_error(weights[p], f.reconstruct(), hessians[p]))
+    np.testing.assert_allclose(err2[1], e * e, rtol=2e-3)     # the prefix refit = decompose's
+    np.testing.assert_allclose(kept[p], f.reconstruct(), atol=1e-3 * np.abs(weights[p]).max())
+  sizes = {p: weights[p].size for p in weights}
+  for sens in ({"a": 1.0, "b": 1.0}, {"a": 50.0, "b": 0.01}, {"a": 0.0, "b": 3.0}):
+    got = allocate.allocate_bits(curves, sizes, 4.0, sensitivity=sens)
+    assert sum(got[p] * sizes[p] for p in sizes) <= 4.0 * sum(sizes.values())
+    solver = allocate.allocate({p: (b * sizes[p] / 8, e) for p, (b, e) in curves.items()},
+                               4.0 * sum(sizes.values()) / 8, sensitivity=sens)
+    assert got == {p: BUDGETS[i] for p, i in solver.items()}
+  # A kernel that matters 5000x more gets the bits.
+  assert allocate.allocate_bits(curves, sizes, 4.0, sensitivity={"a": 50.0, "b": 0.01}) \
+      == {"a": 5.0, "b": 3.0}
+
+
+def test_allocation_rules_give_decompose_the_allocated_bits(kernels):
+  weights, hessians, _, _ = kernels
+  bits = {"a": 5.0, "b": 3.0}
+  tree = {k: jnp.asarray(v) for k, v in weights.items()}
+  rules = allocate.allocation_rules(bits, options=OPTS)
+  got = sc.decompose(tree, key=KEY, bits_per_weight=4, rules=rules, calibration=hessians)
+  for p, b in bits.items():
+    want = sc.decompose(tree[p], key=_tree.leaf_key(KEY, p), bits_per_weight=b,
+                        calibration=hessians[p], options=OPTS)
+    np.testing.assert_array_equal(got[p].reconstruct(), want.reconstruct())
+    assert sc.nbytes(got[p]) <= b * weights[p].size / 8
+
+
+def test_measured_sensitivities_swap_one_parameter_and_restore_it():
+  class Two(nnx.Module):
+    def __init__(self):
+      self.l1 = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      self.l2 = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.l2(self.l1(x))
+
+  model = Two()
+  x = jnp.ones((5, 4))
+  ref = np.asarray(model(x))
+  old = {p: np.asarray(v) for p, v in (("l1/kernel", model.l1.kernel.get_value()),
+                                      ("l2/kernel", model.l2.kernel.get_value()))}
+  kept = {"l1/kernel": old["l1/kernel"] * 0.5, "l2/kernel": old["l2/kernel"] + 0.1}
+
+  def loss(m):
+    return float(np.mean((np.asarray(m(x)) - ref) ** 2))
+
+  sens = allocate.measure_sensitivities(model, kept, loss, {"l1/kernel": 0.5, "l2/kernel": 2.0})
+  for p, v in kept.items():
+    manual = Two()
+    (manual.l1 if p.startswith("l1") else manual.l2).kernel.set_value(jnp.asarray(v))
+    np.testing.assert_allclose(sens[p], loss(manual) / (0.5 if p == "l1/kernel" else 2.0),
+                               rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(model.l1.kernel.get_value()), old["l1/kernel"])
+  np.testing.assert_array_equal(np.asarray(model(x)), ref)
+  with pytest.raises(ValueError, match="'l3/kernel' is no parameter path"):
+    allocate.measure_sensitivities(model, {"l3/kernel": old["l1/kernel"]}, loss)
+  with pytest.raises(ValueError, match=r"has shape \(3, 2\), the parameter \(4, 3\)"):
+    allocate.measure_sensitivities(model, {"l1/kernel": old["l2/kernel"]}, loss)
+
+
+@pytest.mark.parametrize("sens, match", [
+    ({"a": -1.0, "b": 1.0}, r"sensitivity of 'a' must be a finite number >= 0, got -1.0"),
+    ({"a": float("nan"), "b": 1.0}, "sensitivity of 'a' must be a finite number"),
+    ({"a": 1.0}, r"no sensitivity for 1 kernels with statistics: \['b'\]"),
+    ({"a": 1.0, "b": 1.0, "z": 1.0}, r"sensitivities for 1 names without statistics: \['z'\]"),
+])
+def test_sensitivity_errors(kernels, sens, match):
+  _, _, curves, _ = kernels
+  with pytest.raises(ValueError, match=match):
+    allocate.allocate_bits(curves, {"a": 1536, "b": 1536}, 4.0, sensitivity=sens)
+
+
+def test_the_file_carries_sensitivities_under_its_names(tmp_path):
+  _, h = _problem(0)
+  cal = sc.Calibration({"x/kernel": h, "y/kernel": h}, 300)
+  path = tmp_path / "s.safetensors"
+  sc.save_calibration(path, cal, {"x/kernel": "x.weight", "y/kernel": "y.weight"}, layout="torch",
+                      sensitivities={"x/kernel": 0.5, "y/kernel": 2})
+  got = sc.load_calibration(path)
+  assert got.sensitivities == {"x.weight": 0.5, "y.weight": 2.0}
+  sc.save_calibration(path, cal)
+  assert sc.load_calibration(path).sensitivities is None
+  with pytest.raises(ValueError, match="no sensitivity for 1 kernels"):
+    sc.save_calibration(path, cal, sensitivities={"x/kernel": 1.0})
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  meta = {"format": "jax_signedcut.calibration", "layout": "flax", "tokens": "300"}
+  for field, match in (("[1, 2]", "must be a JSON object"), ("{oops", "must be a JSON object"),
+                       (json.dumps({"x": float("inf")}), "sensitivity of 'x' must be a finite"),
+                       (json.dumps({"x": 1, "q": 1}), r"names without statistics: \['q'\]")):
+    save_file({"x": h}, str(path), metadata={**meta, "sensitivities": field})
+    with pytest.raises(ValueError, match=f"s.safetensors: .*{match}"):
+      sc.load_calibration(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: jax-signedcut compress --calibration STATS --allocate.
+
+
+@pytest.fixture(scope="module")
+def torch_files(tmp_path_factory, kernels):
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  weights, hessians, _, _ = kernels
+  d = tmp_path_factory.mktemp("alloc_cli")
+  rng = np.random.default_rng(5)
+  tensors = {"a.weight": weights["a"].T.copy(), "b.weight": weights["b"].T.copy(),
+             "c.weight": rng.standard_normal((40, 33)).astype(np.float32)}   # no statistics
+  save_file(tensors, str(d / "in.safetensors"))
+  cal = sc.Calibration({"a.weight": hessians["a"], "b.weight": hessians["b"]}, 300,
+                       layout="torch")
+  sc.save_calibration(d / "sens.safetensors", cal,
+                      sensitivities={"a.weight": 50.0, "b.weight": 0.01})
+  sc.save_calibration(d / "plain.safetensors", cal)
+  return d, tensors, cal
+
+
+def _cli(capsys, *argv):
+  from jax_signedcut._cli.main import main  # noqa: PLC0415
+  code = main([str(a) for a in argv])
+  return code, *capsys.readouterr()
+
+
+def _opts_argv():
+  return [a for k, v in OPTS.items() for a in ("--option", f"{k}={str(v).lower()}")]
+
+
+def test_cli_allocate_gives_the_library_bits_and_factors(torch_files, kernels, tmp_path, capsys):
+  d, tensors, cal = torch_files
+  _, _, curves, _ = kernels
+  out = tmp_path / "o.safetensors"
+  code, stdout, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                           "--calibration", d / "sens.safetensors", "--allocate", *_opts_argv())
+  assert code == 0, err
+  sizes = {"a.weight": 1536, "b.weight": 1536}
+  want = allocate.allocate_bits({f"{p}.weight": c for p, c in curves.items()}, sizes, 4.0,
+                                sensitivity=cal_sens(d))
+  assert want == {"a.weight": 5.0, "b.weight": 3.0}
+  assert sc.load_info(out)["user"]["allocation"] == want
+  assert "allocation: 4 bits/weight over 2 leaves" in stdout and "a.weight  5 bits" in stdout
+  got = sc.load(out)
+  for p, b in want.items():
+    f = sc.decompose(jnp.asarray(tensors[p]).T, key=_tree.leaf_key(KEY, p), bits_per_weight=b,
+                     calibration=cal.hessians[p], options=OPTS)
+    np.testing.assert_array_equal(got[p].reconstruct(), f.reconstruct().T)
+  assert sum(sc.nbytes(got[p]) for p in want) <= 4 * sum(sizes.values()) / 8
+  plain_c = sc.decompose(jnp.asarray(tensors["c.weight"]), key=_tree.leaf_key(KEY, "c.weight"),
+                         bits_per_weight=4)
+  np.testing.assert_array_equal(got["c.weight"].reconstruct(), plain_c.reconstruct())
+
+
+def cal_sens(d):
+  return sc.load_calibration(d / "sens.safetensors").sensitivities
+
+
+def test_cli_allocate_errors(torch_files, tmp_path, capsys):
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  d, _, cal = torch_files
+  src, out = d / "in.safetensors", tmp_path / "o.safetensors"
+  meta = {"format": "jax_signedcut.calibration", "layout": "torch", "tokens": "300"}
+  stray = tmp_path / "stray.safetensors"
+  save_file(dict(cal.hessians), str(stray), metadata={**meta, "sensitivities": json.dumps(
+      {"a.weight": 1, "b.weight": 1, "z.weight": 1})})
+  neg = tmp_path / "neg.safetensors"
+  save_file(dict(cal.hessians), str(neg), metadata={**meta, "sensitivities": json.dumps(
+      {"a.weight": -2, "b.weight": 1})})
+  for argv, match in (
+      (("--bits", "4"), "--allocate needs --calibration STATS"),
+      (("--bits", "4", "--calibration", d / "plain.safetensors"),
+       "plain.safetensors has no sensitivities (the metadata field 'sensitivities'"),
+      (("--bits", "4", "--calibration", stray), r"names without statistics: ['z.weight']"),
+      (("--bits", "4", "--calibration", neg), "sensitivity of 'a.weight' must be a finite "
+       "number >= 0, got -2"),
+      (("--width", "4", "--calibration", d / "sens.safetensors"), "needs a rate or bits budget")):
+    code, _, err = _cli(capsys, "compress", src, out, *argv, "--allocate", "-q")
+    assert code != 0 and match in err, (argv, err)
+    assert not out.exists()
+
+
+def test_curve_argument_errors(kernels):
+  weights, hessians, _, _ = kernels
+  for kw, match in ((dict(budgets=BUDGETS, keep=3.5), r"keep=3.5 is not among budgets"),
+                    (dict(budgets=(4.0, 3.0)), "budgets must be increasing"),
+                    (dict(budgets=BUDGETS, keep=(3.0, 6.0)), "is not among budgets")):
+    with pytest.raises(ValueError, match=match):
+      allocate.budget_curves(weights, hessians, key=KEY, **kw)
+  with pytest.raises(ValueError, match=r"must name the same kernels; differ in \['b'\]"):
+    allocate.budget_curves(weights, {"a": hessians["a"]}, key=KEY, budgets=BUDGETS)
+  with pytest.raises(ValueError, match="bits_per_weight - step > 0"):
+    allocate.budget_grid(1.0)
