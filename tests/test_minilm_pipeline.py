@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,56 @@ def test_signedcutdense_applies_the_sparse_part():
   got = layer(x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
                              atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def _signs_and_scales(model):
+  """``{path: (s_bits, t_bits, c)}`` of every compressed kernel of ``model`` (numpy)."""
+  from jax_signedcut.nnx import PackedFactor  # noqa: PLC0415
+  out = {}
+  for kp, f in jax.tree_util.tree_flatten_with_path(
+      nnx.state(model, PackedFactor), is_leaf=sc.is_compressed)[0]:
+    if sc.is_compressed(f):
+      g = f.part(sc.SignedCut)
+      out[jax.tree_util.keystr(kp)] = tuple(np.asarray(x) for x in (g.s_bits, g.t_bits, g.c))
+  return out
+
+
+def test_block_distillation_and_attention_refit_on_one_layer(needs_model):
+  """``bert.distill_blocks`` and ``bert.refit_attention`` (the main job's ``--distill``
+  and the attention regression) on the one-layer slice: they lower their losses,
+  keep every sign bit, touch only what they train, and refuse empty texts."""
+  from jax_signedcut.models.calibration_texts import CALIBRATION, DEVELOPMENT  # noqa: PLC0415
+
+  teacher = bert.load_safetensors(model_dir(), num_layers=1)
+  tok = bert.load_tokenizer(model_dir())
+  f = sc.decompose(nnx.state(teacher, nnx.Param), key=jax.random.key(0), rate=0.25,
+                   skip=("word",))
+  texts, dev = list(CALIBRATION[:8]), list(DEVELOPMENT[:4])   # one batch: comparable losses
+
+  student = bert.with_factors(bert.load_safetensors(model_dir(), num_layers=1), f)
+  before = _signs_and_scales(student)
+  res = bert.distill_blocks(student, teacher, tok, texts, steps=4, lr=2e-3, dev_texts=dev,
+                            batch_size=8)
+  assert len(res) == 2                                  # the embeddings, then layer 0
+  for r in res:
+    assert r.loss[-1] < r.loss[0], r.loss
+    assert r.dev_loss[list(r.dev_steps).index(r.best_step)] <= r.dev_loss[0]
+  after = _signs_and_scales(student)
+  assert after.keys() == before.keys()
+  assert any(not np.array_equal(before[k][2], after[k][2]) for k in before)   # c trained
+  for k in before:                                                          # S, T frozen
+    np.testing.assert_array_equal(before[k][0], after[k][0])
+    np.testing.assert_array_equal(before[k][1], after[k][1])
+
+  student = bert.with_factors(bert.load_safetensors(model_dir(), num_layers=1), f)
+  res = bert.refit_attention(student, teacher, tok, texts, steps=4, batch_size=8)
+  assert len(res) == 1 and res[0].loss[-1] < res[0].loss[0], res[0].loss
+  after = _signs_and_scales(student)
+  changed = {k for k in before if not np.array_equal(before[k][2], after[k][2])}
+  assert changed and all(re.search(r"query|key|value|attention_out", k) for k in changed), changed
+
+  for fn in (bert.distill_blocks, bert.refit_attention, bert.distill_texts):
+    with pytest.raises(ValueError, match="texts is empty"):
+      fn(student, teacher, tok, [], steps=1)
+  with pytest.raises(ValueError, match="target must be"):
+    bert.distill_blocks(student, teacher, tok, texts, steps=1, target="nope")

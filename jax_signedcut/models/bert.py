@@ -405,6 +405,17 @@ DISTILL_OUTPUTS = {
 }
 
 
+def _text_sets(tokenizer, texts, dev_texts, batch_size, what):
+  """``{"train": batches[, "dev": batches]}`` of token ids and masks; ``texts`` must not be empty."""
+  texts = list(texts)
+  if not texts:
+    raise ValueError(f"texts is empty: {what} needs at least one text")
+  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
+  if dev_texts:
+    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  return sets
+
+
 def distill_texts(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
                   lr: float = 1e-3, outputs: str = "hidden", dev_texts=None,
                   batch_size: int = 32, key=None, **kwargs):
@@ -431,15 +442,11 @@ def distill_texts(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
 
   if outputs not in DISTILL_OUTPUTS:
     raise ValueError(f"outputs must be one of {sorted(DISTILL_OUTPUTS)}, got {outputs!r}")
-  texts = list(texts)
-  if not texts:
-    raise ValueError("texts is empty: distillation needs at least one text")
-  batches = list(calibration_batches(tokenizer, texts, batch_size=batch_size))
-  dev = None if not dev_texts else list(
-      calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  sets = _text_sets(tokenizer, texts, dev_texts, batch_size, "distillation")
   fn = DISTILL_OUTPUTS[outputs]
-  return distill(student, teacher, batches, steps=steps, lr=lr, key=key,
-                 outputs=lambda model, batch: fn(model, *batch), dev_batches=dev, **kwargs)
+  return distill(student, teacher, sets["train"], steps=steps, lr=lr, key=key,
+                 outputs=lambda model, batch: fn(model, *batch), dev_batches=sets.get("dev"),
+                 **kwargs)
 
 
 def distill_blocks(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int,
@@ -472,12 +479,7 @@ def distill_blocks(student: Bert, teacher: Bert, tokenizer, texts, *, steps: int
 
   if target not in ("teacher", "local"):
     raise ValueError(f"target must be 'teacher' or 'local', got {target!r}")
-  texts = list(texts)
-  if not texts:
-    raise ValueError("texts is empty: distillation needs at least one text")
-  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
-  if dev_texts:
-    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  sets = _text_sets(tokenizer, texts, dev_texts, batch_size, "distillation")
   masks = {k: [m.astype(jnp.float32)[..., None] for _, m in v] for k, v in sets.items()}
   hidden_t = {k: [_hidden_jit(teacher, ids, m) for ids, m in v] for k, v in sets.items()}
 
@@ -534,12 +536,7 @@ def refit_attention(student: Bert, teacher: Bert, tokenizer, texts, *, steps: in
   """
   from jax_signedcut._calibration.distill import distill  # noqa: PLC0415
 
-  texts = list(texts)
-  if not texts:
-    raise ValueError("texts is empty: the refit needs at least one text")
-  sets = {"train": list(calibration_batches(tokenizer, texts, batch_size=batch_size))}
-  if dev_texts:
-    sets["dev"] = list(calibration_batches(tokenizer, dev_texts, batch_size=batch_size))
+  sets = _text_sets(tokenizer, texts, dev_texts, batch_size, "the refit")
   hidden = {k: [_hidden_jit(teacher, ids, m) for ids, m in v] for k, v in sets.items()}
   attend = nnx.jit(_masked_attention)
   results = []
