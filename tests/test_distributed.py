@@ -135,7 +135,7 @@ def test_flags_need_distributed(ckpt, tmp_path, capsys):
   assert "exists and is not a directory" in capsys.readouterr().err
   assert main(["compress", src, str(tmp_path / "d"), "--distributed", "--calibration",
                str(tmp_path / "stats.safetensors"), *ARGS]) == 1
-  assert "--calibration is not supported with --distributed" in capsys.readouterr().err
+  assert "--calibration / --allocate are not supported with --distributed" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "d")
 
 
