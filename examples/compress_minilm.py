@@ -103,7 +103,6 @@ def calibration_rules(rate, bits, search="hcut"):
           for pattern, f in kinds]
 
 
-# --- allocation (issue 14, alloc14): bits per kernel from curves and measured sensitivities ---
 def _sparse_for(path):
   return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
 
@@ -139,7 +138,6 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say):
     say("  " + f"{layer:<7}" + "".join(
         f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
   return alloc, _alloc.allocation_rules(alloc, options=opts), sens
-# --- end allocation ---
 
 
 def _inner(f):
