@@ -167,3 +167,46 @@ def test_interrupt_while_jax_is_still_importing(tmp_path, procs):
   out, err = p.communicate(timeout=60)
   assert p.returncode == 130, (p.returncode, err)
   assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"], err
+
+
+@pytest.mark.parametrize("where", ["lock", "spool", "partial", "rename"])
+def test_an_interrupt_between_creating_a_file_and_recording_it(model, capsys, monkeypatch, where):
+  """A SIGINT that lands right after a temporary (or the lock) is created, or right after the
+  rename, is held until the writer knows the name: the run still ends with the one line and 130,
+  and nothing of it is left but a complete output. (CI once found a spool left this way: the
+  signal landed between mkstemp creating it and the writer recording its name.)"""
+  import tempfile
+  sent = []
+
+  def interrupt_after(real):
+    def wrapped(*args, **kwargs):
+      result = real(*args, **kwargs)
+      if not sent:
+        sent.append(1)
+        signal.raise_signal(signal.SIGINT)   # the handler runs at the next instruction
+      return result
+    return wrapped
+
+  if where == "lock":
+    monkeypatch.setattr(_writer, "_lock", interrupt_after(_writer._lock))  # noqa: SLF001
+  elif where == "rename":
+    monkeypatch.setattr(_writer.os, "replace", interrupt_after(os.replace))
+  else:
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, suffix=None, **kwargs):
+      f = interrupt_after(real) if suffix == f".{where}.tmp" else real
+      return f(*args, suffix=suffix, **kwargs)
+    monkeypatch.setattr(_writer.tempfile, "mkstemp", mkstemp)
+  code = main(["compress", str(model / "in.safetensors"), str(model / "out.safetensors"),
+               "--width", "4", "-q"])
+  err = capsys.readouterr().err
+  assert sent and code == 130, err
+  if where == "rename":   # the rename had happened: the output is complete and said to be kept
+    assert err.strip().splitlines() == [
+        f"jax-signedcut: interrupted; {model / 'out.safetensors'} was complete and is kept"]
+    assert sorted(os.listdir(model)) == ["in.safetensors", "out.safetensors"]
+    assert len(sc.load(model / "out.safetensors")) == 6
+  else:
+    assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"]
+    assert sorted(os.listdir(model)) == ["in.safetensors"]

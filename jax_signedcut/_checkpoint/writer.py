@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import zlib
 
 import jax
@@ -57,6 +59,33 @@ def encode_leaf(comps, leaf, *, extra: dict | None = None) -> tuple[list, dict]:
 #: Temporary files of a writer of OUT: ``.OUT.<pid>.<random>.spool.tmp`` (the tensors as
 #: they come) and ``.OUT.<pid>.<random>.partial.tmp`` (the file being assembled).
 _TEMP = r"\d+\.[a-z0-9_]+\.(spool|partial)\.tmp"
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+  """Holds a SIGINT that comes inside the block until the block ends, then delivers it.
+
+  For the few calls that create (or rename) a file and record its name: a
+  ``KeyboardInterrupt`` between the two would leave a file that nothing removes.
+  Python runs signal handlers in the main thread only, so the handler is swapped
+  for one that records the signal. (Blocking the signal with ``pthread_sigmask``
+  does not hold it: the kernel hands a process-wide SIGINT to another thread, one
+  of XLA's, and Python still runs the handler in the main thread at its next
+  instruction.) Outside the main thread, or when the handler is not a Python one
+  (ignored, default, set from C), the block runs as it is.
+  """
+  previous = signal.getsignal(signal.SIGINT)
+  if threading.current_thread() is not threading.main_thread() or not callable(previous):
+    yield
+    return
+  pending = []
+  signal.signal(signal.SIGINT, lambda signum, frame: pending.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if pending:
+      previous(signal.SIGINT, pending[0])
 
 
 def _lock_name(path: str) -> str:
@@ -119,14 +148,17 @@ def output_lock(path):
   """Holds OUT's lock (FileExistsError if another writer holds it) after removing stale
   temporaries; for outputs not written by :class:`Writer` (an orbax directory)."""
   path = _format.file_path(path)
-  fd = _lock(path)
+  fd = None
   try:
+    with deferred_interrupts():
+      fd = _lock(path)
     _remove_stale(path)
     yield
   finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(_lock_name(path))
-    os.close(fd)
+    if fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(_lock_name(path))
+      os.close(fd)
 
 
 def _fsync_dir(d: str) -> None:
@@ -149,8 +181,8 @@ class Writer:
   temporaries named ``.OUT.<pid>.<random>.{spool,partial}.tmp``, which nothing
   reads as output, and the next writer of OUT removes them.
 
-  A writer holds an exclusive lock on ``.OUT.lock`` (``fcntl.flock``, released
-  by the kernel when the process dies) from start to finish: a second writer
+  A writer (``with Writer(OUT) as w:``) holds an exclusive lock on ``.OUT.lock``
+  (``fcntl.flock``, released by the kernel when the process dies) from entry to exit: a second writer
   of the same OUT, in this process or another, fails at once with
   ``FileExistsError`` naming the pid that holds it.
   """
@@ -164,19 +196,27 @@ class Writer:
       raise IsADirectoryError(f"{self.path}: is a directory; name the output file")
     self._dir = d
     self._prefix = temp_prefix(self.path)
-    self._lock_fd = _lock(self.path)
-    try:
-      _remove_stale(self.path)
-      fd, self._spool_name = tempfile.mkstemp(prefix=self._prefix, suffix=".spool.tmp", dir=d)
-    except BaseException:
-      self._unlock()
-      raise
-    self._spool = os.fdopen(fd, "wb")
+    self._lock_fd = None
+    self._spool = None
+    self._spool_name = None
     self._header: dict = {}
     self._crc: dict = {}
     self._offset = 0
 
   def __enter__(self):
+    # The lock and the spool are made here, not in __init__: a Ctrl-C between
+    # ``Writer(...)`` and the start of ``__enter__`` then finds nothing to remove,
+    # and one inside is held until the names are recorded and cleaned up below.
+    try:
+      with deferred_interrupts():
+        self._lock_fd = _lock(self.path)
+        _remove_stale(self.path)
+        fd, self._spool_name = tempfile.mkstemp(prefix=self._prefix, suffix=".spool.tmp",
+                                                dir=self._dir)
+        self._spool = os.fdopen(fd, "wb")
+    except BaseException:
+      self._cleanup()
+      raise
     return self
 
   def __exit__(self, exc_type, exc, tb):
@@ -190,14 +230,21 @@ class Writer:
       self._lock_fd = None
 
   def _cleanup(self):
-    if not self._spool.closed:
-      self._spool.close()
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(self._spool_name)
-    self._unlock()
+    with deferred_interrupts():
+      if self._spool is not None and not self._spool.closed:
+        self._spool.close()
+      if self._spool_name is not None:
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(self._spool_name)
+      self._unlock()
+
+  def _open(self):
+    if self._spool is None:
+      raise RuntimeError(f"{self.path}: open the Writer with `with Writer(path) as w:` first")
 
   def add(self, name: str, array) -> None:
     """Appends one tensor."""
+    self._open()
     if name in self._header or name == "__metadata__":
       raise ValueError(f"{self.path}: two tensors named {name!r} (or a reserved name)")
     a = np.ascontiguousarray(array)
@@ -221,6 +268,7 @@ class Writer:
     ``commit``: a context manager factory the rename runs in (the CLI's guard
     against Ctrl-C).
     """
+    self._open()
     self._spool.close()
     header = dict(self._header)
     if metadata.get("format") == _format.FORMAT:
@@ -229,9 +277,12 @@ class Writer:
     header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=self._prefix, suffix=".partial.tmp", dir=self._dir)
+    tmp = out = None
     try:
-      with os.fdopen(fd, "wb") as out, open(self._spool_name, "rb") as spool:
+      with deferred_interrupts():
+        fd, tmp = tempfile.mkstemp(prefix=self._prefix, suffix=".partial.tmp", dir=self._dir)
+        out = os.fdopen(fd, "wb")
+      with out, open(self._spool_name, "rb") as spool:
         out.write(struct.pack("<Q", len(blob)))
         out.write(blob)
         shutil.copyfileobj(spool, out, 1 << 22)
@@ -242,8 +293,11 @@ class Writer:
         os.replace(tmp, self.path)
       _fsync_dir(self._dir)
     except BaseException:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
+      if out is not None:
+        out.close()
+      if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(tmp)
       raise
     finally:
       self._cleanup()

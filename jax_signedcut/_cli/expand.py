@@ -68,14 +68,17 @@ def run(args) -> int:
         if not os.path.isdir(parent):
           raise CliError(f"{args.output}: the directory {parent} does not exist")
         with _writer.output_lock(args.output):
-          tmp = tempfile.mkdtemp(prefix=_writer.temp_prefix(args.output),
-                                 suffix=".partial.tmp", dir=parent)
+          tmp = None
           try:
+            with _writer.deferred_interrupts():   # the name recorded before a Ctrl-C lands
+              tmp = tempfile.mkdtemp(prefix=_writer.temp_prefix(args.output),
+                                     suffix=".partial.tmp", dir=parent)
             _orbax.save_orbax(os.path.join(tmp, "ckpt"), tree)
             with _interrupts.commit(args.output):
               os.replace(os.path.join(tmp, "ckpt"), args.output)
           finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+              shutil.rmtree(tmp, ignore_errors=True)
       else:
         with _writer.Writer(args.output) as w:
           for e, leaf in leaves():

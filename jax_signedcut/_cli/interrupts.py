@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 
+from jax_signedcut._checkpoint import writer as _writer
+
 
 class _State:
   seen = False        # a SIGINT came
@@ -90,14 +92,12 @@ def check() -> None:
 
 @contextlib.contextmanager
 def commit(path):
-  """Around the rename of an output into place: not after a SIGINT, and not torn by one."""
+  """Around the rename of an output into place: not after a SIGINT, and not torn by one.
+
+  A SIGINT during the rename is held until the output is recorded as complete
+  (:data:`STATE.committed`), so the one line says that it was kept.
+  """
   check()
-  blocked = threading.current_thread() is threading.main_thread()
-  if blocked:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-  try:
+  with _writer.deferred_interrupts():
     yield
     STATE.committed = os.fspath(path)
-  finally:
-    if blocked:
-      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
