@@ -100,16 +100,23 @@ SIGNEDCUT_AMX void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* xv
 
 template <bool kTwoB, bool kTwoN, bool kLo>
 SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
-                           int64_t nkk, float* y, int64_t y_bt, int64_t nb,
+                           int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool load,
                            const Bf16Side* side) {
   float* y1 = y + y_bt;     // next batch tile
   float* y2 = y + 16 * nb;  // next column tile
   float* y3 = y1 + 16 * nb;
   const int64_t p_kk = 64 * nb, p_lo = 32 * nb;  // elements
-  _tile_loadd(0, y, 64);
-  if (kTwoB) _tile_loadd(1, y1, 64);
-  if (kTwoN) _tile_loadd(2, y2, 64);
-  if (kTwoB && kTwoN) _tile_loadd(3, y3, 64);
+  if (load) {
+    _tile_loadd(0, y, 64);
+    if (kTwoB) _tile_loadd(1, y1, 64);
+    if (kTwoN) _tile_loadd(2, y2, 64);
+    if (kTwoB && kTwoN) _tile_loadd(3, y3, 64);
+  } else {
+    _tile_zero(0);
+    if (kTwoB) _tile_zero(1);
+    if (kTwoN) _tile_zero(2);
+    if (kTwoB && kTwoN) _tile_zero(3);
+  }
   for (int64_t kk = 0; kk < nkk; ++kk) {
     _tile_loadd(6, tx + kk * 512, 64);
     if (kTwoN) _tile_loadd(7, tx + tx_ct + kk * 512, 64);
@@ -135,25 +142,25 @@ SIGNEDCUT_AMX void ExpandT(const uint16_t* p, int64_t p_bt, const uint16_t* tx, 
 template <bool kLo>
 SIGNEDCUT_AMX void ExpandLo(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                             int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                            bool two_n, const Bf16Side* side) {
+                            bool two_n, bool load, const Bf16Side* side) {
   if (two_b && two_n) {
-    ExpandT<true, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+    ExpandT<true, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, load, side);
   } else if (two_b) {
-    ExpandT<true, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+    ExpandT<true, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, load, side);
   } else if (two_n) {
-    ExpandT<false, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+    ExpandT<false, true, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, load, side);
   } else {
-    ExpandT<false, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, side);
+    ExpandT<false, false, kLo>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, load, side);
   }
 }
 
 SIGNEDCUT_AMX void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                           int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                          bool two_n, bool lo, const Bf16Side* side) {
+                          bool two_n, bool lo, bool load, const Bf16Side* side) {
   if (lo) {
-    ExpandLo<true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, side);
+    ExpandLo<true>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, load, side);
   } else {
-    ExpandLo<false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, side);
+    ExpandLo<false>(p, p_bt, tx, tx_ct, nkk, y, y_bt, nb, two_b, two_n, load, side);
   }
 }
 

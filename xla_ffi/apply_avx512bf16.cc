@@ -66,13 +66,14 @@ SIGNEDCUT_BF16 void Project(const uint16_t* sx, int64_t sx_cb, const uint16_t* x
 // P_lo products too.
 template <int kR, bool kLo>
 SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx, int64_t tx_ct,
-                               int64_t nkk, float* y, int64_t nb, bool two_n) {
+                               int64_t nkk, float* y, int64_t nb, bool two_n, bool load) {
   const int64_t p_kk = 64 * nb, p_lo = 32 * nb;
   __m512 acc[kR][2];
 #pragma GCC unroll 8
   for (int b = 0; b < kR; ++b) {
-    acc[b][0] = _mm512_loadu_ps(y + (b0 + b) * 16);
-    acc[b][1] = two_n ? _mm512_loadu_ps(y + 16 * nb + (b0 + b) * 16) : _mm512_setzero_ps();
+    acc[b][0] = load ? _mm512_loadu_ps(y + (b0 + b) * 16) : _mm512_setzero_ps();
+    acc[b][1] = two_n && load ? _mm512_loadu_ps(y + 16 * nb + (b0 + b) * 16)
+                              : _mm512_setzero_ps();
   }
   for (int64_t kk = 0; kk < nkk; ++kk) {
     const uint16_t* pk = p + kk * p_kk + b0 * 32;
@@ -101,17 +102,19 @@ SIGNEDCUT_BF16 void ExpandRows(const uint16_t* p, int64_t b0, const uint16_t* tx
 
 SIGNEDCUT_BF16 void Expand(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                            int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b,
-                           bool two_n, bool lo, const Bf16Side* side) {
+                           bool two_n, bool lo, bool load, const Bf16Side* side) {
   for (int i = 0; i < (two_b ? 2 : 1); ++i) {
     const uint16_t* pi = p + i * p_bt;
     float* yi = y + i * y_bt;
     int64_t b = 0;
     if (lo) {
-      for (; b + 8 <= nb; b += 8) ExpandRows<8, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
-      for (; b < nb; ++b) ExpandRows<1, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+      for (; b + 8 <= nb; b += 8) ExpandRows<8, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n, load);
+      for (; b < nb; ++b) ExpandRows<1, true>(pi, b, tx, tx_ct, nkk, yi, nb, two_n, load);
     } else {
-      for (; b + 8 <= nb; b += 8) ExpandRows<8, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
-      for (; b < nb; ++b) ExpandRows<1, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n);
+      for (; b + 8 <= nb; b += 8) {
+        ExpandRows<8, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n, load);
+      }
+      for (; b < nb; ++b) ExpandRows<1, false>(pi, b, tx, tx_ct, nkk, yi, nb, two_n, load);
     }
   }
   // No tile unit to overlap with: the side work runs after the products.

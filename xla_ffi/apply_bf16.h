@@ -80,16 +80,17 @@ struct Bf16Core {
                   int64_t nkb, float* c, int64_t c_cb, int64_t c_bt, int64_t nb, bool two_c,
                   bool two_b, bool load);
   // Expansion micro-kernel: for batch tiles bt0 (+1 if two_b) and column
-  // tiles ct0 (+1 if two_n): Y(bt, ct) += Σ_kk (P_hi + P_lo)(bt, kk) · Tx(ct, kk)
+  // tiles ct0 (+1 if two_n): Y(bt, ct) (+)= Σ_kk (P_hi + P_lo)(bt, kk) · Tx(ct, kk)
   // over nkk blocks (P_hi alone if !lo). p points at P tile (bt0, 0, hi), p_bt is the distance in
   // elements to the next batch tile's; tx at tile (ct0, 0), tx_ct the distance
   // in elements between column tiles; y at Y tile (bt0, ct0), y_bt the
   // distance in floats to the next batch tile's (the next column tile's is
-  // 16nb). side (may be null): its slices 0..nkk-1, which must not touch
-  // the operands or Y of this call.
+  // 16nb). Accumulates into Y if `load`, else starts from zero (the first
+  // chunk of cuts: Y need not be initialised). side (may be null): its slices
+  // 0..nkk-1, which must not touch the operands or Y of this call.
   void (*expand)(const uint16_t* p, int64_t p_bt, const uint16_t* tx, int64_t tx_ct,
                  int64_t nkk, float* y, int64_t y_bt, int64_t nb, bool two_b, bool two_n,
-                 bool lo, const Bf16Side* side);
+                 bool lo, bool load, const Bf16Side* side);
 };
 
 // Only valid where Cpu().avx512_bf16 / AmxUsable().

@@ -32,20 +32,28 @@ int64_t Bf16XvElems(const Bf16Shape& s);
 // x (rows, m) f32 rounded to bf16 in the Xv layout of apply_bf16.h.
 void Bf16BuildXv(const float* x, int64_t rows, int64_t m, const Bf16Shape& s, uint16_t* xv);
 
-// Per-partition scratch (allocated by the caller, before any worker starts).
+// Per-partition scratch for nbt batch tiles (allocated by the caller, before
+// any worker starts).
 struct Bf16Scratch {
-  explicit Bf16Scratch(const Bf16Shape& s);
+  Bf16Scratch(const Bf16Shape& s, int64_t nbt);
   std::vector<uint16_t> sx;
   std::vector<float> ptmp;
   std::vector<uint16_t> p, tx;
 };
 
-// y (rows_pad × ldy in the tile-major Y layout of apply_bf16.h, zeroed by the
-// caller) += the product of cuts [j0, j1); p in two bf16 halves if `lo`, else
-// in one (the single-pass mode).
+// The batch tiles [bt0, bt1) of y (rows_pad × ldy in the tile-major Y layout
+// of apply_bf16.h; need not be initialised) = the product of cuts [j0, j1);
+// p in two bf16 halves if `lo`, else in one (the single-pass mode). Every
+// element of those tiles is written, each a sum over the cuts in the same
+// order whatever the other partitions do.
 void Bf16Partition(const Bf16Core& core, const ApplyArgs& a, const Bf16Shape& s,
-                   const uint16_t* xv, int64_t j0, int64_t j1, float* y, Bf16Scratch& sc,
-                   bool lo);
+                   const uint16_t* xv, int64_t j0, int64_t j1, int64_t bt0, int64_t bt1,
+                   float* y, Bf16Scratch& sc, bool lo);
+
+// Rows [r0, r1) of the row-major output y (rows × n) = the sum, in order k =
+// 0, 1, …, of `parts` tile-major buffers `stride` floats apart.
+void Bf16StoreRows(const float* ybuf, int64_t parts, int64_t stride, const Bf16Shape& s,
+                   int64_t r0, int64_t r1, int64_t n, float* y);
 
 }  // namespace signedcut
 

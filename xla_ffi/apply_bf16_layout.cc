@@ -140,17 +140,18 @@ SIGNEDCUT_AVX512BW void ExpandTStep(const void* ctx, int64_t kk) {
 }
 
 // P (tile-major, apply_bf16.h) for nkk 32-cut blocks from the f32 projection
-// tiles: p = c ∘ Ptmp; cuts past ncut are zero (their Tx rows are +1). The
-// P_lo tiles only if `lo` (else they are never read).
+// tiles of nbt batch tiles: p = c ∘ Ptmp; cuts past ncut are zero (their Tx
+// rows are +1). The P_lo tiles only if `lo` (else they are never read).
 SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, int64_t ncb,
-                               int64_t nkk, const Bf16Shape& s, bool lo, uint16_t* p) {
+                               int64_t nkk, const Bf16Shape& s, int64_t nbt, bool lo,
+                               uint16_t* p) {
   const __m512i cuts = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
       _mm512_set1_epi32(static_cast<int>(s.nb)));
   const int64_t tile = 32 * s.nb;  // elements per P tile
   for (int64_t cb = 0; cb < 2 * nkk; ++cb) {
     if (cb >= ncb) {  // the second half of the last 32-cut block, past ncut
-      for (int64_t bt = 0; bt < s.bt; ++bt) {
+      for (int64_t bt = 0; bt < nbt; ++bt) {
         uint16_t* at = p + ((bt * nkk + cb / 2) * 2) * tile + 16;
         for (int64_t b = 0; b < s.nb; ++b) {
           std::memset(at + b * 32, 0, 32);
@@ -162,8 +163,8 @@ SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, 
     const int64_t left = ncut - cb * 16;
     const __mmask16 valid = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1u);
     const __m512 cv = _mm512_maskz_loadu_ps(valid, c + cb * 16);
-    for (int64_t bt = 0; bt < s.bt; ++bt) {
-      const float* src = ptmp + (cb * s.bt + bt) * 16 * s.nb;
+    for (int64_t bt = 0; bt < nbt; ++bt) {
+      const float* src = ptmp + (cb * nbt + bt) * 16 * s.nb;
       uint16_t* at = p + ((bt * nkk + cb / 2) * 2) * tile + (cb % 2) * 16;
       for (int64_t b = 0; b < s.nb; ++b) {
         const __m512 v = _mm512_mul_ps(cv, _mm512_i32gather_ps(cuts, src + b, 4));
@@ -181,16 +182,18 @@ SIGNEDCUT_AVX512BW void SplitP(const float* ptmp, const float* c, int64_t ncut, 
 
 }  // namespace
 
-Bf16Scratch::Bf16Scratch(const Bf16Shape& s)
+Bf16Scratch::Bf16Scratch(const Bf16Shape& s, int64_t nbt)
     : sx(static_cast<size_t>(2 * kBf16BlockKb * 512)),
-      ptmp(static_cast<size_t>(kBf16ChunkCuts / 16 * s.bt * 16 * s.nb)),
-      p(static_cast<size_t>(2 * s.rows_pad * kBf16ChunkCuts)),
+      ptmp(static_cast<size_t>(kBf16ChunkCuts / 16 * nbt * 16 * s.nb)),
+      p(static_cast<size_t>(2 * nbt * s.nb * kBf16ChunkCuts)),
       tx(static_cast<size_t>(2 * 2 * kBf16ChunkCuts / 32 * 512)) {}
 
 SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
                                       const Bf16Shape& s, const uint16_t* xv, int64_t j0,
-                                      int64_t j1, float* y, Bf16Scratch& sc, bool lo) {
+                                      int64_t j1, int64_t bt0, int64_t bt1, float* y,
+                                      Bf16Scratch& sc, bool lo) {
   const int64_t mw = (a.m + 31) / 32, nw = (a.n + 31) / 32;
+  const int64_t nbt = bt1 - bt0;  // the scratch holds these batch tiles, from 0
   for (int64_t k0 = j0; k0 < j1; k0 += kBf16ChunkCuts) {
     const int64_t ncut = std::min(j1, k0 + kBf16ChunkCuts) - k0;
     const int64_t ncb = (ncut + 15) / 16, nkk = (ncut + 31) / 32;
@@ -204,14 +207,14 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
         const bool two_c = cb + 1 < ncb;
         ExpandS(a.s_bits + (k0 + 16 * cb) * mw, mw, ncut - 16 * cb, two_c ? 2 : 1, kb0, nkb,
                 sc.sx.data());
-        for (int64_t bt = 0; bt < s.bt; bt += 2) {
+        for (int64_t bt = bt0; bt < bt1; bt += 2) {
           core.project(sc.sx.data(), nkb * 512, xv + (kb0 * s.bt + bt) * 32 * s.nb,
-                       s.bt * 32 * s.nb, nkb, sc.ptmp.data() + (cb * s.bt + bt) * 16 * s.nb,
-                       s.bt * 16 * s.nb, 16 * s.nb, s.nb, two_c, bt + 1 < s.bt, kb0 > 0);
+                       s.bt * 32 * s.nb, nkb, sc.ptmp.data() + (cb * nbt + bt - bt0) * 16 * s.nb,
+                       nbt * 16 * s.nb, 16 * s.nb, s.nb, two_c, bt + 1 < bt1, kb0 > 0);
         }
       }
     }
-    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, lo, sc.p.data());
+    SplitP(sc.ptmp.data(), a.c + k0, ncut, ncb, nkk, s, nbt, lo, sc.p.data());
     // Expand: Y(bt, ct) += (P_hi [+ P_lo])(bt, ·) · Tx(ct, ·), two column tiles
     // of expanded signs at a time (32 KiB for 512 cuts: L1).
     // With more than one batch tile the signs of the next pair are expanded
@@ -221,7 +224,7 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
     // the signs are expanded in place before the call (measured at 8 rows,
     // one thread: 15.6 vs 18.3 ms).
     core.begin(2, s.nb);
-    const bool overlap = s.bt > 1;
+    const bool overlap = nbt > 1;
     const int64_t nct = s.ldy / 16, tx_half = overlap ? 2 * nkk * 512 : 0;
     if (overlap) ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, 0, nct > 1, sc.tx.data(), 0, nkk * 32);
     for (int64_t ct = 0; ct < nct; ct += 2) {
@@ -231,14 +234,37 @@ SIGNEDCUT_AVX512BW void Bf16Partition(const Bf16Core& core, const ApplyArgs& a,
                             sc.tx.data() + (ct / 2 % 2 == 0 ? tx_half : 0)};
       const Bf16Side side{ExpandTStep, &next};
       if (!overlap) ExpandT(a.t_bits + k0 * nw, nw, ncut, nkk, ct, two_n, sc.tx.data(), 0, nkk * 32);
-      for (int64_t bt = 0; bt < s.bt; bt += 2) {
-        core.expand(sc.p.data() + bt * nkk * 64 * s.nb, nkk * 64 * s.nb, tx, nkk * 512, nkk,
-                    y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb, bt + 1 < s.bt,
-                    two_n, lo, overlap && bt == 0 && ct + 2 < nct ? &side : nullptr);
+      for (int64_t bt = bt0; bt < bt1; bt += 2) {
+        core.expand(sc.p.data() + (bt - bt0) * nkk * 64 * s.nb, nkk * 64 * s.nb, tx, nkk * 512,
+                    nkk, y + (bt * nct + ct) * 16 * s.nb, nct * 16 * s.nb, s.nb, bt + 1 < bt1,
+                    two_n, lo, /*load=*/k0 > j0,
+                    overlap && bt == bt0 && ct + 2 < nct ? &side : nullptr);
       }
     }
   }
   core.end();
+}
+
+SIGNEDCUT_AVX512BW void Bf16StoreRows(const float* ybuf, int64_t parts, int64_t stride,
+                                      const Bf16Shape& s, int64_t r0, int64_t r1, int64_t n,
+                                      float* y) {
+  const int64_t nct = s.ldy / 16;
+  const int64_t full = n / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = ybuf + (r / s.nb) * nct * 16 * s.nb + (r % s.nb) * 16;
+    float* yr = y + r * n;
+    for (int64_t ct = 0; ct * 16 < n; ++ct) {
+      const float* at = row + ct * 16 * s.nb;
+      __m512 v = _mm512_loadu_ps(at);
+      for (int64_t k = 1; k < parts; ++k) v = _mm512_add_ps(v, _mm512_loadu_ps(at + k * stride));
+      if (ct < full) {
+        _mm512_storeu_ps(yr + ct * 16, v);
+      } else {
+        _mm512_mask_storeu_ps(yr + ct * 16, tail, v);
+      }
+    }
+  }
 }
 
 }  // namespace signedcut

@@ -100,11 +100,16 @@ struct ApplyJob {
   ApplyCore core;
   bool p_lo = true;            // bf16 cores: p in two bf16 halves (else one)
   int64_t parts;
-  float* y;                    // f32 cores: partition 0's buffer (the output)
-  std::vector<float> extra;    // f32 cores: partitions 1..; bf16: all partitions
+  float* y;                    // the output (f32 cores: partition 0's buffer)
+  std::vector<float> extra;    // f32 cores: partitions 1..
   std::vector<float> tables;   // lookup tables of x (few rows), else empty
-  // bf16 cores
+  // bf16 cores. By cuts (few batch tiles): a tile-major buffer per partition,
+  // summed into y at the end. By rows (kBf16RowTiles batch tiles or more):
+  // each partition owns a range of batch tiles for all the cuts, in one
+  // buffer, and writes its rows of y itself.
   Bf16Shape shape;
+  bool by_rows = false;
+  std::unique_ptr<float[]> ybuf;  // written before read: not initialised
   std::vector<uint16_t> xv;
   std::vector<Bf16Scratch> scratch;
   std::atomic<int64_t> next{0};
@@ -114,16 +119,32 @@ struct ApplyJob {
     return IsBf16(core) ? shape.rows_pad * shape.ldy : a.rows * a.n;
   }
 
+  // Batch tiles [bt0, bt1) of partition k when by rows (pairs of tiles, for
+  // the micro-kernels' 2×2 blocks).
+  std::pair<int64_t, int64_t> RowTiles(int64_t k) const {
+    const int64_t pairs = (shape.bt + 1) / 2;
+    return {2 * (pairs * k / parts), std::min(shape.bt, 2 * (pairs * (k + 1) / parts))};
+  }
+
   void Work() {
     for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
       const int64_t j0 = a.w * k / parts, j1 = a.w * (k + 1) / parts;
       switch (core) {
         case ApplyCore::kAmx:
-        case ApplyCore::kAvx512Bf16:
-          Bf16Partition(core == ApplyCore::kAmx ? AmxCore() : Avx512Bf16Core(), a, shape,
-                        xv.data(), j0, j1, extra.data() + k * BufferFloats(), scratch[k],
-                        p_lo);
+        case ApplyCore::kAvx512Bf16: {
+          const Bf16Core& c = core == ApplyCore::kAmx ? AmxCore() : Avx512Bf16Core();
+          if (by_rows) {
+            const auto [bt0, bt1] = RowTiles(k);
+            Bf16Partition(c, a, shape, xv.data(), 0, a.w, bt0, bt1, ybuf.get(), scratch[k],
+                          p_lo);
+            Bf16StoreRows(ybuf.get(), 1, 0, shape, bt0 * shape.nb,
+                          std::min(a.rows, bt1 * shape.nb), a.n, y);
+          } else {
+            Bf16Partition(c, a, shape, xv.data(), j0, j1, 0, shape.bt,
+                          ybuf.get() + k * BufferFloats(), scratch[k], p_lo);
+          }
           break;
+        }
         case ApplyCore::kAvx512: {
           float* out = k == 0 ? y : extra.data() + (k - 1) * BufferFloats();
           if (tables.empty()) {
@@ -204,9 +225,14 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
                     ApplyCore core, int threads, const TaskRunner& spawn,
                     ApplyPrecision precision) {
   if (threads <= 0) threads = UsableCpus();
-  const int64_t parts = Partitions(rows, m, n, w);
-  threads = static_cast<int>(std::min<int64_t>(threads, parts));
+  int64_t parts = Partitions(rows, m, n, w);
   const bool bf16 = IsBf16(core);
+  const Bf16Shape shape = bf16 ? Bf16ShapeOf(rows, m, n) : Bf16Shape{};
+  // By rows the result does not depend on the number of partitions (every
+  // element sums the cuts in the same order), so it may follow the threads.
+  const bool by_rows = bf16 && shape.bt >= kBf16RowTiles;
+  if (by_rows) parts = std::min<int64_t>((shape.bt + 1) / 2, std::max(4, threads));
+  threads = static_cast<int>(std::min<int64_t>(threads, parts));
   std::shared_ptr<ApplyJob> job;
   std::vector<float> p, row_sums;
   try {
@@ -214,11 +240,16 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
     job->core = core;
     job->p_lo = precision != ApplyPrecision::kBf16;
     job->a = ApplyArgs{x, s_bits, t_bits, c, nullptr, nullptr, rows, m, n, w};
+    job->parts = parts;
     if (bf16) {
-      job->shape = Bf16ShapeOf(rows, m, n);
-      job->xv.resize(static_cast<size_t>(Bf16XvElems(job->shape)));
-      for (int64_t k = 0; k < parts; ++k) job->scratch.emplace_back(job->shape);
-      job->extra.assign(static_cast<size_t>(parts * job->BufferFloats()), 0.0f);
+      job->shape = shape;
+      job->by_rows = by_rows;
+      job->xv.resize(static_cast<size_t>(Bf16XvElems(shape)));
+      for (int64_t k = 0; k < parts; ++k) {
+        const auto [bt0, bt1] = by_rows ? job->RowTiles(k) : std::pair<int64_t, int64_t>{0, shape.bt};
+        job->scratch.emplace_back(shape, bt1 - bt0);
+      }
+      job->ybuf.reset(new float[static_cast<size_t>((by_rows ? 1 : parts) * job->BufferFloats())]);
     } else {
       job->extra.assign(static_cast<size_t>((parts - 1) * job->BufferFloats()), 0.0f);
       p.resize(static_cast<size_t>(rows * w));
@@ -243,7 +274,6 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
     job->a.row_sums = row_sums.data();
     if (!job->tables.empty()) ApplyBuildTablesAvx512(job->a, job->tables.data());
   }
-  job->parts = parts;
   job->y = y;
 
   std::vector<std::thread> own;
@@ -265,19 +295,9 @@ bool ApplySignedCut(const float* x, const uint32_t* s_bits, const uint32_t* t_bi
 
   const int64_t stride = job->BufferFloats();
   if (bf16) {
-    // y = Σ over partitions, in a fixed order, out of the tile-major layout
-    // (tile (r / nb, i / 16), row r % nb, column i % 16).
-    const int64_t nb = job->shape.nb, nct = job->shape.ldy / 16;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* yr = y + r * n;
-      const int64_t row = (r / nb) * nct * 16 * nb + (r % nb) * 16;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = row + (i / 16) * 16 * nb + i % 16;
-        float v = job->extra[at];
-        for (int64_t k = 1; k < parts; ++k) v += job->extra[k * stride + at];
-        yr[i] = v;
-      }
-    }
+    // By cuts: y = Σ over partitions, in a fixed order, out of the tile-major
+    // layout. (By rows the workers wrote y.)
+    if (!by_rows) Bf16StoreRows(job->ybuf.get(), parts, stride, shape, 0, rows, n, y);
     return true;
   }
   // y = Σ_j p_j − 2·(Σ over partitions of the negative parts), in a fixed order.

@@ -81,6 +81,10 @@ enum class ApplyCore : int32_t { kAuto = 0, kScalar = 1, kAvx512 = 2, kAvx512Bf1
 // nothing to buy with the rounding of x.
 inline constexpr int64_t kBf16MinRows = 8;
 inline constexpr int64_t kBf16MinWork = int64_t{1} << 22;
+// From this many batch tiles of 16 rows the bf16 paths split the work by
+// rows (each partition all the cuts for its tiles, straight into y) instead
+// of by cuts (a buffer per partition, summed at the end).
+inline constexpr int64_t kBf16RowTiles = 8;
 
 const char* ApplyCoreName(ApplyCore core);
 
