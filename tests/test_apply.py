@@ -187,6 +187,25 @@ def test_bf16_split_by_rows(core, precision):
       got[:128])
 
 
+@pytest.mark.parametrize("core", [_core_param(c) for c in BF16_CORES])
+def test_matmul_precision_reaches_the_cuts_inside_parts(core):
+  """``sc.matmul``/``Compressed.matmul`` pass ``precision`` down to the signed cuts inside a
+  sum of parts (and a scaled part): "highest" gives the f32 cores' product bit for bit, the
+  default the bf16 core's."""
+  m, n, w, rows = 256, 256, 512, 16      # rows·w·(m + n) ≥ BF16_MIN_WORK: auto takes bf16
+  cut = _random_factors(m, n, w, seed=4)
+  scale = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, m).astype(np.float32))
+  f = sc.Sum((cut, sc.InputScaled(scale, cut)))
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((rows, m), np.float32))
+  hi = _apply.apply_ffi(x, cut, precision="highest") \
+      + _apply.apply_ffi(x / scale[None, :], cut, precision="highest")
+  np.testing.assert_array_equal(np.asarray(f.matmul(x, precision="highest")), np.asarray(hi))
+  lo = _apply.apply_ffi(x, cut, core=core) + _apply.apply_ffi(x / scale[None, :], cut, core=core)
+  if _apply.apply_core("auto", rows=rows, work=rows * w * (m + n)) == core:
+    np.testing.assert_array_equal(np.asarray(sc.matmul(x, f)), np.asarray(lo))
+  assert not np.array_equal(np.asarray(lo), np.asarray(hi))   # the levels really differ here
+
+
 SINGLE = "bf16_bf16_f32"
 
 

@@ -200,3 +200,15 @@ def test_unknown_method_and_options_are_named():
   with pytest.raises(ValueError, match="rules\\[0\\]"):
     sc.decompose({"w": a}, key=jax.random.key(0), bits_per_weight=4,
                  rules=[("w", sc.Budget(bits_per_weight=4, method="nope"))])
+
+
+@pytest.mark.parametrize("precision", [None, "bf16_bf16_f32", "highest"])
+def test_matmul_takes_a_precision(method, precision):
+  """Every type takes matmul's precision (f32 types ignore it; bad values are refused)."""
+  f = _run(_matrix(), method)
+  x = jax.random.normal(jax.random.key(3), (5, SHAPE[0]))
+  want = np.asarray(x) @ np.asarray(f.reconstruct(), np.float64)
+  np.testing.assert_allclose(np.asarray(f.matmul(x, precision=precision)), want, rtol=1e-4,
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="precision must be"):
+    sc.matmul(x, f, precision="bf16")

@@ -158,7 +158,7 @@ class _DenseKernel(Compressed):
   def stored_bytes(self):
     return jnp.int32(0)
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # f32 at every level
     return jnp.matmul(x2, self.w, precision=_HI)
 
 

@@ -11,8 +11,10 @@ A subclass provides:
 * ``_dense()``: the float32 matrices (*batch, m, n), traceable;
 * ``stored_bytes()``: bytes stored per matrix, an array of the batch shape
   (traceable, so budgets can be accounted under ``jax.jit``);
-* optionally ``_matmul(x)``: ``x @ A`` for one unbatched matrix and x (B, m)
-  without materialising A (the default builds the dense matrix);
+* optionally ``_matmul(x, precision)``: ``x @ A`` for one unbatched matrix and
+  x (B, m) without materialising A (the default builds the dense matrix);
+  ``precision`` matters only to a product that may round (signed cuts on the
+  CPU kernel's bf16 cores), and composite types pass it to their parts;
 * optionally ``check(name)``: that the arrays agree with ``shape`` and with
   each other (always, from the static shapes) and hold valid values (indices
   in range, counts within capacity; only when the values are concrete). The
@@ -69,8 +71,12 @@ class Compressed:
     """``self`` if its arrays are consistent with its shape, else a ValueError naming ``name``."""
     return self
 
-  def _matmul(self, x2: jax.Array) -> jax.Array:
-    """``x2 @ A`` in f32 for one unbatched matrix A and f32 rows x2 (B, m)."""
+  def _matmul(self, x2: jax.Array, precision=None) -> jax.Array:
+    """``x2 @ A`` in f32 for one unbatched matrix A and f32 rows x2 (B, m).
+
+    ``precision``: a level as ``_kernels.apply.check_precision`` returns it
+    (already checked); types whose product is f32 at every level ignore it.
+    """
     return jnp.matmul(x2, self._dense(), precision=_HI)
 
   def reconstruct(self, dtype=jnp.float32) -> jax.Array:
@@ -86,16 +92,22 @@ class Compressed:
                       "call it outside jax.jit")
     return int(np.sum(np.asarray(b, np.float64)))
 
-  def matmul(self, x: jax.Array) -> jax.Array:
+  def matmul(self, x: jax.Array, *, precision=None) -> jax.Array:
     """``x @ A`` without materialising A where the type allows.
 
     Args:
       x: (..., m) activations for an unbatched A; for a batched A of batch
         shape (b...), x is (b..., k, m) (``jnp.matmul`` batching).
+      precision: as for ``SignedCutDense``: None / ``"default"`` lets the CPU
+        kernel round x to bf16 for signed cuts from 8 rows (f32 sums);
+        ``"bf16_bf16_f32"`` rounds the projection too; ``"highest"`` keeps
+        every product in f32. Other types compute in f32 at every level.
 
     Returns:
       f32 (..., n).
     """
+    from jax_signedcut._kernels import apply as _apply  # noqa: PLC0415  (apply imports this)
+    precision = _apply.check_precision(precision)
     self.check()
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -107,12 +119,12 @@ class Compressed:
     batch = self.batch_shape
     if not batch:
       lead = x.shape[:-1]
-      y = self._matmul(x.reshape(-1, m).astype(jnp.float32))
+      y = self._matmul(x.reshape(-1, m).astype(jnp.float32), precision)
       return y.reshape(*lead, n)
     if x.ndim < len(batch) + 2 or x.shape[:len(batch)] != batch:
       raise ValueError(f"x must have shape {batch} + (k, {m}) for a stack of shape "
                        f"{batch}, got {x.shape}")
-    one = lambda f, x: f.matmul(x)  # noqa: E731
+    one = lambda f, x: f.matmul(x, precision=precision)  # noqa: E731
     for _ in batch:
       one = jax.vmap(one)
     # vmap over the leaves' leading axes hands `one` unbatched views of self.
@@ -258,9 +270,10 @@ def nbytes(tree) -> int:
   return sum(f.nbytes for f in compressed_leaves(tree))
 
 
-def matmul(x: jax.Array, f: Compressed) -> jax.Array:
-  """``x @ A`` for a compressed A without materialising it where its type allows."""
-  return check_compressed(f).matmul(x)
+def matmul(x: jax.Array, f: Compressed, *, precision=None) -> jax.Array:
+  """``x @ A`` for a compressed A without materialising it where its type allows
+  (``precision``: see :meth:`Compressed.matmul`)."""
+  return check_compressed(f).matmul(x, precision=precision)
 
 
 def relative_error(a, f):

@@ -304,7 +304,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
     for p in parts:
       # The cuts take the implementation asked for; every other part its own product.
       yp = cuts_matmul(x2, p, impl=impl, precision=precision) if isinstance(p, SignedCut) \
-          else p._matmul(x2)  # noqa: SLF001
+          else p._matmul(x2, precision)  # noqa: SLF001
       y = yp if y is None else y + yp
   if bias is not None:
     y = y + jnp.asarray(bias).astype(jnp.float32)[None, :]

@@ -112,7 +112,7 @@ class LowRank(Compressed):
   def _dense(self):
     return jnp.einsum("...km,...kn->...mn", _dense(self.u), _dense(self.v), precision=_HI)
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # f32 at every level
     # x (B, m) @ uᵀv: through the rank-k inner space, never the (m, n) matrix.
     p = jnp.matmul(x2, _dense(self.u).T, precision=_HI)
     return jnp.matmul(p, _dense(self.v), precision=_HI)

@@ -91,7 +91,7 @@ class LowRankPart(Compressed):
     # A constant (numpy, not traced): the shape fixes it, so budgets can use it statically.
     return np.full(self.batch_shape, nbytes_for(self.rank, m, n), np.int64)
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # f32 at every level
     hi = jax.lax.Precision.HIGHEST
     p = jnp.matmul(x2, self.u.astype(jnp.float32), precision=hi)            # (B, r)
     return jnp.matmul(p, self.v.astype(jnp.float32).T, precision=hi)

@@ -43,8 +43,8 @@ class InputScaled(Compressed):
   def stored_bytes(self):
     return self.inner.stored_bytes() + 4 * self.scale.shape[-1]
 
-  def _matmul(self, x2):
-    return self.inner._matmul(x2 / self.scale[None, :])  # noqa: SLF001
+  def _matmul(self, x2, precision=None):
+    return self.inner._matmul(x2 / self.scale[None, :], precision)  # noqa: SLF001
 
 
 @jax.tree_util.register_dataclass
@@ -69,7 +69,7 @@ class Transposed(Compressed):
   def stored_bytes(self):
     return self.inner.stored_bytes()
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # f32 at every level
     return jnp.matmul(x2, self._dense(), precision=_HI)
 
 

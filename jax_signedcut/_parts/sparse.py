@@ -81,7 +81,7 @@ class Sparse(Compressed):
   def stored_bytes(self):
     return self.count.astype(jnp.int32) * BYTES_PER_ENTRY
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # exact products of the stored values
     _, n = self.shape
     rows, cols = self.idx // n, self.idx % n
     contrib = x2[:, rows] * self.val.astype(jnp.float32)[None, :]

@@ -91,8 +91,8 @@ class Sum(Compressed):
       total = total + p.stored_bytes()
     return total
 
-  def _matmul(self, x2):
-    y = self.parts[0]._matmul(x2)  # noqa: SLF001
+  def _matmul(self, x2, precision=None):
+    y = self.parts[0]._matmul(x2, precision)  # noqa: SLF001
     for p in self.parts[1:]:
-      y = y + p._matmul(x2)  # noqa: SLF001
+      y = y + p._matmul(x2, precision)  # noqa: SLF001
     return y

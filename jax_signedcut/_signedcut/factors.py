@@ -87,9 +87,9 @@ class SignedCut(Compressed):
   def _dense(self):
     return _expand(self, RECONSTRUCT_BLOCK)
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):
     from jax_signedcut._kernels import apply as _apply  # noqa: PLC0415  (apply imports this)
-    return _apply.cuts_matmul(x2, self)
+    return _apply.cuts_matmul(x2, self, precision=precision)
 
 
 def _expand(f: SignedCut, block: int) -> jax.Array:

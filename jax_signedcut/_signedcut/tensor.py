@@ -88,7 +88,7 @@ class SignedTensorCut(Compressed):
   def _dense(self):
     return _dense_tensor(self)
 
-  def _matmul(self, x2):
+  def _matmul(self, x2, precision=None):  # f32 at every level
     # x (B, d_1) contracted with the first axis: the tensor as a (d_1, d_2·…·d_k) matrix.
     return jnp.matmul(x2, self._dense().reshape(self.shape[0], -1), precision=_HI)
 
