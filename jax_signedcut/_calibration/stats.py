@@ -155,10 +155,17 @@ class _Accumulator:
     return Calibration(hessians=hess, tokens=min(tokens), layout=layout, means=means)
 
 
-def _split_batch(batch, token_mask):
-  args = batch if isinstance(batch, tuple) else (batch,)
-  mask = None if token_mask is None else token_mask(batch)
-  return args, mask
+def _accumulate(step, batches, token_mask) -> Calibration:
+  """Σ over batches of ``step(args, mask)`` (a dict of per-kernel moments), in float64."""
+  acc = _Accumulator()
+  seen = 0
+  for batch in batches:
+    args = batch if isinstance(batch, tuple) else (batch,)
+    acc.add(step(args, None if token_mask is None else token_mask(batch)))
+    seen += 1
+  if not seen:
+    raise ValueError("batches is empty: calibration needs at least one batch")
+  return acc.result("flax")
 
 
 def calibrate(model, batches: Iterable, *, token_mask: Callable | None = None) -> Calibration:
@@ -219,15 +226,7 @@ def calibrate(model, batches: Iterable, *, token_mask: Callable | None = None) -
       m(*args)
     return record
 
-  acc = _Accumulator()
-  seen = 0
-  for batch in batches:
-    args, mask = _split_batch(batch, token_mask)
-    acc.add(step(state, args, mask))
-    seen += 1
-  if not seen:
-    raise ValueError("batches is empty: calibration needs at least one batch")
-  return acc.result("flax")
+  return _accumulate(lambda args, mask: step(state, args, mask), batches, token_mask)
 
 
 def calibrate_linen(module, variables, batches: Iterable, *, token_mask: Callable | None = None,
@@ -264,15 +263,7 @@ def calibrate_linen(module, variables, batches: Iterable, *, token_mask: Callabl
       module.apply(variables, *args, method=method)
     return record
 
-  acc = _Accumulator()
-  seen = 0
-  for batch in batches:
-    args, mask = _split_batch(batch, token_mask)
-    acc.add(step(variables, args, mask))
-    seen += 1
-  if not seen:
-    raise ValueError("batches is empty: calibration needs at least one batch")
-  return acc.result("flax")
+  return _accumulate(lambda args, mask: step(variables, args, mask), batches, token_mask)
 
 
 @contextlib.contextmanager
