@@ -182,9 +182,9 @@ class Writer:
   reads as output, and the next writer of OUT removes them.
 
   A writer (``with Writer(OUT) as w:``) holds an exclusive lock on ``.OUT.lock``
-  (``fcntl.flock``, released by the kernel when the process dies) from entry to exit: a second writer
-  of the same OUT, in this process or another, fails at once with
-  ``FileExistsError`` naming the pid that holds it.
+  (``fcntl.flock``, released by the kernel when the process dies) from entry to
+  exit: a second writer of the same OUT, in this process or another, fails at
+  once with ``FileExistsError`` naming the pid that holds it.
   """
 
   def __init__(self, path):
@@ -238,13 +238,13 @@ class Writer:
           os.unlink(self._spool_name)
       self._unlock()
 
-  def _open(self):
+  def _require_open(self):
     if self._spool is None:
       raise RuntimeError(f"{self.path}: open the Writer with `with Writer(path) as w:` first")
 
   def add(self, name: str, array) -> None:
     """Appends one tensor."""
-    self._open()
+    self._require_open()
     if name in self._header or name == "__metadata__":
       raise ValueError(f"{self.path}: two tensors named {name!r} (or a reserved name)")
     a = np.ascontiguousarray(array)
@@ -268,7 +268,7 @@ class Writer:
     ``commit``: a context manager factory the rename runs in (the CLI's guard
     against Ctrl-C).
     """
-    self._open()
+    self._require_open()
     self._spool.close()
     header = dict(self._header)
     if metadata.get("format") == _format.FORMAT:
