@@ -210,3 +210,13 @@ def test_an_interrupt_between_creating_a_file_and_recording_it(model, capsys, mo
   else:
     assert err.strip().splitlines() == ["jax-signedcut: interrupted; no output was written"]
     assert sorted(os.listdir(model)) == ["in.safetensors"]
+
+
+def test_a_writer_not_entered_refuses_to_write_and_leaves_nothing(tmp_path):
+  w = _writer.Writer(tmp_path / "out.safetensors")   # no lock, no spool until `with`
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(RuntimeError, match="open the Writer with `with Writer"):
+    w.add("a", np.ones(3, np.float32))
+  with pytest.raises(RuntimeError, match="open the Writer with `with Writer"):
+    w.finish({})
+  assert os.listdir(tmp_path) == []
