@@ -93,12 +93,19 @@ class SignedCut(Compressed):
 
 
 def _expand(f: SignedCut, block: int) -> jax.Array:
-  """``S·diag(c)·Tᵀ`` in f32 (..., m, n), ``block`` cuts at a time."""
+  """``S·diag(c)·Tᵀ`` in f32 (..., m, n), ``block`` cuts at a time.
+
+  Every block is ``block`` cuts long (the last padded with empty slots), so a
+  value gives the same bits whatever its count of trailing empty slots (one
+  loaded at its stored width, or truncated to its used cuts): XLA may pick a
+  contraction's summation order by its length (it did on an AMD CPU without
+  AVX-512, for a width of 25 against 50), and the empty slots add exact zeros.
+  """
   m, n = f.shape
   w = f.width
   nb = max(1, -(-w // block))
-  pad = nb * block - w if w > block else 0
-  blk = min(block, w)
+  pad = nb * block - w
+  blk = block
 
   def padw(x):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)]) if pad else x
