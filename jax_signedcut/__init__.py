@@ -31,6 +31,7 @@ from jax_signedcut._parts.scaled import InputScaled as InputScaled
 from jax_signedcut._parts.scaled import Transposed as Transposed
 from jax_signedcut._parts.sparse import Sparse as Sparse
 from jax_signedcut._parts.sum import Sum as Sum
+from jax_signedcut._parts.blocks import RowBlocks as RowBlocks
 from jax_signedcut._signedcut.factors import SignedCut as SignedCut
 from jax_signedcut._signedcut.factors import truncate as truncate
 from jax_signedcut._methods.lp_lowrank import lp_cost as lp_cost
@@ -75,6 +76,7 @@ __all__ = [
     "LowRankPart",
     "Sparse",
     "Sum",
+    "RowBlocks",
     "is_compressed",
     "matmul",
     "SignedCut",

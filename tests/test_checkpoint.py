@@ -21,6 +21,7 @@ import jax_signedcut as sc
 from conftest import assert_same_factors, gaussian, heavy, reseal
 from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._checkpoint import structure as _structure
+from jax_signedcut._checkpoint import types as _types
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -58,6 +59,11 @@ MAKERS = {
         jnp.linspace(0.5, 2.0, 40, dtype=jnp.float32),
         sc.decompose(heavy(jax.random.key(3), (40, 70)), key=jax.random.key(4), rate=0.5)),
     "transposed": lambda: sc.Transposed(sc.rtn(gaussian((37, 50), 0), bits=4)),
+    "row_blocks": lambda: sc.RowBlocks(
+        jnp.asarray(np.random.default_rng(0).permutation(40), jnp.int32),
+        (sc.decompose(heavy(jax.random.key(3), (15, 70)), key=jax.random.key(4), rate=0.5),
+         sc.InputScaled(jnp.linspace(0.5, 2.0, 25, dtype=jnp.float32),
+                        sc.rtn(gaussian((25, 70), 1), bits=4)))),
     "signed_tensor_cut_stacked": lambda: jax.vmap(
         lambda x: sc.decompose_tensor(x, key=jax.random.key(0), width=3))(
             gaussian((2, 5, 6, 7), 0)),
@@ -396,6 +402,20 @@ def node(b, path, *parts):
   for p in parts:
     n = n["fields"]["parts"]["tuple"][p]["node"] if isinstance(p, int) else n["fields"][p]["node"]
   return n
+
+
+def test_row_blocks_file_refuses_a_repeated_row(values, tmp_path):
+  path = tmp_path / "f.safetensors"
+  sc.save(path, {"w": values["row_blocks"]})
+  with safe_open(str(path), framework="numpy") as f:
+    node_ = json.loads(f.metadata()["jax_signedcut"])["leaves"][0]["value"]
+  assert _types.describe(node_) == "2 row blocks [cuts 36/37 + 5 sparse; input_scaled]"
+
+  def repeat(ts):
+    _set(ts, "w/perm", lambda x: np.concatenate([x[:1], x[:-1]]))
+  rewrite(path, tensors=repeat)
+  with pytest.raises(sc.CheckpointError, match="perm is not a permutation of the 40 rows"):
+    sc.load(path)
 
 
 def test_truncated_file(saved):

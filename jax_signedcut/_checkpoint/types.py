@@ -21,6 +21,7 @@ from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._methods import rtn as _rtn
 from jax_signedcut._methods.lplr import LowRank
 from jax_signedcut._methods.rtn import QuantizedMatrix
+from jax_signedcut._parts.blocks import RowBlocks
 from jax_signedcut._parts.scaled import InputScaled, Transposed
 from jax_signedcut._parts.lowrank import LowRankPart
 from jax_signedcut._parts.sparse import Sparse
@@ -224,6 +225,20 @@ def _input_scaled_validate(p: InputScaled) -> None:
     raise ValueError("the input scales must be > 0")
 
 
+def _row_blocks_validate(p: RowBlocks) -> None:
+  batches = {tuple(q.batch_shape) for q in p.parts}
+  if len(batches) != 1:
+    raise ValueError(f"parts have different batch shapes {sorted(batches)}")
+  ns = {int(q.shape[1]) for q in p.parts}
+  if len(ns) != 1:
+    raise ValueError(f"parts have different column counts {sorted(ns)}")
+  m = sum(int(q.shape[0]) for q in p.parts)
+  expect(p.perm, "perm", np.int32, (*p.parts[0].batch_shape, m))
+  rows = np.sort(p.perm.reshape(-1, m), axis=-1)
+  if not np.array_equal(rows, np.broadcast_to(np.arange(m), rows.shape)):
+    raise ValueError(f"perm is not a permutation of the {m} rows")
+
+
 # ----------------------------------------------------------------------------
 # RTN codes, LPLR/DSVD/lp factors, tensor cuts.
 
@@ -318,6 +333,7 @@ _codec.register(LowRank, "low_rank", validate=_low_rank_validate)
 _codec.register(SignedTensorCut, "signed_tensor_cut", validate=_tensor_cut_validate)
 _codec.register(InputScaled, "input_scaled", validate=_input_scaled_validate)
 _codec.register(Transposed, "transposed", validate=lambda t: None)
+_codec.register(RowBlocks, "row_blocks", validate=_row_blocks_validate)
 
 
 def describe(node) -> str:
@@ -334,6 +350,10 @@ def describe(node) -> str:
     texts = [describe(p["node"]) for p in parts if isinstance(p, dict) and "node" in p]
     # A sparse part that found no entry is kept (its slots are the budget's), not shown.
     return " + ".join(t for t in texts if t != "0 sparse") or "sum"
+  if kind == "row_blocks":
+    parts = (fields.get("parts") or {}).get("tuple") or []
+    texts = [describe(p["node"]) for p in parts if isinstance(p, dict) and "node" in p]
+    return f"{len(texts)} row blocks [" + "; ".join(texts) + "]"
   if kind == "signed_cut":
     c = spec_shape("c")
     return f"cuts {c[-1] if c else '?'}/{slots.get('width', '?')}"
