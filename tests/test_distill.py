@@ -201,3 +201,42 @@ def test_bad_input():
                SignedCutDense) else m(b)[:, :4], **ok)
   with pytest.raises(ValueError, match="loss is not finite"):
     sc.distill(student, teacher, batches, loss=lambda s, t, b: jnp.sum(s) * jnp.nan, **ok)
+
+
+def test_distill_trains_the_floats_inside_row_blocks():
+  """A RowBlocks kernel (calibrated block search): dense and factored training agree, the
+  perm and every sign bit stay, and the loss falls."""
+  teacher = _mlp()
+  batches = _batches()
+  runs = []
+  for dense in (True, False):
+    student = _student(teacher)
+    w = teacher.layers[3].kernel[...]                       # (40, 32)
+    perm = jnp.asarray(np.random.default_rng(0).permutation(40), jnp.int32)
+    top = sc.decompose(w[perm[:15]], key=jax.random.key(1), bits_per_weight=2, outliers=0.02)
+    rest = sc.InputScaled(jnp.linspace(0.5, 2.0, 25, dtype=jnp.float32),
+                          sc.decompose(w[perm[15:]] * jnp.linspace(0.5, 2.0, 25)[:, None],
+                                       key=jax.random.key(2), bits_per_weight=2, outliers=0))
+    f = sc.RowBlocks(perm, (top, rest))
+    student.layers[3] = SignedCutDense.from_factors(f, teacher.layers[3].bias[...])
+    signs = {}
+    _distill._signs(f, "", signs)
+    np.testing.assert_allclose(np.asarray(_distill._dense_of(f, "", signs)),
+                               np.asarray(f.reconstruct()), rtol=1e-5, atol=1e-6)
+    before = float(np.mean([_distill.relative_squared_error(student(b), teacher(b))
+                            for b in batches]))
+    res = sc.distill(student, teacher, batches, steps=10, lr=2e-2, key=jax.random.key(0),
+                     dense=dense)
+    after = float(np.mean([_distill.relative_squared_error(student(b), teacher(b))
+                           for b in batches]))
+    assert after < before
+    g = student.layers[3].factors
+    assert isinstance(g, sc.RowBlocks)
+    np.testing.assert_array_equal(np.asarray(g.perm), np.asarray(perm))
+    for a, b in zip((top.part(sc.SignedCut), rest.inner), (g.parts[0].part(sc.SignedCut),
+                                                           g.parts[1].inner)):
+      np.testing.assert_array_equal(np.asarray(a.s_bits), np.asarray(b.s_bits))
+      np.testing.assert_array_equal(np.asarray(a.t_bits), np.asarray(b.t_bits))
+    assert not np.array_equal(np.asarray(g.parts[1].inner.c), np.asarray(rest.inner.c))
+    runs.append(res.loss)
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-3)

@@ -137,7 +137,8 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
   """Each kernel's squared relative output error at each budget, of the part it would keep.
 
   One calibrated cut run per kernel at the largest budget; every smaller budget is
-  its prefix refit (:func:`~jax_signedcut._calibration.cuts.fit_budget`). With
+  its prefix refit (:func:`~jax_signedcut._calibration.cuts.fit_budget`); with
+  ``blocks > 1`` (not prefix-consistent) one run per budget. With
   ``fallback`` (default) a budget's error is the lower of the calibrated part and
   the plain ``decompose`` of the same budget — what ``decompose(...,
   calibration=...)`` keeps.
@@ -195,15 +196,21 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
       raise ValueError(f"kernel {name!r}: {max(budgets):g} bits per weight pay for no "
                        f"calibrated cut on shape {(m, n)}")
     k = key(name) if callable(key) else key
-    part, _ = _cuts.calibrated_cuts(w, h, key=k, width=width, options=cut_opts,
-                                    with_gains=False)
-    system = _cuts.gram(part, w, h, cut_opts)
+    if opts["blocks"] == 1:
+      part, _ = _cuts.calibrated_cuts(w, h, key=k, width=width, options=cut_opts,
+                                      with_gains=False)
+      system = _cuts.gram(part, w, h, cut_opts)
     errs = []
     for b in budgets:
-      ours = _cuts.fit_budget(part, w, h, bits_per_weight=b, sparse_fraction=sf,
-                              options=cut_opts, refit=opts["refit"], system=system).reconstruct()
+      if opts["blocks"] == 1:
+        ours = _cuts.fit_budget(part, w, h, bits_per_weight=b, sparse_fraction=sf,
+                                options=cut_opts, refit=opts["refit"],
+                                system=system).reconstruct()
+      else:   # not prefix-consistent: a run per budget (with its own fallbacks)
+        ours = _api.signed_cut(w, h, key=k, bits_per_weight=b, options=opts,
+                               outliers=outliers, path=name).reconstruct()
       best, e = ours, float(_objective.relative_output_error(w, ours, h))
-      if opts["fallback"]:
+      if opts["fallback"] and opts["blocks"] == 1:
         plain = _decompose.decompose(w, key=k, bits_per_weight=b,
                                      outliers=outliers).reconstruct()
         e_plain = float(_objective.relative_output_error(w, plain, h))

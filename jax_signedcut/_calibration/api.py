@@ -42,6 +42,7 @@ SIGNED_CUT_OPTIONS = {
     "sparse_fraction": 0.0,  # share of entries stored apart, chosen by output impact
     "refit": True,           # least-squares refit of c (and the sparse values) under H
     "fallback": True,        # keep the plain cuts when their output error is lower
+    "blocks": 1,             # input-row blocks compressed in turn, GPTQ-style (RowBlocks)
 }
 
 _CUT_KEYS = ("alpha", "shrink", "damp", "max_flips", "max_rounds", "search")
@@ -105,6 +106,10 @@ def check_options(options) -> dict:
   for k in ("refit", "fallback"):
     if not isinstance(opts[k], bool):
       raise ValueError(f"{k} must be True or False, got {opts[k]!r}")
+  nb = opts["blocks"]
+  if isinstance(nb, bool) or not isinstance(nb, (int, np.integer)) or nb < 1:
+    raise ValueError(f"blocks must be an int >= 1, got {nb!r}")
+  opts["blocks"] = int(nb)
   _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})   # its own checks
   return opts
 
@@ -114,17 +119,37 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
   """Calibrated signed cuts of one Flax-layout kernel ``a`` (in, out) under ``h`` (checked).
 
   Returns an :class:`~jax_signedcut.InputScaled` (the calibrated part, within
-  ``bits_per_weight · in·out / 8`` bytes), or — with ``fallback`` and a lower
-  output error — the plain ``decompose`` of the same budget (with ``outliers``).
+  ``bits_per_weight · in·out / 8`` bytes) — with ``blocks > 1`` a
+  :class:`~jax_signedcut.RowBlocks` of them
+  (:func:`jax_signedcut._calibration.blocks.blocked_signed_cut`) — or, with
+  ``fallback`` and a lower output error, the plain ``decompose`` of the same
+  budget (with ``outliers``).
   """
-  from jax_signedcut._calibration import cuts as _cuts  # noqa: PLC0415
+  from jax_signedcut._calibration import blocks as _blocks  # noqa: PLC0415
   from jax_signedcut._calibration import objective as _objective  # noqa: PLC0415
-  from jax_signedcut._signedcut import budget as _budget  # noqa: PLC0415
   from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
 
   opts = check_options(options)
-  cut_opts = _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})
   a = jnp.asarray(a, jnp.float32)
+  if opts["blocks"] > 1:
+    out = _blocks.blocked_signed_cut(a, h, key=key, bits_per_weight=bits_per_weight,
+                                     options=opts, outliers=outliers, path=path)
+  else:
+    out = _one_part(a, h, key=key, bits_per_weight=bits_per_weight, opts=opts, path=path)
+  if not opts["fallback"]:
+    return out
+  plain = _decompose.decompose(a, key=key, bits_per_weight=bits_per_weight, outliers=outliers)
+  e_ours = float(_objective.output_error(a, out.reconstruct(), h))
+  e_plain = float(_objective.output_error(a, plain.reconstruct(), h))
+  return out if e_ours <= e_plain else plain
+
+
+def _one_part(a, h, *, key, bits_per_weight, opts, path):
+  """The calibrated :class:`InputScaled` of one kernel within the budget (no fallback)."""
+  from jax_signedcut._calibration import cuts as _cuts  # noqa: PLC0415
+  from jax_signedcut._signedcut import budget as _budget  # noqa: PLC0415
+
+  cut_opts = _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})
   m, n = a.shape
   k_sparse = int(opts["sparse_fraction"] * m * n)
   width = int((bits_per_weight * m * n / 8 - 4 * m - 8 * k_sparse)
@@ -135,15 +160,9 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
                      f"and {k_sparse} sparse entries")
   part, _ = _cuts.calibrated_cuts(a, h, key=key, width=width, options=cut_opts,
                                   with_gains=False)
-  out = _cuts.fit_budget(part, a, h, bits_per_weight=bits_per_weight,
-                         sparse_fraction=opts["sparse_fraction"], options=cut_opts,
-                         refit=opts["refit"])
-  if not opts["fallback"]:
-    return out
-  plain = _decompose.decompose(a, key=key, bits_per_weight=bits_per_weight, outliers=outliers)
-  e_ours = float(_objective.output_error(a, out.reconstruct(), h))
-  e_plain = float(_objective.output_error(a, plain.reconstruct(), h))
-  return out if e_ours <= e_plain else plain
+  return _cuts.fit_budget(part, a, h, bits_per_weight=bits_per_weight,
+                          sparse_fraction=opts["sparse_fraction"], options=cut_opts,
+                          refit=opts["refit"])
 
 
 def compress_one(a, h, *, key, width, rate, bits_per_weight, max_error, outliers, lowrank,

@@ -49,6 +49,7 @@ from flax import nnx
 from jax_signedcut._core import checks as _checks
 from jax_signedcut._core import keypath as _keypath
 from jax_signedcut._core.protocol import Compressed, is_compressed
+from jax_signedcut._parts.blocks import RowBlocks
 from jax_signedcut._parts.scaled import InputScaled, Transposed
 from jax_signedcut._parts.sparse import Sparse
 from jax_signedcut._parts.sum import Sum
@@ -113,7 +114,7 @@ def _compressed_floats(f, prefix: str, train: frozenset, out: dict) -> None:
     _compressed_floats(f.inner, prefix + "inner/", train, out)
   elif isinstance(f, Transposed):
     _compressed_floats(f.inner, prefix + "inner/", train, out)
-  elif isinstance(f, Sum):
+  elif isinstance(f, (Sum, RowBlocks)):
     for i, p in enumerate(f.parts):
       _compressed_floats(p, f"{prefix}parts/{i}/", train, out)
 
@@ -134,6 +135,9 @@ def _apply_floats(f, prefix: str, u: dict):
     return Transposed(_apply_floats(f.inner, prefix + "inner/", u))
   if isinstance(f, Sum):
     return Sum(tuple(_apply_floats(p, f"{prefix}parts/{i}/", u) for i, p in enumerate(f.parts)))
+  if isinstance(f, RowBlocks):
+    return RowBlocks(f.perm, tuple(_apply_floats(p, f"{prefix}parts/{i}/", u)
+                                   for i, p in enumerate(f.parts)))
   return f
 
 
@@ -172,7 +176,7 @@ def _signs(f, prefix: str, out: dict) -> None:
     out[prefix] = (_packing.unpack_signs(f.s_bits, m), _packing.unpack_signs(f.t_bits, n))
   elif isinstance(f, (InputScaled, Transposed)):
     _signs(f.inner, prefix + "inner/", out)
-  elif isinstance(f, Sum):
+  elif isinstance(f, (Sum, RowBlocks)):
     for i, p in enumerate(f.parts):
       _signs(p, f"{prefix}parts/{i}/", out)
 
@@ -189,6 +193,10 @@ def _dense_of(f, prefix: str, signs: dict):
   if isinstance(f, Sum):
     parts = [_dense_of(p, f"{prefix}parts/{i}/", signs) for i, p in enumerate(f.parts)]
     return sum(parts[1:], parts[0])
+  if isinstance(f, RowBlocks):
+    stacked = jnp.concatenate([_dense_of(p, f"{prefix}parts/{i}/", signs)
+                               for i, p in enumerate(f.parts)], axis=0)
+    return stacked[jnp.argsort(f.perm)]
   return f.reconstruct(jnp.float32)
 
 

@@ -90,7 +90,9 @@ calibration:
   minimise the error on their outputs: signed cuts with input scales, H-aware
   cuts and a least-squares refit (plain cuts kept where they do better;
   --option sparse_fraction=0.005 adds a sparse part chosen by output impact,
-  --option fallback=false drops the plain alternative), or --method gptq.
+  --option fallback=false drops the plain alternative, --option blocks=2
+  compresses the inputs in 2 blocks with GPTQ-style error feedback), or
+  --method gptq.
   Weights the file does not name are compressed as without it.
   --allocate spreads the bits of the signed cut leaves the file names (their
   total stays within the budget) over budget-1, budget, budget+1 bits per
