@@ -95,11 +95,21 @@ SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002
                   (r"/intermediate/kernel$", 0.002))
 
 
-def calibration_rules(rate, bits, search="hcut"):
-  """Per-kind rules giving the calibrated kernels their sparse share and sign search."""
+#: Input-row blocks of the calibrated kernels by kind for ``--blocks auto`` (GPTQ-style error
+#: feedback, docs/calibration.md section 9; chosen on layers 1–4 by output error under the
+#: calibration and development statistics at 2 and 4 bits, never the evaluation texts): four
+#: for the 1536×384 FFN output kernels, two for the rest.
+BLOCKS_BY_KIND = ((r"/output/kernel$", 4),)
+
+
+def calibration_rules(rate, bits, search="hcut", blocks="auto"):
+  """Per-kind rules giving the calibrated kernels their sparse share, sign search and blocks."""
   kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
+  kind_blocks = lambda pattern: int(blocks) if blocks != "auto" else dict(  # noqa: E731
+      BLOCKS_BY_KIND).get(pattern, 2)
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
-                              options={"sparse_fraction": f, "search": search}))
+                              options={"sparse_fraction": f, "search": search,
+                                       "blocks": kind_blocks(pattern)}))
           for pattern, f in kinds]
 
 
@@ -107,7 +117,19 @@ def _sparse_for(path):
   return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
 
 
-def allocation(model, tok, params, calibration, *, bits, search, key, say):
+def _blocks_for(path, blocks):
+  if blocks != "auto":
+    return int(blocks)
+  return next((b for pattern, b in BLOCKS_BY_KIND if re.search(pattern, path)), 2)
+
+
+def _options_for(path, search, blocks):
+  """The calibrated options of the kernel at ``path`` (what ``calibration_rules`` gives it)."""
+  return {"sparse_fraction": _sparse_for(path), "search": search,
+          "blocks": _blocks_for(path, blocks)}
+
+
+def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto"):
   """Per-kernel bits at ``bits`` on average over the calibrated kernels, and the rules.
 
   Curves: each kernel's squared relative output error under the calibration H at
@@ -121,7 +143,7 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say):
 
   flat = flat_paths(params)
   names = sorted(calibration.hessians)
-  opts = lambda p: {"sparse_fraction": _sparse_for(p), "search": search}  # noqa: E731
+  opts = lambda p: _options_for(p, search, blocks)  # noqa: E731
   curves, kept = _alloc.budget_curves(
       {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
       budgets=_alloc.budget_grid(bits), options=opts, keep=bits)
@@ -140,8 +162,15 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say):
   return alloc, _alloc.allocation_rules(alloc, options=opts), sens
 
 
-def _inner(f):
-  return f.inner if isinstance(f, sc.InputScaled) else f
+def _parts(f, cls):
+  """Every part of type ``cls`` inside compressed value ``f`` (through sums, scales, blocks)."""
+  if isinstance(f, cls):
+    return [f]
+  if isinstance(f, (sc.Sum, sc.RowBlocks)):
+    return [q for p in f.parts for q in _parts(p, cls)]
+  if isinstance(f, (sc.InputScaled, sc.Transposed)):
+    return _parts(f.inner, cls)
+  return []
 
 
 def _kind(path):
@@ -215,6 +244,10 @@ def main(argv=None) -> dict:
                  help="compress the Linear kernels for their outputs on the calibration texts")
   p.add_argument("--search", default="hcut", choices=("hcut", "diag"),
                  help="with --calibrate: the sign search (docs/calibration.md section 6)")
+  p.add_argument("--blocks", default="auto",
+                 help='with --calibrate: input-row blocks per kernel, GPTQ-style ("auto": 4 for '
+                      'the FFN output kernels, 2 for the rest; 1: none; docs/calibration.md '
+                      'section 9)')
   p.add_argument("--allocate", action="store_true",
                  help="with --calibrate --bits: bits per kernel from measured sensitivities "
                       "(same total)")
@@ -234,6 +267,8 @@ def main(argv=None) -> dict:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
+  if args.blocks != "auto" and not (args.blocks.isdigit() and int(args.blocks) >= 1):
+    p.error(f"--blocks must be 'auto' or an integer >= 1, got {args.blocks!r}")
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
   outliers = args.outliers if args.outliers == "auto" else float(args.outliers)
   say = (lambda *a: None) if args.quiet else print
@@ -251,14 +286,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     calibration = bert.calibrate_texts(model, tok, CALIBRATION)
     t_calibrate = time.perf_counter() - t0
-    rules = calibration_rules(rate, args.bits, args.search)
+    rules = calibration_rules(rate, args.bits, args.search, args.blocks)
     say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
         f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
   alloc, sens, t_allocate = None, None, 0.0
   if args.allocate:
     t0 = time.perf_counter()
     alloc, rules, sens = allocation(model, tok, params, calibration, bits=args.bits,
-                                    search=args.search, key=jax.random.key(args.seed), say=print)
+                                    search=args.search, key=jax.random.key(args.seed), say=print,
+                                    blocks=args.blocks)
     t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
@@ -279,12 +315,10 @@ def main(argv=None) -> dict:
   for path, f in flat_f.items():
     if sc.is_compressed(f):
       a = flat_p[path]
-      g = _inner(f)
-      sparse = g.part(sc.Sparse) if isinstance(g, sc.Sum) else None
-      cuts = g if isinstance(g, sc.SignedCut) else g.part(sc.SignedCut)
-      rows.append(dict(path=path, shape=tuple(a.shape), cuts=int(cuts.num_cuts),
-                       calibrated=isinstance(f, sc.InputScaled),
-                       outliers=0 if sparse is None else int(sparse.count),
+      rows.append(dict(path=path, shape=tuple(a.shape),
+                       cuts=sum(int(c.num_cuts) for c in _parts(f, sc.SignedCut)),
+                       calibrated=isinstance(f, sc.RowBlocks) or bool(_parts(f, sc.InputScaled)),
+                       outliers=sum(int(q.count) for q in _parts(f, sc.Sparse)),
                        error=float(sc.relative_error(a, f)), bytes=sc.nbytes(f)))
   bytes_f32 = sum(np.prod(r["shape"]) * 4 for r in rows)
   bytes_packed = sum(r["bytes"] for r in rows)
