@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_signedcut._core.protocol import Compressed, check_compressed, is_concrete
+from jax_signedcut._core.protocol import Compressed, is_concrete
+from jax_signedcut._parts.sum import check_parts
 
 
 @jax.tree_util.register_dataclass
@@ -75,12 +76,7 @@ class RowBlocks(Compressed):
   def check(self, name: str = "f") -> RowBlocks:
     """The parts' own checks, one batch shape, and ``perm`` a permutation of the rows."""
     m, _ = self.shape
-    for i, p in enumerate(self.parts):
-      check_compressed(p, f"{name}.parts[{i}]")
-      if tuple(p.batch_shape) != tuple(self.parts[0].batch_shape):
-        raise ValueError(f"every part of {name} must have batch shape "
-                         f"{tuple(self.parts[0].batch_shape)}, got {name}.parts[{i}] with "
-                         f"{tuple(p.batch_shape)}")
+    check_parts(self.parts, name)
     perm = self.perm
     want = (*self.parts[0].batch_shape, m)
     if not hasattr(perm, "shape") or tuple(perm.shape) != want or perm.dtype != jnp.int32:

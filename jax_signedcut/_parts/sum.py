@@ -16,6 +16,16 @@ import jax
 from jax_signedcut._core.protocol import Compressed, check_compressed
 
 
+def check_parts(parts: tuple, name: str) -> None:
+  """Every part's own ``check`` (named ``name.parts[i]``) and one batch shape for all."""
+  for i, p in enumerate(parts):
+    check_compressed(p, f"{name}.parts[{i}]")
+    if tuple(p.batch_shape) != tuple(parts[0].batch_shape):
+      raise ValueError(f"every part of {name} must have batch shape "
+                       f"{tuple(parts[0].batch_shape)}, got {name}.parts[{i}] with "
+                       f"{tuple(p.batch_shape)}")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Sum(Compressed):
@@ -54,12 +64,7 @@ class Sum(Compressed):
 
   def check(self, name: str = "f") -> Sum:
     """Every part's own ``check`` (named ``name.parts[i]``) and one batch shape."""
-    for i, p in enumerate(self.parts):
-      check_compressed(p, f"{name}.parts[{i}]")
-      if tuple(p.batch_shape) != tuple(self.parts[0].batch_shape):
-        raise ValueError(f"every part of {name} must have batch shape "
-                         f"{tuple(self.parts[0].batch_shape)}, got {name}.parts[{i}] with "
-                         f"{tuple(p.batch_shape)}")
+    check_parts(self.parts, name)
     return self
 
   @property
