@@ -21,6 +21,7 @@ from jax_signedcut._checkpoint import codec as _codec
 from jax_signedcut._methods import rtn as _rtn
 from jax_signedcut._methods.lplr import LowRank
 from jax_signedcut._methods.rtn import QuantizedMatrix
+from jax_signedcut._parts import blocks as _blocks
 from jax_signedcut._parts.blocks import RowBlocks
 from jax_signedcut._parts.scaled import InputScaled, Transposed
 from jax_signedcut._parts.lowrank import LowRankPart
@@ -211,7 +212,7 @@ def _lowrank_part_validate(p: LowRankPart) -> None:
   _finite(p.v, "the low-rank factor v")
 
 
-def _sum_validate(s: Sum) -> None:
+def _sum_validate(s: Sum | RowBlocks) -> None:
   batches = {tuple(p.batch_shape) for p in s.parts}
   if len(batches) != 1:
     raise ValueError(f"parts have different batch shapes {sorted(batches)}")
@@ -226,16 +227,10 @@ def _input_scaled_validate(p: InputScaled) -> None:
 
 
 def _row_blocks_validate(p: RowBlocks) -> None:
-  batches = {tuple(q.batch_shape) for q in p.parts}
-  if len(batches) != 1:
-    raise ValueError(f"parts have different batch shapes {sorted(batches)}")
-  ns = {int(q.shape[1]) for q in p.parts}
-  if len(ns) != 1:
-    raise ValueError(f"parts have different column counts {sorted(ns)}")
-  m = sum(int(q.shape[0]) for q in p.parts)
+  _sum_validate(p)   # one batch shape (the parts' columns agree: RowBlocks checks on creation)
+  m = sum(p.sizes)
   expect(p.perm, "perm", np.int32, (*p.parts[0].batch_shape, m))
-  rows = np.sort(p.perm.reshape(-1, m), axis=-1)
-  if not np.array_equal(rows, np.broadcast_to(np.arange(m), rows.shape)):
+  if not _blocks.is_permutation(p.perm, m):
     raise ValueError(f"perm is not a permutation of the {m} rows")
 
 

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_signedcut._core.protocol import Compressed, is_concrete
-from jax_signedcut._parts.sum import check_parts
+from jax_signedcut._parts.sum import check_parts, compressed_parts
+
+
+def is_permutation(perm, m: int) -> bool:
+  """Whether every row of the concrete int array ``perm`` (..., m) is a permutation of 0..m−1."""
+  rows = np.sort(np.asarray(perm).reshape(-1, m), axis=-1)
+  return bool(np.array_equal(rows, np.broadcast_to(np.arange(m), rows.shape)))
 
 
 @jax.tree_util.register_dataclass
@@ -51,9 +57,7 @@ class RowBlocks(Compressed):
 
   def __post_init__(self):
     parts = self.parts
-    if not isinstance(parts, tuple) or not parts:
-      raise TypeError(f"parts must be a non-empty tuple, got {parts!r}")
-    if all(isinstance(p, Compressed) for p in parts):
+    if compressed_parts(parts):
       n = tuple(parts[0].shape)[1:]
       for i, p in enumerate(parts[1:], 1):
         if len(p.shape) != 2 or tuple(p.shape)[1:] != n:
@@ -83,18 +87,14 @@ class RowBlocks(Compressed):
       raise ValueError(f"{name}.perm must be int32 of shape {want} (the parts hold {m} rows), "
                        f"got {getattr(perm, 'dtype', type(perm).__name__)} of shape "
                        f"{tuple(getattr(perm, 'shape', ()))}")
-    if is_concrete(perm):
-      p = np.sort(np.asarray(perm).reshape(-1, m), axis=-1)
-      if not np.array_equal(p, np.broadcast_to(np.arange(m), p.shape)):
-        raise ValueError(f"{name}.perm must be a permutation of 0..{m - 1}")
+    if is_concrete(perm) and not is_permutation(perm, m):
+      raise ValueError(f"{name}.perm must be a permutation of 0..{m - 1}")
     return self
 
-  def _stacked(self):
-    return jnp.concatenate([p._dense() for p in self.parts], axis=-2)  # noqa: SLF001
-
   def _dense(self):
+    stacked = jnp.concatenate([p._dense() for p in self.parts], axis=-2)  # noqa: SLF001
     inv = jnp.argsort(self.perm, axis=-1)
-    return jnp.take_along_axis(self._stacked(), inv[..., :, None], axis=-2)
+    return jnp.take_along_axis(stacked, inv[..., :, None], axis=-2)
 
   def stored_bytes(self):
     total = 4 * self.perm.shape[-1]

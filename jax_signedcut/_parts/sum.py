@@ -16,6 +16,17 @@ import jax
 from jax_signedcut._core.protocol import Compressed, check_compressed
 
 
+def compressed_parts(parts) -> bool:
+  """Whether ``parts`` (a non-empty tuple, else TypeError) holds compressed values only.
+
+  jax rebuilds pytrees with placeholder leaves (tree.map, tree.unflatten), so a
+  composite checks its parts' shapes only when this is true.
+  """
+  if not isinstance(parts, tuple) or not parts:
+    raise TypeError(f"parts must be a non-empty tuple, got {parts!r}")
+  return all(isinstance(p, Compressed) for p in parts)
+
+
 def check_parts(parts: tuple, name: str) -> None:
   """Every part's own ``check`` (named ``name.parts[i]``) and one batch shape for all."""
   for i, p in enumerate(parts):
@@ -50,12 +61,8 @@ class Sum(Compressed):
   parts: tuple
 
   def __post_init__(self):
-    # jax rebuilds pytrees with placeholder leaves (tree.map, tree.unflatten), so
-    # only parts that are all compressed values are checked.
     parts = self.parts
-    if not isinstance(parts, tuple) or not parts:
-      raise TypeError(f"parts must be a non-empty tuple, got {parts!r}")
-    if all(isinstance(p, Compressed) for p in parts):
+    if compressed_parts(parts):
       shape = tuple(parts[0].shape)
       for i, p in enumerate(parts[1:], 1):
         if tuple(p.shape) != shape:
