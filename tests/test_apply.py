@@ -261,15 +261,19 @@ def test_precision_values():
 
 @needs_ffi
 def test_auto_core_choice():
-  """auto: f32 below BF16_MIN_ROWS rows or with exact, else the best bf16 core if any."""
+  """auto: f32 below the best bf16 core's BF16_MIN_ROWS rows or with exact, else that core."""
   f32 = _apply.apply_core("auto", rows=1)
   assert f32 in ("scalar", "avx512")
   assert _apply.apply_core("auto", exact=True, rows=512) == f32
+  assert _apply.BF16_MIN_ROWS == {"amx": 8, "avx512_bf16": 16}
   best = next((c for c in ("amx", "avx512_bf16") if _core_skip(c) is None), f32)
   big = _apply.BF16_MIN_WORK
-  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS, work=big) == best
-  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS - 1, work=big) == f32
-  assert _apply.apply_core("auto", rows=_apply.BF16_MIN_ROWS, work=big - 1) == f32
+  rows = _apply.BF16_MIN_ROWS.get(best, 8)
+  assert _apply.apply_core("auto", rows=rows, work=big) == best
+  assert _apply.apply_core("auto", rows=rows - 1, work=big) == f32
+  assert _apply.apply_core("auto", rows=rows, work=big - 1) == f32
+  assert _apply.apply_core("auto", rows=512, work=big) == best
+  assert (_apply._bf16_core() or f32) == best  # noqa: SLF001
   with pytest.raises(ValueError, match="impl must be"):
     _apply.apply_core("tpu")
 

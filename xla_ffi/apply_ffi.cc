@@ -213,9 +213,9 @@ ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_
   if (env.core != ApplyCore::kAuto) {
     return exact && IsBf16(env.core) ? BestF32() : env.core;
   }
-  if (!exact && rows >= kBf16MinRows && work >= kBf16MinWork) {
+  if (!exact && work >= kBf16MinWork) {
     const ApplyCore b = BestBf16();
-    if (b != ApplyCore::kAuto) return b;
+    if (b != ApplyCore::kAuto && rows >= Bf16MinRows(b)) return b;
   }
   return BestF32();
 }

@@ -78,9 +78,18 @@ enum class ApplyCore : int32_t { kAuto = 0, kScalar = 1, kAvx512 = 2, kAvx512Bf1
 // rows·w·(m + n) multiply-adds: with fewer rows the f32 cores stream the bits
 // at the memory floor, and on small products the bf16 paths' set-up (layout
 // of x, expansion of the signs) costs as much as it saves, so there is
-// nothing to buy with the rounding of x.
-inline constexpr int64_t kBf16MinRows = 8;
+// nothing to buy with the rounding of x. The AVX512-BF16 core (no AMX) needs
+// a whole 16-row batch tile to pay: at 8 rows it half-fills its tile and was
+// 1.2x the f32 AVX-512 core's time on 4096² (Zen 4, benchmarks/
+// KERNELS_RESULTS.md), from 16 rows 0.8x.
+inline constexpr int64_t kBf16MinRows = 8;            // AMX
+inline constexpr int64_t kAvx512Bf16MinRows = 16;     // AVX512-BF16
 inline constexpr int64_t kBf16MinWork = int64_t{1} << 22;
+
+// The fewest rows from which `auto` takes `core` (a bf16 core).
+inline constexpr int64_t Bf16MinRows(ApplyCore core) {
+  return core == ApplyCore::kAmx ? kBf16MinRows : kAvx512Bf16MinRows;
+}
 // From this many batch tiles of 16 rows the bf16 paths split the work by
 // rows (each partition all the cuts for its tiles, straight into y) instead
 // of by cuts (a buffer per partition, summed at the end).
@@ -91,7 +100,7 @@ const char* ApplyCoreName(ApplyCore core);
 // The core a call runs. kAuto: the environment variable
 // JAX_SIGNEDCUT_APPLY_IMPL ("scalar", "avx512", "avx512_bf16", "amx" or
 // "auto"; read once) if set, else the best core this CPU has; bf16 cores only
-// from kBf16MinRows rows and kBf16MinWork = rows·w·(m + n), and never if
+// from Bf16MinRows(core) rows and kBf16MinWork = rows·w·(m + n), and never if
 // `exact` (then the best f32 core). An explicit core is used as asked.
 // Returns kAuto and sets *error if the core is unknown or not supported here.
 ApplyCore ResolveApplyCore(ApplyCore requested, bool exact, int64_t rows, int64_t work,

@@ -52,7 +52,12 @@ NB_MODULE(_signedcut_ffi, m) {
       nb::arg("work") = int64_t{1} << 40,
       "The apply core a call with this `impl` (0 auto, 1 scalar, 2 avx512, 3 avx512_bf16, "
       "4 amx), `exact` flag, number of rows and work rows·w·(m + n) runs.");
-  m.attr("bf16_min_rows") = signedcut::kBf16MinRows;
+  {
+    nb::dict rows;
+    rows["amx"] = signedcut::Bf16MinRows(signedcut::ApplyCore::kAmx);
+    rows["avx512_bf16"] = signedcut::Bf16MinRows(signedcut::ApplyCore::kAvx512Bf16);
+    m.attr("bf16_min_rows") = rows;
+  }
   m.attr("bf16_min_work") = signedcut::kBf16MinWork;
   m.def(
       "cpu_features",

@@ -21,7 +21,7 @@ cut j contributes ``c_j (x·s_j) t_jᵀ`` to ``y = x·W``. Two implementations:
   :func:`check_precision`). The core is chosen once per process
   (``JAX_SIGNEDCUT_APPLY_IMPL`` = ``scalar``, ``avx512``, ``avx512_bf16`` or
   ``amx`` overrides the CPU check); bf16 cores only from ``BF16_MIN_ROWS``
-  rows and ``BF16_MIN_WORK`` multiply-adds, never with
+  rows (per core) and ``BF16_MIN_WORK`` multiply-adds, never with
   ``precision="highest"``. The cuts are split into a fixed
   number of partitions that the caller and XLA's intra-op threads claim one at
   a time, so the result does not depend on the schedule. ``impl="auto"`` picks
@@ -56,9 +56,11 @@ BLOCK = 256
 #: GEMMs amortise their per-call unpacking of the signs over the batch.
 FFI_MAX_ROWS = 128
 #: The kernel's ``auto`` uses a bf16 core (AMX or AVX512-BF16) only from
-#: ``BF16_MIN_ROWS`` rows and ``BF16_MIN_WORK`` = rows·w·(m + n) multiply-adds
-#: (smaller products gain nothing from it); the extension's constants.
-BF16_MIN_ROWS = 8
+#: ``BF16_MIN_ROWS[core]`` rows and ``BF16_MIN_WORK`` = rows·w·(m + n)
+#: multiply-adds (smaller products gain nothing from it); the extension's
+#: constants. AVX512-BF16 needs a full 16-row tile: at 8 rows it took 1.2× the
+#: f32 core's time on a Zen 4 CPU (``benchmarks/KERNELS_RESULTS.md``).
+BF16_MIN_ROWS = {"amx": 8, "avx512_bf16": 16}
 BF16_MIN_WORK = 1 << 22
 #: The kernel's cores (its ``impl`` attribute).
 APPLY_IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
@@ -180,8 +182,12 @@ def apply_core(impl: str = "auto", *, exact: bool = False, rows: int = 64,
 
 
 @functools.cache
-def _has_bf16_core() -> bool:
-  return _has_ffi_kernel() and apply_core("auto") in ("amx", "avx512_bf16")
+def _bf16_core() -> str | None:
+  """The bf16 core ``auto`` takes on this CPU for large products, or None."""
+  if not _has_ffi_kernel():
+    return None
+  core = apply_core("auto")
+  return core if core in BF16_MIN_ROWS else None
 
 
 def _ffi_raw(x2, s_bits, t_bits, c, n, impl, precision):
@@ -264,7 +270,7 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
       only).
     precision: ``None`` (``"default"``) lets the CPU kernel round x to bf16
       (f32 accumulation, p in two bf16 halves) from ``BF16_MIN_ROWS`` rows
-      where the CPU has AMX or AVX512-BF16; ``"bf16_bf16_f32"`` (or
+      (8 with AMX, 16 with AVX512-BF16 only) where the CPU has either; ``"bf16_bf16_f32"`` (or
       ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32``) also rounds p to one bf16
       there (faster, ≤ 2⁻⁸ relative like x); ``"highest"`` (or
       ``jax.lax.Precision.HIGHEST`` / ``HIGH``) keeps every path in f32. The
@@ -323,8 +329,9 @@ def cuts_matmul(x2: jax.Array, f: SignedCut, *, impl: str = "auto",
   m, n = f.shape
   rows = x2.shape[0]
   # Where the kernel takes a bf16 core it beats the blocked GEMMs at every batch size.
-  bf16 = (not exact and rows >= BF16_MIN_ROWS and rows * f.width * (m + n) >= BF16_MIN_WORK
-          and _has_bf16_core())
+  core = _bf16_core()
+  bf16 = (not exact and core is not None and rows >= BF16_MIN_ROWS[core]
+          and rows * f.width * (m + n) >= BF16_MIN_WORK)
   kernel_rows = bf16 or rows < FFI_MAX_ROWS
   if impl == "jnp" or (impl == "auto" and (not _has_ffi_kernel() or not kernel_rows)):
     return apply_jnp(x2, f)
