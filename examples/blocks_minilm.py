@@ -4,8 +4,9 @@ For chosen MiniLM kernels, the relative output error ``sqrt(tr(EᵀHE) / tr(Wᵀ
 
 * plain signed cuts (``outliers="auto"``, no statistics),
 * GPTQ int-b per output channel (on the calibration statistics),
-* calibrated cuts (``search="diag"``, the per-kind sparse share of the main job) in
-  k = 1, 2, 4 input-row blocks (k = 1: the pipeline without blocks),
+* calibrated cuts (``--search``: ``diag`` by default, ``hcut`` the H-aware search; the
+  per-kind sparse share of the main job) in k = 1, 2, 4 input-row blocks (k = 1: the
+  pipeline without blocks),
 
 under H of the calibration texts (what they were fitted on) and of the held-out
 development texts (``DEVELOPMENT``; never the evaluation texts). This is the
@@ -44,10 +45,14 @@ def main(argv=None):
   p.add_argument("--bits", type=float, default=4.0)
   p.add_argument("--layers", default="1,4", help="comma-separated layer indices")
   p.add_argument("--blocks", default="1,2,4", help="comma-separated block counts")
+  p.add_argument("--search", default="diag",
+                 help="comma-separated searches of the calibrated cuts (diag, hcut)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   layers = [int(v) for v in args.layers.split(",")]
   counts = [int(v) for v in args.blocks.split(",")]
+  searches = args.search.split(",")
+  runs = [(s, k) for s in searches for k in counts]
 
   model = bert.load_safetensors()
   tok = bert.load_tokenizer()
@@ -58,12 +63,13 @@ def main(argv=None):
   flat, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
   params = {leaf_path(kp): v for kp, v in flat}
   key = jax.random.key(args.seed)
-  cols = ["plain", f"GPTQ int{int(args.bits)}"] + [f"{k} block{'s' if k > 1 else ''}"
-                                                    for k in counts]
+  cols = ["plain", f"GPTQ int{int(args.bits)}"] + [
+      f"{s} {k} block{'s' if k > 1 else ''}" for s, k in runs]
   print(f"\n{args.bits:g} bits per weight; relative output error, calibration H / development H\n")
   print("| kernel | shape | " + " | ".join(cols) + " |")
   print("|---|---|" + "---|" * len(cols))
   means = np.zeros((len(cols), 2))
+  seconds = np.zeros(len(cols))
   n = 0
   for layer in layers:
     for kind in KINDS:
@@ -71,12 +77,18 @@ def main(argv=None):
       w = jnp.asarray(params[path], jnp.float32)
       h, hd = cal[path], dev[path]
       k = leaf_key(key, path)
-      fits = [sc.decompose(w, key=k, bits_per_weight=args.bits),
-              gptq.gptq(w, h, bits=int(args.bits))]
-      for nb in counts:
-        fits.append(sc.decompose(w, key=k, bits_per_weight=args.bits, calibration=h,
-                                 options={"search": "diag", "blocks": nb,
-                                          "sparse_fraction": SPARSE.get(kind, 0.0)}))
+      makers = [lambda: sc.decompose(w, key=k, bits_per_weight=args.bits),
+                lambda: gptq.gptq(w, h, bits=int(args.bits))]
+      for search, nb in runs:
+        makers.append(lambda search=search, nb=nb: sc.decompose(
+            w, key=k, bits_per_weight=args.bits, calibration=h,
+            options={"search": search, "blocks": nb,
+                     "sparse_fraction": SPARSE.get(kind, 0.0)}))
+      fits = []
+      for i, make in enumerate(makers):
+        t = time.perf_counter()
+        fits.append(jax.block_until_ready(make()))
+        seconds[i] += time.perf_counter() - t
       cells = []
       for i, f in enumerate(fits):
         wh = f.reconstruct()
@@ -87,6 +99,8 @@ def main(argv=None):
       n += 1
       print(f"| {layer} {kind} | {tuple(w.shape)} | " + " | ".join(cells) + " |", flush=True)
   print("| mean | | " + " | ".join(f"{a / n:.4f} / {b / n:.4f}" for a, b in means) + " |")
+  print("| seconds (wall, compilation included) | | "
+        + " | ".join(f"{t:.0f}" for t in seconds) + " |")
 
 
 if __name__ == "__main__":

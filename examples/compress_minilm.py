@@ -95,18 +95,23 @@ SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002
                   (r"/intermediate/kernel$", 0.002))
 
 
-#: Input-row blocks of the calibrated kernels by kind for ``--blocks auto`` (GPTQ-style error
-#: feedback, docs/calibration.md section 9; chosen on layers 1–4 by output error under the
-#: calibration and development statistics at 2 and 4 bits, never the evaluation texts): four
-#: for the 1536×384 FFN output kernels, two for the rest.
-BLOCKS_BY_KIND = ((r"/output/kernel$", 4),)
+#: Input-row blocks of the calibrated kernels by kind for ``--blocks auto``, per sign search:
+#: ``(((pattern, blocks), ...), blocks of the other kernels)`` (GPTQ-style error feedback,
+#: docs/calibration.md section 9; chosen on layers 1 and 4 by output error under the
+#: calibration and development statistics, never the evaluation texts,
+#: ``examples/blocks_minilm.py``): four for the 1536×384 FFN output kernels with either
+#: search; two for the rest with ``diag``, none with ``hcut`` (whose cuts of a whole square
+#: kernel already do better than two blocks of them on the development statistics).
+BLOCKS_BY_KIND = {"diag": (((r"/output/kernel$", 4),), 2),
+                  "hcut": (((r"/output/kernel$", 4),), 1)}
 
 
 def calibration_rules(rate, bits, search="hcut", blocks="auto"):
   """Per-kind rules giving the calibrated kernels their sparse share, sign search and blocks."""
   kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
+  by_kind, other = BLOCKS_BY_KIND[search]
   kind_blocks = lambda pattern: int(blocks) if blocks != "auto" else dict(  # noqa: E731
-      BLOCKS_BY_KIND).get(pattern, 2)
+      by_kind).get(pattern, other)
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
                               options={"sparse_fraction": f, "search": search,
                                        "blocks": kind_blocks(pattern)}))
@@ -117,16 +122,17 @@ def _sparse_for(path):
   return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
 
 
-def _blocks_for(path, blocks):
+def _blocks_for(path, blocks, search):
   if blocks != "auto":
     return int(blocks)
-  return next((b for pattern, b in BLOCKS_BY_KIND if re.search(pattern, path)), 2)
+  by_kind, other = BLOCKS_BY_KIND[search]
+  return next((b for pattern, b in by_kind if re.search(pattern, path)), other)
 
 
 def _options_for(path, search, blocks):
   """The calibrated options of the kernel at ``path`` (what ``calibration_rules`` gives it)."""
   return {"sparse_fraction": _sparse_for(path), "search": search,
-          "blocks": _blocks_for(path, blocks)}
+          "blocks": _blocks_for(path, blocks, search)}
 
 
 def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto"):
@@ -246,8 +252,8 @@ def main(argv=None) -> dict:
                  help="with --calibrate: the sign search (docs/calibration.md section 6)")
   p.add_argument("--blocks", default="auto",
                  help='with --calibrate: input-row blocks per kernel, GPTQ-style ("auto": 4 for '
-                      'the FFN output kernels, 2 for the rest; 1: none; docs/calibration.md '
-                      'section 9)')
+                      'the FFN output kernels, and 2 for the rest with --search diag, 1 with '
+                      'hcut; 1: none; docs/calibration.md section 9)')
   p.add_argument("--allocate", action="store_true",
                  help="with --calibrate --bits: bits per kernel from measured sensitivities "
                       "(same total)")
