@@ -154,3 +154,19 @@ def test_block_distillation_and_attention_refit_on_one_layer(needs_model):
       fn(student, teacher, tok, [], steps=1)
   with pytest.raises(ValueError, match="target must be"):
     bert.distill_blocks(student, teacher, tok, texts, steps=1, target="nope")
+
+
+def test_blocks_auto_depends_on_the_search():
+  """--blocks auto: 4 for the FFN output kernels, else 2 with diag and 1 with hcut."""
+  ex = _example()
+  want = {("output", "diag"): 4, ("output", "hcut"): 4, ("query", "diag"): 2,
+          ("query", "hcut"): 1, ("intermediate", "diag"): 2, ("intermediate", "hcut"): 1,
+          ("attention_out", "hcut"): 1}
+  for (kind, search), blocks in want.items():
+    path = f"layers/3/{kind}/kernel"
+    assert ex._options_for(path, search, "auto")["blocks"] == blocks, (kind, search)  # noqa: SLF001
+    assert ex._options_for(path, search, "3")["blocks"] == 3  # noqa: SLF001
+    # The rules the job compresses with give the same blocks as the allocation's options.
+    rules = ex.calibration_rules(None, 4.0, search, "auto")
+    budget = next(b for pattern, b in rules if re.search(pattern, path))
+    assert budget.options["blocks"] == blocks, (kind, search)
