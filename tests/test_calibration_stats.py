@@ -171,3 +171,26 @@ def test_bert_statistics_exclude_padding_and_name_hf_weights():
   names = bert.hf_kernel_names(cfg)
   assert names["layers/0/query/kernel"] == "encoder.layer.0.attention.self.query.weight"
   assert set(names) == set(cal.hessians)
+
+
+def test_sentence_embedding_has_finite_gradients_with_an_all_padding_row():
+  """The padded rows of a short last batch give zero embeddings and zero, not NaN, gradients."""
+  from jax_signedcut.models import bert
+
+  cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
+                        intermediate_size=24, max_position=12)
+  model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.array([[1, 5, 7, 2, 0, 0], [0, 0, 0, 0, 0, 0]])
+  mask = (ids != 0).astype(jnp.int32)
+  emb = bert.sentence_embedding(model, ids, mask)
+  np.testing.assert_array_equal(np.asarray(emb[1]), 0.0)
+  x = model(ids, mask)
+  mean = jnp.sum(x[0, :4], axis=0) / 4
+  np.testing.assert_allclose(emb[0], mean / jnp.linalg.norm(mean), rtol=1e-6, atol=1e-7)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(p):
+    return jnp.sum(bert.sentence_embedding(nnx.merge(graphdef, p), ids, mask) ** 2)
+
+  grads = jax.tree.leaves(jax.grad(loss)(params))
+  assert grads and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)

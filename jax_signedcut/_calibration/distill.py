@@ -420,8 +420,9 @@ def distill(student: nnx.Module, teacher: nnx.Module, batches, *, steps: int,
     u, state, value = step(u, state, frozen, batches[b], targets[b])
     value = float(value)
     if not math.isfinite(value):
-      raise ValueError(f"the distillation loss is not finite ({value}) at step {i}: lower lr "
-                       f"(now {lr:g})")
+      raise ValueError(f"the distillation loss is not finite ({value}) at step {i} (batch "
+                       f"{b}): lower lr (now {lr:g}), or check that outputs(model, batch) has "
+                       f"finite gradients on that batch (e.g. no norm of a zero row)")
     history.append(value)
     if progress is not None:
       progress(i + 1, value)

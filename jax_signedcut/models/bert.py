@@ -167,12 +167,16 @@ class Bert(nnx.Module):
 def sentence_embedding(model: Bert, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """Mean of the last hidden states over non-padding tokens, L2-normalised: (B, hidden).
 
-  A row with no token gives zeros.
+  A row with no token gives zeros, and zero gradients: the norm is taken as
+  ``sqrt(max(Σ mean², 1e-24))``, never through ``jnp.linalg.norm`` of a zero vector,
+  whose gradient is 0/0 (the padding rows of :func:`calibration_batches`' last batch
+  made every distillation on embeddings NaN at the step that drew it).
   """
   x = model(input_ids, attention_mask)
   m = attention_mask.astype(x.dtype)[..., None]
   mean = jnp.sum(x * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1e-9)
-  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(mean * mean, axis=-1, keepdims=True), 1e-24))
+  return mean / norm
 
 
 _sentence_embedding_jit = nnx.jit(sentence_embedding)
