@@ -344,7 +344,10 @@ def main(argv=None) -> dict:
                                        "outliers": str(outliers), "seed": args.seed})
   size = os.path.getsize(args.out)
   loaded, _ = load_factors(args.out)
-  compressed = bert.with_factors(bert.load_safetensors(model_dir, num_layers=args.layers), loaded)
+  # dense_leaves: a --factors checkpoint that was distilled carries trained biases and LayerNorm
+  # parameters (any other checkpoint of this job holds the model's own, so copying is harmless).
+  compressed = bert.with_factors(bert.load_safetensors(model_dir, num_layers=args.layers), loaded,
+                                 dense_leaves=True)
   n_swapped = sum(isinstance(m, sc.nnx.SignedCutDense) for _, m in nnx.iter_modules(compressed))
 
   # 3b. (--distill) Train the float parts against the original model; rewrite the checkpoint.

@@ -170,3 +170,16 @@ def test_blocks_auto_depends_on_the_search():
     rules = ex.calibration_rules(None, 4.0, search, "auto")
     budget = next(b for pattern, b in rules if re.search(pattern, path))
     assert budget.options["blocks"] == blocks, (kind, search)
+
+
+def test_factors_of_a_distilled_checkpoint_keep_its_trained_floats(needs_model, tmp_path):
+  """``--factors`` of a ``--distill`` checkpoint evaluates that model, trained biases and
+  LayerNorm included (they were silently reset to the original's before)."""
+  ex = _example()
+  a, b = tmp_path / "distilled.safetensors", tmp_path / "again.safetensors"
+  first = ex.main(["--layers", "1", "--skip", "word", "--rate", "0.25", "--out", str(a),
+                   "--quiet", "--distill", "--distill-steps", "3", "--distill-lr", "1e-2"])
+  again = ex.main(["--layers", "1", "--factors", str(a), "--out", str(b), "--quiet"])
+  assert first["distill_trained"] > 0
+  assert again["cosine_mean"] == pytest.approx(first["cosine_mean"], abs=1e-6)
+  assert again["cosine_min"] == pytest.approx(first["cosine_min"], abs=1e-6)
