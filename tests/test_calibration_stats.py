@@ -152,12 +152,16 @@ def test_reader_missing_file(tmp_path):
     stats.load_calibration(tmp_path / "nope.safetensors")
 
 
-def test_bert_statistics_exclude_padding_and_name_hf_weights():
-  from jax_signedcut.models import bert
+def _tiny_bert():
+  from jax_signedcut.models import bert  # noqa: PLC0415
 
   cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
                         intermediate_size=24, max_position=12)
-  model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+  return bert, cfg, bert.Bert(cfg, rngs=nnx.Rngs(0))
+
+
+def test_bert_statistics_exclude_padding_and_name_hf_weights():
+  bert, cfg, model = _tiny_bert()
   ids = jnp.array([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]])
   mask = (ids != 0).astype(jnp.int32)
   cal = stats.calibrate(model, [(ids, mask)], token_mask=lambda b: b[1])
@@ -175,11 +179,7 @@ def test_bert_statistics_exclude_padding_and_name_hf_weights():
 
 def test_sentence_embedding_has_finite_gradients_with_an_all_padding_row():
   """The padded rows of a short last batch give zero embeddings and zero, not NaN, gradients."""
-  from jax_signedcut.models import bert
-
-  cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2,
-                        intermediate_size=24, max_position=12)
-  model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+  bert, _, model = _tiny_bert()
   ids = jnp.array([[1, 5, 7, 2, 0, 0], [0, 0, 0, 0, 0, 0]])
   mask = (ids != 0).astype(jnp.int32)
   emb = bert.sentence_embedding(model, ids, mask)
