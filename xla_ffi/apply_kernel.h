@@ -82,13 +82,13 @@ enum class ApplyCore : int32_t { kAuto = 0, kScalar = 1, kAvx512 = 2, kAvx512Bf1
 // a whole 16-row batch tile to pay: at 8 rows it half-fills its tile and was
 // 1.2x the f32 AVX-512 core's time on 4096² (Zen 4, benchmarks/
 // KERNELS_RESULTS.md), from 16 rows 0.8x.
-inline constexpr int64_t kBf16MinRows = 8;            // AMX
-inline constexpr int64_t kAvx512Bf16MinRows = 16;     // AVX512-BF16
+inline constexpr int64_t kAmxMinRows = 8;
+inline constexpr int64_t kAvx512Bf16MinRows = 16;
 inline constexpr int64_t kBf16MinWork = int64_t{1} << 22;
 
 // The fewest rows from which `auto` takes `core` (a bf16 core).
 inline constexpr int64_t Bf16MinRows(ApplyCore core) {
-  return core == ApplyCore::kAmx ? kBf16MinRows : kAvx512Bf16MinRows;
+  return core == ApplyCore::kAmx ? kAmxMinRows : kAvx512Bf16MinRows;
 }
 // From this many batch tiles of 16 rows the bf16 paths split the work by
 // rows (each partition all the cuts for its tiles, straight into y) instead

@@ -270,7 +270,8 @@ def apply_signed_cut(x: jax.Array, f, bias: jax.Array | None = None, *,
       only).
     precision: ``None`` (``"default"``) lets the CPU kernel round x to bf16
       (f32 accumulation, p in two bf16 halves) from ``BF16_MIN_ROWS`` rows
-      (8 with AMX, 16 with AVX512-BF16 only) where the CPU has either; ``"bf16_bf16_f32"`` (or
+      (8 with AMX, 16 with AVX512-BF16 only) where the CPU has either;
+      ``"bf16_bf16_f32"`` (or
       ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32``) also rounds p to one bf16
       there (faster, ≤ 2⁻⁸ relative like x); ``"highest"`` (or
       ``jax.lax.Precision.HIGHEST`` / ``HIGH``) keeps every path in f32. The
