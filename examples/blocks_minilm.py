@@ -46,7 +46,8 @@ def main(argv=None):
   p.add_argument("--layers", default="1,4", help="comma-separated layer indices")
   p.add_argument("--blocks", default="1,2,4", help="comma-separated block counts")
   p.add_argument("--search", default="diag",
-                 help="comma-separated searches of the calibrated cuts (diag, hcut)")
+                 help="comma-separated searches of the calibrated cuts (diag, hcut), each "
+                      "optionally with backfitting passes: hcut+1 (options backfit=1)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   layers = [int(v) for v in args.layers.split(",")]
@@ -82,7 +83,8 @@ def main(argv=None):
       for search, nb in runs:
         makers.append(lambda search=search, nb=nb: sc.decompose(
             w, key=k, bits_per_weight=args.bits, calibration=h,
-            options={"search": search, "blocks": nb,
+            options={"search": search.split("+")[0], "blocks": nb,
+                     "backfit": int(search.split("+")[1]) if "+" in search else 0,
                      "sparse_fraction": SPARSE.get(kind, 0.0)}))
       fits = []
       for i, make in enumerate(makers):

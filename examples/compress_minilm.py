@@ -101,20 +101,29 @@ SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002
 #: calibration and development statistics, never the evaluation texts,
 #: ``examples/blocks_minilm.py``): four for the 1536×384 FFN output kernels with either
 #: search; two for the rest with ``diag``, none with ``hcut`` (whose cuts of a whole square
-#: kernel already do better than two blocks of them on the development statistics).
+#: kernel already do better than two blocks of them on the development statistics). With
+#: ``--backfit`` (key ``search + "+backfit"``) the backfitted cuts of a whole square or FFN
+#: input kernel beat two blocks of them with either search (measured with ``diag``: docs/
+#: calibration.md section 10), so only the FFN output kernels keep blocks.
 BLOCKS_BY_KIND = {"diag": (((r"/output/kernel$", 4),), 2),
-                  "hcut": (((r"/output/kernel$", 4),), 1)}
+                  "hcut": (((r"/output/kernel$", 4),), 1),
+                  "diag+backfit": (((r"/output/kernel$", 4),), 1),
+                  "hcut+backfit": (((r"/output/kernel$", 4),), 1)}
 
 
-def calibration_rules(rate, bits, search="hcut", blocks="auto"):
-  """Per-kind rules giving the calibrated kernels their sparse share, sign search and blocks."""
+def _blocks_key(search, backfit):
+  return f"{search}+backfit" if backfit else search
+
+
+def calibration_rules(rate, bits, search="hcut", blocks="auto", backfit=0):
+  """Per-kind rules giving the calibrated kernels their sparse share, search, blocks, backfit."""
   kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
-  by_kind, other = BLOCKS_BY_KIND[search]
+  by_kind, other = BLOCKS_BY_KIND[_blocks_key(search, backfit)]
   kind_blocks = lambda pattern: int(blocks) if blocks != "auto" else dict(  # noqa: E731
       by_kind).get(pattern, other)
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
                               options={"sparse_fraction": f, "search": search,
-                                       "blocks": kind_blocks(pattern)}))
+                                       "blocks": kind_blocks(pattern), "backfit": backfit}))
           for pattern, f in kinds]
 
 
@@ -122,26 +131,29 @@ def _sparse_for(path):
   return next((f for pattern, f in SPARSE_BY_KIND if re.search(pattern, path)), 0.0)
 
 
-def _blocks_for(path, blocks, search):
+def _blocks_for(path, blocks, search, backfit=0):
   if blocks != "auto":
     return int(blocks)
-  by_kind, other = BLOCKS_BY_KIND[search]
+  by_kind, other = BLOCKS_BY_KIND[_blocks_key(search, backfit)]
   return next((b for pattern, b in by_kind if re.search(pattern, path)), other)
 
 
-def _options_for(path, search, blocks):
+def _options_for(path, search, blocks, backfit=0):
   """The calibrated options of the kernel at ``path`` (what ``calibration_rules`` gives it)."""
   return {"sparse_fraction": _sparse_for(path), "search": search,
-          "blocks": _blocks_for(path, blocks, search)}
+          "blocks": _blocks_for(path, blocks, search, backfit), "backfit": backfit}
 
 
-def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto"):
+def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto",
+               backfit=0):
   """Per-kernel bits at ``bits`` on average over the calibrated kernels, and the rules.
 
   Curves: each kernel's squared relative output error under the calibration H at
   ``bits`` ± 1 of the part it keeps; sensitivities: only that kernel replaced by its
   ``bits`` part, ``mean(1 − cos)`` of the embeddings on 64 calibration texts per unit
-  of its error (calibration texts only). Returns ``(bits by path, rules, sensitivities)``.
+  of its error (calibration texts only). The curves and sensitivities are of the cuts
+  without backfitting (each backfitted budget would cost a search of its own); the rules
+  carry ``backfit`` for the chosen budgets. Returns ``(bits by path, rules, sensitivities)``.
   """
   from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
   from jax_signedcut._core.tree import leaf_key  # noqa: PLC0415
@@ -149,7 +161,8 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
 
   flat = flat_paths(params)
   names = sorted(calibration.hessians)
-  opts = lambda p: _options_for(p, search, blocks)  # noqa: E731
+  final = lambda p: _options_for(p, search, blocks, backfit)  # noqa: E731
+  opts = lambda p: {**final(p), "backfit": 0}  # noqa: E731
   curves, kept = _alloc.budget_curves(
       {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
       budgets=_alloc.budget_grid(bits), options=opts, keep=bits)
@@ -165,7 +178,7 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   for layer in layers:
     say("  " + f"{layer:<7}" + "".join(
         f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
-  return alloc, _alloc.allocation_rules(alloc, options=opts), sens
+  return alloc, _alloc.allocation_rules(alloc, options=final), sens
 
 
 def _parts(f, cls):
@@ -254,6 +267,9 @@ def main(argv=None) -> dict:
                  help='with --calibrate: input-row blocks per kernel, GPTQ-style ("auto": 4 for '
                       'the FFN output kernels, and 2 for the rest with --search diag, 1 with '
                       'hcut; 1: none; docs/calibration.md section 9)')
+  p.add_argument("--backfit", type=int, default=0,
+                 help="with --calibrate: H-aware backfitting passes over each kernel's kept cuts "
+                      "(docs/calibration.md section 10)")
   p.add_argument("--allocate", action="store_true",
                  help="with --calibrate --bits: bits per kernel from measured sensitivities "
                       "(same total)")
@@ -273,6 +289,8 @@ def main(argv=None) -> dict:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
+  if args.backfit < 0:
+    p.error(f"--backfit must be an integer >= 0, got {args.backfit}")
   if args.blocks != "auto" and not (args.blocks.isdigit() and int(args.blocks) >= 1):
     p.error(f"--blocks must be 'auto' or an integer >= 1, got {args.blocks!r}")
   rate = 0.5 if args.rate is None and args.bits is None else args.rate
@@ -292,7 +310,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     calibration = bert.calibrate_texts(model, tok, CALIBRATION)
     t_calibrate = time.perf_counter() - t0
-    rules = calibration_rules(rate, args.bits, args.search, args.blocks)
+    rules = calibration_rules(rate, args.bits, args.search, args.blocks, args.backfit)
     say(f"calibration: {len(CALIBRATION)} texts, {calibration.tokens} tokens, "
         f"{len(calibration.hessians)} kernels in {t_calibrate:.1f} s")
   alloc, sens, t_allocate = None, None, 0.0
@@ -300,7 +318,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     alloc, rules, sens = allocation(model, tok, params, calibration, bits=args.bits,
                                     search=args.search, key=jax.random.key(args.seed), say=print,
-                                    blocks=args.blocks)
+                                    blocks=args.blocks, backfit=args.backfit)
     t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).

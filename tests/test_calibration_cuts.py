@@ -182,6 +182,69 @@ def test_calibrated_cuts_beat_plain_cuts_on_the_output_error():
   assert float(objective.output_error(w, ours, h)) < float(objective.output_error(w, plain, h))
 
 
+def _err(w, h, s, t, c):
+  e = np.asarray(w, np.float64) - _dense(s, t, c)
+  return float(np.sum(e * (np.asarray(h, np.float64) @ e)))
+
+
+@pytest.mark.parametrize("shape", [(13, 9), (9, 13)])   # with and without Q = H⁻¹P kept
+def test_hcut_backfit_lowers_the_error_and_ends_each_cut_at_its_exact_optimum(shape):
+  w, h, _ = _problem(*shape, tokens=60)
+  s, t, c, _ = objective.hcut_decompose(w, h, key=jax.random.key(0), width=6, max_flips=8)
+  errors = [_err(w, h, s, t, c)]
+  for passes in (1, 2, 3):
+    sb, tb, cb = objective.hcut_backfit(w, h, s, t, c, passes=passes, max_flips=8)
+    errors.append(_err(w, h, sb, tb, cb))
+  assert all(b <= a * (1 + 1e-5) for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < errors[0] * 0.999, errors
+  assert set(np.unique(np.asarray(sb))) <= {-1.0, 1.0}
+  # The last cut visited, against the dense remainder of all the others: its scale is the
+  # exact optimum sᵀHRt / (n sᵀHs) and its column signs are sgn((HR)ᵀ s) (what t can do
+  # best for that s).
+  sb, tb, cb = (np.asarray(v, np.float64) for v in (sb, tb, cb))
+  hh = np.asarray(h, np.float64)
+  k = len(cb) - 1
+  others = [j for j in range(len(cb)) if j != k]
+  r = np.asarray(w, np.float64) - _dense(sb[others], tb[others], cb[others])
+  n = r.shape[1]
+  np.testing.assert_allclose(cb[k], sb[k] @ hh @ r @ tb[k] / (n * sb[k] @ hh @ sb[k]),
+                             rtol=1e-3)
+  u = (hh @ r).T @ sb[k]
+  assert np.all(np.where(np.abs(u) > 1e-4 * np.max(np.abs(u)), np.sign(u) == tb[k], True))
+  # No passes: the input back; bad arguments name themselves.
+  s0, t0, c0 = objective.hcut_backfit(w, h, s, t, c, passes=0)
+  np.testing.assert_array_equal(np.asarray(s0), np.asarray(s))
+  with pytest.raises(ValueError, match="passes must be an int >= 0"):
+    objective.hcut_backfit(w, h, s, t, c, passes=-1)
+  with pytest.raises(ValueError, match="s, t, c must have shapes"):
+    objective.hcut_backfit(w, h, s[:, :3], t, c)
+
+
+@pytest.mark.parametrize("search", ["hcut", "diag"])
+def test_fit_budget_with_backfit_keeps_the_budget_and_lowers_the_output_error(search):
+  w, h, _ = _problem(m=40, n=24, tokens=200)
+  plain_opts = cuts.CutOptions(search=search)
+  part, _ = cuts.calibrated_cuts(w, h, key=jax.random.key(0), width=60, options=plain_opts)
+  base = cuts.fit_budget(part, w, h, bits_per_weight=4, options=plain_opts)
+  bf_opts = cuts.CutOptions(search=search, backfit=2)
+  got = cuts.fit_budget(part, w, h, bits_per_weight=4, options=bf_opts)
+  assert got.inner.num_cuts == base.inner.num_cuts and got.nbytes == base.nbytes
+  hp = h / part.scale[:, None] / part.scale[None, :]
+  metric = cuts.search_metric(hp, plain_opts)
+  target = part.scale[:, None] * w
+  e_base = objective.output_error(target, sc.reconstruct(base.inner), metric)
+  e_bf = objective.output_error(target, sc.reconstruct(got.inner), metric)
+  assert float(e_bf) < float(e_base)
+  # Through decompose: the option is checked and used.
+  via = sc.decompose(w, key=jax.random.key(0), bits_per_weight=4, calibration=h,
+                     options={"search": search, "backfit": 1, "fallback": False})
+  assert via.nbytes <= 4 * 40 * 24 / 8
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match="backfit must be an int >= 0"):
+      sc.decompose(w, key=jax.random.key(0), bits_per_weight=4, calibration=h,
+                   options={"backfit": bad})
+
+
 def test_bad_arguments():
   w, h, _ = _problem()
   with pytest.raises(ValueError, match="h must have shape"):

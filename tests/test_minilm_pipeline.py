@@ -170,6 +170,14 @@ def test_blocks_auto_depends_on_the_search():
     rules = ex.calibration_rules(None, 4.0, search, "auto")
     budget = next(b for pattern, b in rules if re.search(pattern, path))
     assert budget.options["blocks"] == blocks, (kind, search)
+    assert budget.options["backfit"] == 0
+    # --backfit reaches every rule and the allocation's final options alike.
+    rules = ex.calibration_rules(None, 4.0, search, "auto", 2)
+    budget = next(b for pattern, b in rules if re.search(pattern, path))
+    assert budget.options["backfit"] == 2
+    assert ex._options_for(path, search, "auto", 2) == budget.options  # noqa: SLF001
+    # Backfitted cuts keep blocks only for the FFN output kernels.
+    assert budget.options["blocks"] == (4 if kind == "output" else 1), (kind, search)
 
 
 def test_factors_of_a_distilled_checkpoint_keep_its_trained_floats(needs_model, tmp_path):

@@ -39,13 +39,14 @@ SIGNED_CUT_OPTIONS = {
     "max_flips": 256,        # single sign flips per s-step
     "max_rounds": 20,        # alternations per cut
     "search": "hcut",        # "hcut": H-aware sign search (jnp); "diag": C++ cuts of D·W
+    "backfit": 0,            # H-aware backfitting passes over the kept cuts (not prefix-consistent)
     "sparse_fraction": 0.0,  # share of entries stored apart, chosen by output impact
     "refit": True,           # least-squares refit of c (and the sparse values) under H
     "fallback": True,        # keep the plain cuts when their output error is lower
     "blocks": 1,             # input-row blocks compressed in turn, GPTQ-style (RowBlocks)
 }
 
-_CUT_KEYS = ("alpha", "shrink", "damp", "max_flips", "max_rounds", "search")
+_CUT_KEYS = ("alpha", "shrink", "damp", "max_flips", "max_rounds", "search", "backfit")
 
 
 def _where(path):

@@ -19,6 +19,10 @@ moment ``H`` (m, m), all steps minimising the output error ``tr(EᵀHE)``:
    under ``H_s`` (alternating, each an exact solve). Refitting gives up
    prefix consistency of c (S and T stay prefix-consistent: refit the
    truncated cuts again for another budget).
+
+Optionally (``backfit``, between 2 and 3) H-aware backfitting passes over the
+kept cuts: each re-searched against all the others under the metric. They
+lower the output error further and give up the prefix consistency of S and T.
 """
 
 from __future__ import annotations
@@ -61,7 +65,13 @@ class CutOptions:
       ``"diag"``: the plain greedy cuts of ``D·W`` by the C++ kernel (the
       diagonal metric ``D²``: with α = 1 that is ``diag(H)``), with the
       greedy scales; the refit of :func:`fit_budget` then brings in the full
-      metric. ``max_flips`` and ``max_rounds`` are not used by it.
+      metric. ``max_flips`` and ``max_rounds`` are not used by it (only by
+      ``backfit``).
+    backfit: H-aware backfitting passes over the kept cuts in :func:`fit_budget`
+      (:func:`objective.hcut_backfit`: each cut re-searched under the metric
+      against all the others, from its own signs), before the sparse part and
+      the refit; 0: none. Each pass costs about one ``"hcut"`` run of the kept
+      width; the result is not prefix-consistent (every budget is its own fit).
   """
 
   alpha: float = 0.5
@@ -70,6 +80,7 @@ class CutOptions:
   max_flips: int = 256
   max_rounds: int = 20
   search: str = "hcut"
+  backfit: int = 0
 
   def __post_init__(self):
     if self.search not in SEARCHES:
@@ -80,7 +91,7 @@ class CutOptions:
         raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if self.shrink > 1:
       raise ValueError(f"shrink must be in [0, 1], got {self.shrink!r}")
-    for name in ("max_flips", "max_rounds"):
+    for name in ("max_flips", "max_rounds", "backfit"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -266,6 +277,15 @@ def fit_budget(part: InputScaled, w: jax.Array, h: jax.Array, *, bits_per_weight
   s, t = _signs(f)
   s, t = s[:cuts], t[:cuts]
   c = f.c[:cuts]
+  if options.backfit:
+    if refit:   # start from the jointly best scales of the kept cuts
+      c = objective.refit_scales(s, t, target, metric, ridge=ridge)
+    s, t, c = objective.hcut_backfit(target, metric, s, t, c, passes=options.backfit,
+                                     max_flips=options.max_flips,
+                                     max_rounds=options.max_rounds)
+    f = sc.SignedCut(s_bits=sc.pack_signs(s), t_bits=sc.pack_signs(t), c=c,
+                     num_cuts=jnp.int32(cuts), shape=(m, n))
+    system = None   # the Gram of the old signs no longer applies
   idx = val = None
   sp = jnp.zeros_like(target)
   if refit and system is None and k_sparse and rounds > 1:

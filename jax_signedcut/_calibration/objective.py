@@ -23,6 +23,10 @@ lowers ``tr(Rᵀ H R)`` by ``2c sᵀHRt − c² n sᵀHs``; the best c is
 The cuts stay greedy on the remainder, so they are prefix-consistent (the
 first k cuts of a width-w run are the width-k run). ``gains`` records the drop
 of L per cut, so the whole error curve comes from one run.
+
+:func:`hcut_backfit` revisits cuts already made (by this search or any other):
+each is put back into the remainder and searched again from its own signs
+against all the others, which never raises L and gives up prefix consistency.
 """
 
 from __future__ import annotations
@@ -77,6 +81,74 @@ def _sgn(x):
   return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
+def _ratio(num, den):
+  return num * num / jnp.maximum(den, 1e-30)
+
+
+def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds):
+  """The alternating sign search of one cut on ``P = H R``, from the start ``(s, t)``.
+
+  Each round takes the best s of ``sgn(P t)``, ``sgn(H⁻¹ P t)`` and the current s,
+  refines it by single flips, then ``t = sgn(Pᵀ s)`` (exact). The ratio
+  ``(sᵀ P t)² / (sᵀ H s)`` never falls from the start's: a search started at a
+  cut already made cannot end worse. ``hs`` is ``H s`` of the start.
+  """
+
+  def s_step(t, s_prev, hs_prev):
+    a = jnp.matmul(p, t, precision=_HI)
+    s0 = _sgn(a)
+    s1 = _sgn(jnp.matmul(q_mat, t, precision=_HI) if keep_q
+              else jnp.matmul(h_inv, a, precision=_HI))
+    hs01 = jnp.matmul(h, jnp.stack([s0, s1], axis=1), precision=_HI)   # one read of H
+    hs0, hs1 = hs01[:, 0], hs01[:, 1]
+    r0 = _ratio(jnp.dot(s0, a), jnp.dot(s0, hs0))
+    r1 = _ratio(jnp.dot(s1, a), jnp.dot(s1, hs1))
+    use1 = r1 > r0
+    s0, hs0, r0 = jnp.where(use1, s1, s0), jnp.where(use1, hs1, hs0), jnp.maximum(r0, r1)
+    use_prev = _ratio(jnp.dot(s_prev, a), jnp.dot(s_prev, hs_prev)) > r0
+    s = jnp.where(use_prev, s_prev, s0)
+    hs = jnp.where(use_prev, hs_prev, hs0)
+    return _flip_search(s, hs, a, h, diag_h, max_flips)
+
+  def round_(st):
+    s, hs, t, val, k, _ = st
+    s, hs = s_step(t, s, hs)
+    u = jnp.matmul(p.T, s, precision=_HI)
+    t = _sgn(u)
+    new = _ratio(jnp.sum(jnp.abs(u)), jnp.dot(s, hs))    # sᵀ P sgn(Pᵀs) = ‖Pᵀs‖₁
+    return s, hs, t, jnp.maximum(new, val), k + 1, new > val * (1 + 1e-7)
+
+  def cond(st):
+    return st[5] & (st[4] < max_rounds)
+
+  st = (s, hs, t, jnp.float32(-1), jnp.int32(0), jnp.bool_(True))
+  s, hs, t, _, _, _ = jax.lax.while_loop(cond, round_, st)
+  return s, hs, t
+
+
+def _prepare(w, h, keep_q):
+  m, n = w.shape
+  h = h.astype(jnp.float32)
+  h = (h + h.T) / 2                       # rows = columns exactly (the flips read rows)
+  diag_h = jnp.diagonal(h)
+  # The continuous maximiser of (sᵀa)²/(sᵀHs) is s ∝ H⁻¹a: its signs are a second start.
+  h_inv = jnp.linalg.inv(h + 1e-6 * jnp.mean(diag_h) * jnp.eye(m, dtype=h.dtype))
+  keep_q = n < m if keep_q is None else keep_q
+  return h, diag_h, h_inv, keep_q
+
+
+def _take_cut(p, q_mat, h_inv, s, hs, t, keep_q):
+  """The exact scale of cut (s, t) on P, and P (and Q = H⁻¹P) with the cut taken out."""
+  n = p.shape[1]
+  q = jnp.dot(s, hs)
+  num = jnp.dot(s, jnp.matmul(p, t, precision=_HI))
+  c = jnp.where(q > 0, num / (n * jnp.where(q > 0, q, 1)), 0.0)
+  p = p - c * jnp.outer(hs, t)
+  if keep_q:
+    q_mat = q_mat - c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
+  return c, c * num, p, q_mat
+
+
 @functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds", "keep_q"))
 def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
   # Memory traffic is the cost (one matrix-vector product reads a whole matrix):
@@ -84,60 +156,18 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
   # and H⁻¹P once. With fewer outputs than inputs (n < m) Q = H⁻¹P (m, n) is kept
   # up to date per cut (Q ← Q − c (H⁻¹Hs) tᵀ), so a round reads Q t instead of H⁻¹ (P t).
   m, n = w.shape
-  h = h.astype(jnp.float32)
-  h = (h + h.T) / 2                       # rows = columns exactly (the flips read rows)
-  diag_h = jnp.diagonal(h)
-  # The continuous maximiser of (sᵀa)²/(sᵀHs) is s ∝ H⁻¹a: its signs are a second start.
-  h_inv = jnp.linalg.inv(h + 1e-6 * jnp.mean(diag_h) * jnp.eye(m, dtype=h.dtype))
+  h, diag_h, h_inv, keep_q = _prepare(w, h, keep_q)
   p0 = jnp.matmul(h, w.astype(jnp.float32), precision=_HI)
-  keep_q = n < m if keep_q is None else keep_q
   q0 = jnp.matmul(h_inv, p0, precision=_HI) if keep_q else jnp.zeros((0, n), jnp.float32)
-
-  def ratio(num, den):
-    return num * num / jnp.maximum(den, 1e-30)
+  ones = jnp.ones((m,), jnp.float32)
+  h_ones = jnp.matmul(h, ones, precision=_HI)
 
   def one_cut(j, carry):
     p, q_mat, s_all, t_all, c_all, g_all = carry
     t = jax.random.rademacher(jax.random.fold_in(key, j), (n,), jnp.float32)
-
-    def s_step(t, s_prev, hs_prev):
-      a = jnp.matmul(p, t, precision=_HI)
-      s0 = _sgn(a)
-      s1 = _sgn(jnp.matmul(q_mat, t, precision=_HI) if keep_q
-                else jnp.matmul(h_inv, a, precision=_HI))
-      hs01 = jnp.matmul(h, jnp.stack([s0, s1], axis=1), precision=_HI)   # one read of H
-      hs0, hs1 = hs01[:, 0], hs01[:, 1]
-      r0 = ratio(jnp.dot(s0, a), jnp.dot(s0, hs0))
-      r1 = ratio(jnp.dot(s1, a), jnp.dot(s1, hs1))
-      use1 = r1 > r0
-      s0, hs0, r0 = jnp.where(use1, s1, s0), jnp.where(use1, hs1, hs0), jnp.maximum(r0, r1)
-      use_prev = ratio(jnp.dot(s_prev, a), jnp.dot(s_prev, hs_prev)) > r0
-      s = jnp.where(use_prev, s_prev, s0)
-      hs = jnp.where(use_prev, hs_prev, hs0)
-      return _flip_search(s, hs, a, h, diag_h, max_flips)
-
-    def round_(st):
-      s, hs, t, val, k, _ = st
-      s, hs = s_step(t, s, hs)
-      u = jnp.matmul(p.T, s, precision=_HI)
-      t = _sgn(u)
-      new = ratio(jnp.sum(jnp.abs(u)), jnp.dot(s, hs))    # sᵀ P sgn(Pᵀs) = ‖Pᵀs‖₁
-      return s, hs, t, jnp.maximum(new, val), k + 1, new > val * (1 + 1e-7)
-
-    def cond(st):
-      return st[5] & (st[4] < max_rounds)
-
-    ones = jnp.ones((m,), jnp.float32)
-    st = (ones, jnp.matmul(h, ones, precision=_HI), t, jnp.float32(-1), jnp.int32(0),
-          jnp.bool_(True))
-    s, hs, t, _, _, _ = jax.lax.while_loop(cond, round_, st)
-    q = jnp.dot(s, hs)
-    num = jnp.dot(s, jnp.matmul(p, t, precision=_HI))
-    c = jnp.where(q > 0, num / (n * jnp.where(q > 0, q, 1)), 0.0)
-    p = p - c * jnp.outer(hs, t)
-    if keep_q:
-      q_mat = q_mat - c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
-    gain = c * num
+    s, hs, t = _cut_search(p, q_mat, h, h_inv, diag_h, ones, h_ones, t, keep_q=keep_q,
+                           max_flips=max_flips, max_rounds=max_rounds)
+    c, gain, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
     return (p, q_mat, s_all.at[j].set(s), t_all.at[j].set(t), c_all.at[j].set(c),
             g_all.at[j].set(gain))
 
@@ -145,6 +175,80 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
           jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32))
   _, _, s_all, t_all, c_all, g_all = jax.lax.fori_loop(0, width, one_cut, init)
   return s_all, t_all, c_all, g_all
+
+
+@functools.partial(jax.jit, static_argnames=("passes", "max_flips", "max_rounds", "keep_q"))
+def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, keep_q=None):
+  m, n = w.shape
+  h, diag_h, h_inv, keep_q = _prepare(w, h, keep_q)
+  hs_all = jnp.matmul(s_all, h, precision=_HI)                      # rows s_jᵀH = (H s_j)ᵀ
+  r = w.astype(jnp.float32) - jnp.matmul(s_all.T * c_all[None, :], t_all, precision=_HI)
+  p0 = jnp.matmul(h, r, precision=_HI)
+  q0 = jnp.matmul(h_inv, p0, precision=_HI) if keep_q else jnp.zeros((0, n), jnp.float32)
+  width = s_all.shape[0]
+
+  def one_cut(i, carry):
+    p, q_mat, s_all, t_all, c_all, hs_all = carry
+    k = i % width
+    s, t, c, hs = s_all[k], t_all[k], c_all[k], hs_all[k]
+    p = p + c * jnp.outer(hs, t)                                     # the cut put back
+    if keep_q:
+      q_mat = q_mat + c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
+    s, hs, t = _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, keep_q=keep_q,
+                           max_flips=max_flips, max_rounds=max_rounds)
+    c, _, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
+    return (p, q_mat, s_all.at[k].set(s), t_all.at[k].set(t), c_all.at[k].set(c),
+            hs_all.at[k].set(hs))
+
+  init = (p0, q0, s_all, t_all, c_all, hs_all)
+  _, _, s_all, t_all, c_all, _ = jax.lax.fori_loop(0, passes * width, one_cut, init)
+  return s_all, t_all, c_all
+
+
+def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.Array, *,
+                 passes: int = 1, max_flips: int = 64, max_rounds: int = 50):
+  """Backfitting passes of cuts ``(s, t, c)`` under the output error ``tr(Eᵀ H E)``.
+
+  Each pass visits the cuts in order; cut k is put back into the remainder
+  ``R = W − Σ_j c_j s_j t_jᵀ``, the H-aware alternating search of
+  :func:`hcut_decompose` is rerun **from its own signs**, and the cut is taken
+  out again with its exact scale ``sᵀHRt / (n sᵀHs)``. The search never ends
+  below its start's ratio and the old c is at best that optimum, so each step
+  lowers ``tr(RᵀHR)`` or leaves it (up to float32 rounding). The result is not
+  prefix-consistent (cut k was refitted against the later cuts).
+
+  Args:
+    w: float (m, n) kernel (the target the cuts approximate).
+    h: (m, m) symmetric PSD metric.
+    s, t: ±1 float32 (width, m) and (width, n); c: (width,) scales.
+    passes: number of passes (>= 0; 0 returns the input).
+    max_flips, max_rounds: as for :func:`hcut_decompose`.
+
+  Returns:
+    ``(s, t, c)`` of the same shapes.
+
+  Raises:
+    ValueError: mismatched shapes or passes < 0.
+  """
+  w = jnp.asarray(w, jnp.float32)
+  h = jnp.asarray(h, jnp.float32)
+  s = jnp.asarray(s, jnp.float32)
+  t = jnp.asarray(t, jnp.float32)
+  c = jnp.asarray(c, jnp.float32)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a matrix (m, n), got shape {w.shape}")
+  m, n = w.shape
+  if h.shape != (m, m):
+    raise ValueError(f"h must have shape ({m}, {m}) to match w {w.shape}, got {h.shape}")
+  if s.ndim != 2 or s.shape[1] != m or t.shape != (s.shape[0], n) or c.shape != (s.shape[0],):
+    raise ValueError(f"s, t, c must have shapes (width, {m}), (width, {n}), (width,); got "
+                     f"{s.shape}, {t.shape}, {c.shape}")
+  if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+    raise ValueError(f"passes must be an int >= 0, got {passes!r}")
+  if passes == 0 or s.shape[0] == 0:
+    return s, t, c
+  return _hcut_backfit(w, h, s, t, c, passes=passes, max_flips=int(max_flips),
+                       max_rounds=int(max_rounds))
 
 
 def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
