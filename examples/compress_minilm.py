@@ -20,9 +20,11 @@ With ``--calibrate`` the Linear kernels are compressed for their outputs:
 input statistics H = XᵀX/N of every kernel from the calibration texts
 (``jax_signedcut.models.calibration_texts.CALIBRATION``, disjoint from the
 evaluation texts), then ``decompose(..., calibration=stats)`` (input scales,
-H-aware cuts, a sparse part by output impact for the FFN and attention-output
-kernels, least-squares refit; plain cuts kept where they do better under H; see
-docs/calibration.md). The embedding tables have no statistics and get plain cuts.
+the C++ cuts of the scaled kernel and three H-aware backfitting passes over them,
+4 GPTQ-style row blocks for the FFN output kernels, a sparse part by output
+impact for the FFN and attention-output kernels, least-squares refit; plain cuts
+kept where they do better under H; see docs/calibration.md). The embedding
+tables have no statistics and get plain cuts.
 
     python examples/compress_minilm.py --bits 4 --calibrate
 
@@ -33,7 +35,7 @@ kernel compressed, per unit of its error) choose them
 (``jax_signedcut._calibration.allocate``; docs/calibration.md section 4). The
 allocation is printed and returned in the report (``allocation``, ``sensitivities``).
 
-    python examples/compress_minilm.py --bits 4 --calibrate --search diag --allocate
+    python examples/compress_minilm.py --bits 4 --calibrate --allocate
 
 With ``--distill`` the compressed model is then distilled to the original
 (``jax_signedcut.distill``, block by block: ``bert.distill_blocks``): the cut
@@ -115,7 +117,7 @@ def _blocks_key(search, backfit):
   return f"{search}+backfit" if backfit else search
 
 
-def calibration_rules(rate, bits, search="hcut", blocks="auto", backfit=0):
+def calibration_rules(rate, bits, search="diag", blocks="auto", backfit=3):
   """Per-kind rules giving the calibrated kernels their sparse share, search, blocks, backfit."""
   kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
   by_kind, other = BLOCKS_BY_KIND[_blocks_key(search, backfit)]
@@ -261,15 +263,16 @@ def main(argv=None) -> dict:
   p.add_argument("--quiet", action="store_true", help="no progress bars, no per-matrix table")
   p.add_argument("--calibrate", action="store_true",
                  help="compress the Linear kernels for their outputs on the calibration texts")
-  p.add_argument("--search", default="hcut", choices=("hcut", "diag"),
-                 help="with --calibrate: the sign search (docs/calibration.md section 6)")
+  p.add_argument("--search", default="diag", choices=("diag", "hcut"),
+                 help="with --calibrate: the sign search before backfitting (diag: the C++ "
+                      "cuts of D·W; hcut: the H-aware greedy; docs/calibration.md section 6)")
   p.add_argument("--blocks", default="auto",
                  help='with --calibrate: input-row blocks per kernel, GPTQ-style ("auto": 4 for '
-                      'the FFN output kernels, and 2 for the rest with --search diag, 1 with '
-                      'hcut; 1: none; docs/calibration.md section 9)')
-  p.add_argument("--backfit", type=int, default=0,
+                      'the FFN output kernels, 1 for the rest, or 2 with --search diag '
+                      '--backfit 0; 1: none; docs/calibration.md sections 9, 10)')
+  p.add_argument("--backfit", type=int, default=3,
                  help="with --calibrate: H-aware backfitting passes over each kernel's kept cuts "
-                      "(docs/calibration.md section 10)")
+                      "(default 3; 0: none; docs/calibration.md section 10)")
   p.add_argument("--allocate", action="store_true",
                  help="with --calibrate --bits: bits per kernel from measured sensitivities "
                       "(same total)")

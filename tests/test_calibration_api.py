@@ -47,8 +47,13 @@ def test_one_matrix_is_the_calibrated_pipeline_within_budget_and_beats_plain_cut
   plain = sc.decompose(w, key=KEY, bits_per_weight=4)
   assert _err(w, f, h) < 0.7 * _err(w, plain, h)
   _same(sc.decompose(w, key=KEY, rate=0.25, calibration=h, options=OPTS), f)   # 16·r bits
-  # The search keeping Q = H⁻¹P (for n < m) finds the same cuts as the one solving per round.
-  hs = cuts.search_metric(h / f.scale[:, None] / f.scale[None, :], opts)
+  # The defaults are the C++ cuts of D·W with three H-aware backfitting passes.
+  assert (opts.search, opts.backfit) == ("diag", 3)
+  # The hcut search keeping Q = H⁻¹P (for n < m) finds the same cuts as the one solving per
+  # round.
+  hopts = cuts.CutOptions(search="hcut", backfit=0)
+  part, _ = cuts.calibrated_cuts(w, h, key=KEY, width=int(width), options=hopts)
+  hs = cuts.search_metric(h / f.scale[:, None] / f.scale[None, :], hopts)
   kept = objective._hcut(f.scale[:, None] * w, hs, KEY, width=int(width), max_flips=256,  # noqa: SLF001
                          max_rounds=20, keep_q=True)
   np.testing.assert_array_equal(np.asarray(sc.pack_signs(kept[0])), np.asarray(part.inner.s_bits))

@@ -39,7 +39,8 @@ from jax_signedcut._calibration import objective
 KERNELS = ("encoder.layer.0.attention.self.query.weight",
            "encoder.layer.0.attention.output.dense.weight")
 BITS = "1"
-FIRST_SAME = 4      # cuts that must be bit-identical (measured: 16 and 69 of 168)
+FIRST_SAME = 42     # cuts that must be bit-identical (measured with the default diag + 3 backfit
+                    # passes: all 168 of 168 on both kernels; with hcut: 16 and 69)
 
 
 @pytest.fixture(scope="module")

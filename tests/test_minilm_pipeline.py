@@ -157,7 +157,8 @@ def test_block_distillation_and_attention_refit_on_one_layer(needs_model):
 
 
 def test_blocks_auto_depends_on_the_search():
-  """--blocks auto: 4 for the FFN output kernels, else 2 with diag and 1 with hcut."""
+  """--blocks auto: 4 for the FFN output kernels; else, without backfitting, 2 with diag and 1
+  with hcut, and 1 with backfitting."""
   ex = _example()
   want = {("output", "diag"): 4, ("output", "hcut"): 4, ("query", "diag"): 2,
           ("query", "hcut"): 1, ("intermediate", "diag"): 2, ("intermediate", "hcut"): 1,
@@ -167,10 +168,11 @@ def test_blocks_auto_depends_on_the_search():
     assert ex._options_for(path, search, "auto")["blocks"] == blocks, (kind, search)  # noqa: SLF001
     assert ex._options_for(path, search, "3")["blocks"] == 3  # noqa: SLF001
     # The rules the job compresses with give the same blocks as the allocation's options.
-    rules = ex.calibration_rules(None, 4.0, search, "auto")
+    rules = ex.calibration_rules(None, 4.0, search, "auto", 0)
     budget = next(b for pattern, b in rules if re.search(pattern, path))
     assert budget.options["blocks"] == blocks, (kind, search)
     assert budget.options["backfit"] == 0
+    assert ex.calibration_rules(None, 4.0)[0][1].options["backfit"] == 3   # the default
     # --backfit reaches every rule and the allocation's final options alike.
     rules = ex.calibration_rules(None, 4.0, search, "auto", 2)
     budget = next(b for pattern, b in rules if re.search(pattern, path))

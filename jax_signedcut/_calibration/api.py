@@ -38,8 +38,8 @@ SIGNED_CUT_OPTIONS = {
     "damp": 0.01,            # ridge of the search metric, relative to mean(diag H)
     "max_flips": 256,        # single sign flips per s-step
     "max_rounds": 20,        # alternations per cut
-    "search": "hcut",        # "hcut": H-aware sign search (jnp); "diag": C++ cuts of D·W
-    "backfit": 0,            # H-aware backfitting passes over the kept cuts (not prefix-consistent)
+    "search": "diag",        # "diag": C++ cuts of D·W; "hcut": H-aware greedy sign search (jnp)
+    "backfit": 3,            # H-aware backfitting passes over the kept cuts (not prefix-consistent)
     "sparse_fraction": 0.0,  # share of entries stored apart, chosen by output impact
     "refit": True,           # least-squares refit of c (and the sparse values) under H
     "fallback": True,        # keep the plain cuts when their output error is lower

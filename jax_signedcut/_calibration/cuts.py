@@ -8,7 +8,8 @@ moment ``H`` (m, m), all steps minimising the output error ``tr(EᵀHE)``:
    ``tr(EᵀHE) = tr(E'ᵀH'E')``), so ``s`` signs live where each input row
    has the magnitude its input's energy asks for; the layer computes
    ``(x / d) · Ŵ'`` (:class:`~jax_signedcut._calibration.parts.InputScaled`).
-2. Greedy H-aware cuts (:func:`objective.hcut_decompose`) under a shrunk
+2. Greedy cuts: by default (``search="diag"``) the C++ cuts of ``D·W``; or
+   H-aware ones (``"hcut"``, :func:`objective.hcut_decompose`) under a shrunk
    metric ``H_s = (1 − λ) H' + λ diag(H') + δ mean(diag H') I``. Shrinking the
    correlations toward the diagonal helps the greedy sign search and
    generalises better from a few thousand calibration tokens. Prefix-consistent.
@@ -20,9 +21,10 @@ moment ``H`` (m, m), all steps minimising the output error ``tr(EᵀHE)``:
    prefix consistency of c (S and T stay prefix-consistent: refit the
    truncated cuts again for another budget).
 
-Optionally (``backfit``, between 2 and 3) H-aware backfitting passes over the
-kept cuts: each re-searched against all the others under the metric. They
-lower the output error further and give up the prefix consistency of S and T.
+Between 2 and 3, ``backfit`` (default 3) H-aware backfitting passes over the
+kept cuts: each re-searched against all the others under ``H_s``. They lower
+the output error further and give up the prefix consistency of S and T
+(``backfit=0`` keeps it: then the cuts of one run serve every budget).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class CutOptions:
       diagonal metric ``D²``: with α = 1 that is ``diag(H)``), with the
       greedy scales; the refit of :func:`fit_budget` then brings in the full
       metric. ``max_flips`` and ``max_rounds`` are not used by it (only by
-      ``backfit``).
+      ``backfit``). The default, with ``backfit=3``: on MiniLM at 4 bits its
+      held-out output error is 4-19 % below ``"hcut"``'s, in about half the time.
     backfit: H-aware backfitting passes over the kept cuts in :func:`fit_budget`
       (:func:`objective.hcut_backfit`: each cut re-searched under the metric
       against all the others, from its own signs), before the sparse part and
@@ -79,8 +82,8 @@ class CutOptions:
   damp: float = 0.01
   max_flips: int = 256
   max_rounds: int = 20
-  search: str = "hcut"
-  backfit: int = 0
+  search: str = "diag"
+  backfit: int = 3
 
   def __post_init__(self):
     if self.search not in SEARCHES:
