@@ -54,6 +54,8 @@ def main(argv=None):
   counts = [int(v) for v in args.blocks.split(",")]
   searches = args.search.split(",")
   runs = [(s, k) for s in searches for k in counts]
+  # "diag+3": search diag with 3 backfitting passes.
+  spec = {s: (s.split("+")[0], int(s.split("+")[1]) if "+" in s else 0) for s in searches}
 
   model = bert.load_safetensors()
   tok = bert.load_tokenizer()
@@ -83,8 +85,7 @@ def main(argv=None):
       for search, nb in runs:
         makers.append(lambda search=search, nb=nb: sc.decompose(
             w, key=k, bits_per_weight=args.bits, calibration=h,
-            options={"search": search.split("+")[0], "blocks": nb,
-                     "backfit": int(search.split("+")[1]) if "+" in search else 0,
+            options={"search": spec[search][0], "backfit": spec[search][1], "blocks": nb,
                      "sparse_fraction": SPARSE.get(kind, 0.0)}))
       fits = []
       for i, make in enumerate(makers):

@@ -193,3 +193,13 @@ def test_factors_of_a_distilled_checkpoint_keep_its_trained_floats(needs_model, 
   assert first["distill_trained"] > 0
   assert again["cosine_mean"] == pytest.approx(first["cosine_mean"], abs=1e-6)
   assert again["cosine_min"] == pytest.approx(first["cosine_min"], abs=1e-6)
+
+
+def test_main_job_flag_errors(capsys):
+  """Bad --backfit / --blocks values stop the job before any work, naming the flag."""
+  ex = _example()
+  for argv, want in ((["--calibrate", "--backfit", "-1"], "--backfit must be an integer >= 0"),
+                     (["--calibrate", "--blocks", "two"], "--blocks must be 'auto'")):
+    with pytest.raises(SystemExit):
+      ex.main(argv)
+    assert want in capsys.readouterr().err

@@ -51,14 +51,16 @@ def relative_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.A
   return jnp.sqrt(output_error(w, w_hat, h) / output_error(w, jnp.zeros_like(w), h))
 
 
+def _ratio(num, den):
+  """``num² / den``, the gain of a cut (up to 1/n) for ``num = sᵀa``, ``den = sᵀHs``."""
+  return num * num / jnp.maximum(den, 1e-30)
+
+
 def _flip_search(s, hs, a, h, diag_h, max_flips):
   """Single sign flips of s while (sᵀa)² / (sᵀHs) rises (at most max_flips).
 
   ``h`` is exactly symmetric, so flipping s_i changes Hs by row i (contiguous).
   """
-
-  def ratio(p, q):
-    return p * p / jnp.maximum(q, 1e-30)
 
   def cond(st):
     return st[3] & (st[2] < max_flips)
@@ -67,9 +69,9 @@ def _flip_search(s, hs, a, h, diag_h, max_flips):
     s, hs, k, _ = st
     p = jnp.dot(s, a)
     q = jnp.dot(s, hs)
-    new = ratio(p - 2 * s * a, q - 4 * s * hs + 4 * diag_h)
+    new = _ratio(p - 2 * s * a, q - 4 * s * hs + 4 * diag_h)
     i = jnp.argmax(new)
-    better = new[i] > ratio(p, q) * (1 + 1e-6)
+    better = new[i] > _ratio(p, q) * (1 + 1e-6)
     si = jnp.where(better, s[i], 0.0)     # 0: no flip (s and hs unchanged)
     return s.at[i].add(-2 * si), hs - 2 * si * h[i], k + 1, better
 
@@ -79,10 +81,6 @@ def _flip_search(s, hs, a, h, diag_h, max_flips):
 
 def _sgn(x):
   return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
-
-
-def _ratio(num, den):
-  return num * num / jnp.maximum(den, 1e-30)
 
 
 def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds):
@@ -230,16 +228,9 @@ def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.
   Raises:
     ValueError: mismatched shapes or passes < 0.
   """
-  w = jnp.asarray(w, jnp.float32)
-  h = jnp.asarray(h, jnp.float32)
-  s = jnp.asarray(s, jnp.float32)
-  t = jnp.asarray(t, jnp.float32)
-  c = jnp.asarray(c, jnp.float32)
-  if w.ndim != 2:
-    raise ValueError(f"w must be a matrix (m, n), got shape {w.shape}")
+  w, h = _check_w_h(w, h)
   m, n = w.shape
-  if h.shape != (m, m):
-    raise ValueError(f"h must have shape ({m}, {m}) to match w {w.shape}, got {h.shape}")
+  s, t, c = (jnp.asarray(v, jnp.float32) for v in (s, t, c))
   if s.ndim != 2 or s.shape[1] != m or t.shape != (s.shape[0], n) or c.shape != (s.shape[0],):
     raise ValueError(f"s, t, c must have shapes (width, {m}), (width, {n}), (width,); got "
                      f"{s.shape}, {t.shape}, {c.shape}")
@@ -247,8 +238,20 @@ def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.
     raise ValueError(f"passes must be an int >= 0, got {passes!r}")
   if passes == 0 or s.shape[0] == 0:
     return s, t, c
-  return _hcut_backfit(w, h, s, t, c, passes=passes, max_flips=int(max_flips),
-                       max_rounds=int(max_rounds))
+  return _hcut_backfit(w.astype(jnp.float32), h, s, t, c, passes=passes,
+                       max_flips=int(max_flips), max_rounds=int(max_rounds))
+
+
+def _check_w_h(w, h):
+  """``(w, h)`` as arrays, after the shape checks shared by the two public searches."""
+  w = jnp.asarray(w)
+  h = jnp.asarray(h)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a matrix (m, n), got shape {w.shape}")
+  m = w.shape[0]
+  if h.shape != (m, m):
+    raise ValueError(f"h must have shape ({m}, {m}) to match w {w.shape}, got {h.shape}")
+  return w, h
 
 
 def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
@@ -272,13 +275,7 @@ def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
   Raises:
     ValueError: shapes that do not match, or width < 1.
   """
-  w = jnp.asarray(w)
-  h = jnp.asarray(h)
-  if w.ndim != 2:
-    raise ValueError(f"w must be a matrix (m, n), got shape {w.shape}")
-  m, _ = w.shape
-  if h.shape != (m, m):
-    raise ValueError(f"h must have shape ({m}, {m}) to match w {w.shape}, got {h.shape}")
+  w, h = _check_w_h(w, h)
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ValueError(f"width must be an int >= 1, got {width!r}")
   return _hcut(w.astype(jnp.float32), h, key, width=width, max_flips=int(max_flips),
