@@ -16,12 +16,14 @@ namespace nb = nanobind;
 
 extern "C" XLA_FFI_Error* SignedCutGreedy(XLA_FFI_CallFrame* call_frame);  // ffi.cc
 extern "C" XLA_FFI_Error* SignedCutApply(XLA_FFI_CallFrame* call_frame);   // apply_ffi.cc
+extern "C" XLA_FFI_Error* SignedCutHcutSearch(XLA_FFI_CallFrame* call_frame);  // hcut_search.cc
 
 NB_MODULE(_signedcut_ffi, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["signedcut_greedy"] = nb::capsule(reinterpret_cast<void*>(&SignedCutGreedy));
     d["signedcut_apply"] = nb::capsule(reinterpret_cast<void*>(SignedCutApply));
+    d["signedcut_hcut_search"] = nb::capsule(reinterpret_cast<void*>(SignedCutHcutSearch));
     return d;
   });
   m.def(

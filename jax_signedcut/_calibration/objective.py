@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_signedcut._kernels import extension
+
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -60,30 +62,73 @@ def _flip_search(s, hs, a, h, diag_h, max_flips):
   """Single sign flips of s while (sᵀa)² / (sᵀHs) rises (at most max_flips).
 
   ``h`` is exactly symmetric, so flipping s_i changes Hs by row i (contiguous).
+  Returns ``(s, hs, flips)``.
   """
 
   def cond(st):
     return st[3] & (st[2] < max_flips)
 
   def body(st):
-    s, hs, k, _ = st
+    s, hs, k, _, flips = st
     p = jnp.dot(s, a)
     q = jnp.dot(s, hs)
     new = _ratio(p - 2 * s * a, q - 4 * s * hs + 4 * diag_h)
     i = jnp.argmax(new)
     better = new[i] > _ratio(p, q) * (1 + 1e-6)
     si = jnp.where(better, s[i], 0.0)     # 0: no flip (s and hs unchanged)
-    return s.at[i].add(-2 * si), hs - 2 * si * h[i], k + 1, better
+    return (s.at[i].add(-2 * si), hs - 2 * si * h[i], k + 1, better,
+            flips + better.astype(jnp.int32))
 
-  s, hs, _, _ = jax.lax.while_loop(cond, body, (s, hs, jnp.int32(0), jnp.bool_(True)))
-  return s, hs
+  st = (s, hs, jnp.int32(0), jnp.bool_(True), jnp.int32(0))
+  s, hs, _, _, flips = jax.lax.while_loop(cond, body, st)
+  return s, hs, flips
 
 
 def _sgn(x):
   return jnp.where(x >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
-def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds):
+SEARCH_IMPLS = ("auto", "jnp", "ffi")
+_SEARCH_TARGET = "signedcut_hcut_search"
+
+
+def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds,
+                impl="auto"):
+  """One cut's H-aware sign search: ``(s, hs, t, stats)``, stats = int32 (rounds, flips, ·).
+
+  ``impl``: ``"jnp"`` the readable reference (:func:`_cut_search_jnp`), ``"ffi"``
+  the C++ handler (``xla_ffi/hcut_search.cc``: the same search in one custom
+  call, with incrementally kept images), ``"auto"`` the handler where the
+  computation lowers for CPU and the extension has it, else the reference.
+  """
+  args = (p, q_mat if keep_q else jnp.zeros((0, p.shape[1]), jnp.float32), h, h_inv, diag_h,
+          s, hs, t)
+  ref = functools.partial(_cut_search_jnp, keep_q=keep_q, max_flips=max_flips,
+                          max_rounds=max_rounds)
+  if impl == "jnp" or max_rounds < 1:
+    return ref(*args)
+  ffi = functools.partial(_cut_search_ffi, max_flips=max_flips, max_rounds=max_rounds)
+  if impl == "ffi":
+    if not extension.has_target(_SEARCH_TARGET):
+      raise RuntimeError("impl='ffi' needs the compiled extension with the hcut search: "
+                         + extension.MISSING_HINT)
+    return ffi(*args)
+  if not extension.has_target(_SEARCH_TARGET):
+    return ref(*args)
+  return jax.lax.platform_dependent(*args, cpu=ffi, default=ref)
+
+
+def _cut_search_ffi(p, q_mat, h, h_inv, diag_h, s, hs, t, *, max_flips, max_rounds):
+  m, n = p.shape
+  out = (jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32),
+         jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.int32))
+  # One search per call: under vmap the handler runs once per matrix.
+  call = jax.ffi.ffi_call(_SEARCH_TARGET, out, vmap_method="sequential")
+  return call(p, q_mat, h, h_inv, diag_h, s, hs, t, max_flips=np.int32(max(0, max_flips)),
+              max_rounds=np.int32(max_rounds))
+
+
+def _cut_search_jnp(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds):
   """The alternating sign search of one cut on ``P = H R``, from the start ``(s, t)``.
 
   Each round takes the best s of ``sgn(P t)``, ``sgn(H⁻¹ P t)`` and the current s,
@@ -109,19 +154,19 @@ def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_
     return _flip_search(s, hs, a, h, diag_h, max_flips)
 
   def round_(st):
-    s, hs, t, val, k, _ = st
-    s, hs = s_step(t, s, hs)
+    s, hs, t, val, k, _, flips = st
+    s, hs, f = s_step(t, s, hs)
     u = jnp.matmul(p.T, s, precision=_HI)
     t = _sgn(u)
     new = _ratio(jnp.sum(jnp.abs(u)), jnp.dot(s, hs))    # sᵀ P sgn(Pᵀs) = ‖Pᵀs‖₁
-    return s, hs, t, jnp.maximum(new, val), k + 1, new > val * (1 + 1e-7)
+    return s, hs, t, jnp.maximum(new, val), k + 1, new > val * (1 + 1e-7), flips + f
 
   def cond(st):
     return st[5] & (st[4] < max_rounds)
 
-  st = (s, hs, t, jnp.float32(-1), jnp.int32(0), jnp.bool_(True))
-  s, hs, t, _, _, _ = jax.lax.while_loop(cond, round_, st)
-  return s, hs, t
+  st = (s, hs, t, jnp.float32(-1), jnp.int32(0), jnp.bool_(True), jnp.int32(0))
+  s, hs, t, _, rounds, _, flips = jax.lax.while_loop(cond, round_, st)
+  return s, hs, t, jnp.stack([rounds, flips, jnp.int32(0)])
 
 
 def _prepare(w, h, keep_q):
@@ -147,8 +192,9 @@ def _take_cut(p, q_mat, h_inv, s, hs, t, keep_q):
   return c, c * num, p, q_mat
 
 
-@functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds", "keep_q"))
-def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
+@functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds", "keep_q", "impl",
+                                             "stats"))
+def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", stats=False):
   # Memory traffic is the cost (one matrix-vector product reads a whole matrix):
   # per round this reads H once (Hs for both sign starts in one product), P twice
   # and H⁻¹P once. With fewer outputs than inputs (n < m) Q = H⁻¹P (m, n) is kept
@@ -161,22 +207,26 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None):
   h_ones = jnp.matmul(h, ones, precision=_HI)
 
   def one_cut(j, carry):
-    p, q_mat, s_all, t_all, c_all, g_all = carry
+    p, q_mat, s_all, t_all, c_all, g_all, counts = carry
     t = jax.random.rademacher(jax.random.fold_in(key, j), (n,), jnp.float32)
-    s, hs, t = _cut_search(p, q_mat, h, h_inv, diag_h, ones, h_ones, t, keep_q=keep_q,
-                           max_flips=max_flips, max_rounds=max_rounds)
+    s, hs, t, st = _cut_search(p, q_mat, h, h_inv, diag_h, ones, h_ones, t, keep_q=keep_q,
+                               max_flips=max_flips, max_rounds=max_rounds, impl=impl)
     c, gain, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
     return (p, q_mat, s_all.at[j].set(s), t_all.at[j].set(t), c_all.at[j].set(c),
-            g_all.at[j].set(gain))
+            g_all.at[j].set(gain), counts + st)
 
   init = (p0, q0, jnp.zeros((width, m), jnp.float32), jnp.zeros((width, n), jnp.float32),
-          jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32))
-  _, _, s_all, t_all, c_all, g_all = jax.lax.fori_loop(0, width, one_cut, init)
-  return s_all, t_all, c_all, g_all
+          jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32),
+          jnp.zeros((3,), jnp.int32))
+  _, _, s_all, t_all, c_all, g_all, counts = jax.lax.fori_loop(0, width, one_cut, init)
+  # counts: rounds, flips and full passes of H for the starts' H s, summed over the cuts.
+  return (s_all, t_all, c_all, g_all, counts) if stats else (s_all, t_all, c_all, g_all)
 
 
-@functools.partial(jax.jit, static_argnames=("passes", "max_flips", "max_rounds", "keep_q"))
-def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, keep_q=None):
+@functools.partial(jax.jit, static_argnames=("passes", "max_flips", "max_rounds", "keep_q", "impl",
+                                             "stats"))
+def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, keep_q=None,
+                  impl="auto", stats=False):
   m, n = w.shape
   h, diag_h, h_inv, keep_q = _prepare(w, h, keep_q)
   hs_all = jnp.matmul(s_all, h, precision=_HI)                      # rows s_jᵀH = (H s_j)ᵀ
@@ -186,25 +236,26 @@ def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, k
   width = s_all.shape[0]
 
   def one_cut(i, carry):
-    p, q_mat, s_all, t_all, c_all, hs_all = carry
+    p, q_mat, s_all, t_all, c_all, hs_all, counts = carry
     k = i % width
     s, t, c, hs = s_all[k], t_all[k], c_all[k], hs_all[k]
     p = p + c * jnp.outer(hs, t)                                     # the cut put back
     if keep_q:
       q_mat = q_mat + c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
-    s, hs, t = _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, keep_q=keep_q,
-                           max_flips=max_flips, max_rounds=max_rounds)
+    s, hs, t, st = _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, keep_q=keep_q,
+                               max_flips=max_flips, max_rounds=max_rounds, impl=impl)
     c, _, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
     return (p, q_mat, s_all.at[k].set(s), t_all.at[k].set(t), c_all.at[k].set(c),
-            hs_all.at[k].set(hs))
+            hs_all.at[k].set(hs), counts + st)
 
-  init = (p0, q0, s_all, t_all, c_all, hs_all)
-  _, _, s_all, t_all, c_all, _ = jax.lax.fori_loop(0, passes * width, one_cut, init)
-  return s_all, t_all, c_all
+  init = (p0, q0, s_all, t_all, c_all, hs_all, jnp.zeros((3,), jnp.int32))
+  _, _, s_all, t_all, c_all, _, counts = jax.lax.fori_loop(0, passes * width, one_cut, init)
+  return (s_all, t_all, c_all, counts) if stats else (s_all, t_all, c_all)
 
 
 def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.Array, *,
-                 passes: int = 1, max_flips: int = 64, max_rounds: int = 50):
+                 passes: int = 1, max_flips: int = 64, max_rounds: int = 50,
+                 impl: str = "auto"):
   """Backfitting passes of cuts ``(s, t, c)`` under the output error ``tr(Eᵀ H E)``.
 
   Each pass visits the cuts in order; cut k is put back into the remainder
@@ -220,14 +271,15 @@ def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.
     h: (m, m) symmetric PSD metric.
     s, t: ±1 float32 (width, m) and (width, n); c: (width,) scales.
     passes: number of passes (>= 0; 0 returns the input).
-    max_flips, max_rounds: as for :func:`hcut_decompose`.
+    max_flips, max_rounds, impl: as for :func:`hcut_decompose`.
 
   Returns:
     ``(s, t, c)`` of the same shapes.
 
   Raises:
-    ValueError: mismatched shapes or passes < 0.
+    ValueError: mismatched shapes, passes < 0 or an unknown impl.
   """
+  _check_impl(impl)
   w, h = _check_w_h(w, h)
   m, n = w.shape
   s, t, c = (jnp.asarray(v, jnp.float32) for v in (s, t, c))
@@ -239,7 +291,12 @@ def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.
   if passes == 0 or s.shape[0] == 0:
     return s, t, c
   return _hcut_backfit(w.astype(jnp.float32), h, s, t, c, passes=passes,
-                       max_flips=int(max_flips), max_rounds=int(max_rounds))
+                       max_flips=int(max_flips), max_rounds=int(max_rounds), impl=impl)
+
+
+def _check_impl(impl):
+  if impl not in SEARCH_IMPLS:
+    raise ValueError(f"impl must be one of {SEARCH_IMPLS}, got {impl!r}")
 
 
 def _check_w_h(w, h):
@@ -255,7 +312,7 @@ def _check_w_h(w, h):
 
 
 def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
-                   max_flips: int = 64, max_rounds: int = 50):
+                   max_flips: int = 64, max_rounds: int = 50, impl: str = "auto"):
   """Greedy signed cuts of ``w`` (m, n) that minimise the output error ``tr(Eᵀ H E)``.
 
   Args:
@@ -267,19 +324,24 @@ def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
     max_flips: most single sign flips of s per half-step (0: ``s = sgn(P t)``,
       which is exact for diagonal H).
     max_rounds: most alternations per cut.
+    impl: the search's implementation: ``"auto"`` (the C++ handler on CPU when
+      the extension is built, else the jnp reference), ``"jnp"`` or ``"ffi"``.
+      The two run the same search in a different summation order, so a
+      decision on a near-tie can go the other way.
 
   Returns:
     ``(s, t, c, gains)``: ±1 float32 (width, m) and (width, n), scales (width,)
     and the drop of ``tr(RᵀHR)`` per cut (width,). Prefix-consistent.
 
   Raises:
-    ValueError: shapes that do not match, or width < 1.
+    ValueError: shapes that do not match, width < 1 or an unknown impl.
   """
+  _check_impl(impl)
   w, h = _check_w_h(w, h)
   if isinstance(width, bool) or not isinstance(width, int) or width < 1:
     raise ValueError(f"width must be an int >= 1, got {width!r}")
   return _hcut(w.astype(jnp.float32), h, key, width=width, max_flips=int(max_flips),
-               max_rounds=int(max_rounds))
+               max_rounds=int(max_rounds), impl=impl)
 
 
 def refit_scales(s: jax.Array, t: jax.Array, target: jax.Array, h: jax.Array, *,
