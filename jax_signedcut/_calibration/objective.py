@@ -32,6 +32,7 @@ against all the others, which never raises L and gives up prefix consistency.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -98,9 +99,16 @@ def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_
 
   ``impl``: ``"jnp"`` the readable reference (:func:`_cut_search_jnp`), ``"ffi"``
   the C++ handler (``xla_ffi/hcut_search.cc``: the same search in one custom
-  call, with incrementally kept images), ``"auto"`` the handler where the
-  computation lowers for CPU and the extension has it, else the reference.
+  call, with incrementally kept images), ``"auto"`` the value of the
+  environment variable ``JAX_SIGNEDCUT_HCUT_IMPL`` if set (``jnp`` or ``ffi``;
+  read at trace time, like the other kernels' variables), else the handler
+  where the computation lowers for CPU and the extension has it, else the
+  reference.
   """
+  if impl == "auto":
+    impl = os.environ.get("JAX_SIGNEDCUT_HCUT_IMPL", "auto") or "auto"
+    if impl not in SEARCH_IMPLS:
+      raise ValueError(f"JAX_SIGNEDCUT_HCUT_IMPL must be one of {SEARCH_IMPLS}, got {impl!r}")
   args = (p, q_mat if keep_q else jnp.zeros((0, p.shape[1]), jnp.float32), h, h_inv, diag_h,
           s, hs, t)
   ref = functools.partial(_cut_search_jnp, keep_q=keep_q, max_flips=max_flips,
