@@ -17,8 +17,9 @@
 //    reads at most the cache lines of P holding those columns;
 //  * u = Pᵀ s: when s changes in the rows I, u += Σ_{i∈I} (s'_i − s_i) P_i,
 //    |I| contiguous rows instead of all m;
-//  * H s for the two sign starts: from H s of the current s by the rows of H
-//    where they differ, when that is fewer than m rows (else one fused pass);
+//  * H s for the two sign starts: from the last round's image of the same start
+//    or from H s of the current s, whichever differs in fewer rows, by those
+//    rows of H, when that is fewer than m rows in all (else one fused pass);
 //  * the flips update H s by one (contiguous) row of H each, as the jnp code.
 // H⁻¹ P t (without Q) is a full read of H⁻¹ per round.
 //
@@ -203,7 +204,8 @@ void Search(const Problem& pr, float* s, float* hs, float* t, Stats* stats) {
       if (e1.size() < d1.size()) { d1.swap(e1); from_img1 = true; }
     }
     if (static_cast<int64_t>(d0.size() + d1.size()) < m) {
-      // x' = x on the rows in d, with (x'_i − x_i) = 2 x'_i, so H x' = H x + 2 x'_i H_i.
+      // x' differs from x on the rows i in d, where x'_i − x_i = 2 x'_i, so
+      // H x' = H x + Σ_{i∈d} 2 x'_i H_i (H symmetric: row i is column i).
       if (!from_img0) std::copy(hs, hs + m, hs0.begin());
       if (!from_img1) std::copy(hs, hs + m, hs1.begin());
       for (int64_t i : d0) Axpy(2.0f * s0n[i], pr.h + i * m, hs0.data(), m);

@@ -121,9 +121,7 @@ def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_
       raise RuntimeError("impl='ffi' needs the compiled extension with the hcut search: "
                          + extension.MISSING_HINT)
     return ffi(*args)
-  if not extension.has_target(_SEARCH_TARGET):
-    return ref(*args)
-  return jax.lax.platform_dependent(*args, cpu=ffi, default=ref)
+  return extension.on_platform(*args, cpu=ffi, default=ref)
 
 
 def _cut_search_ffi(p, q_mat, h, h_inv, diag_h, s, hs, t, *, max_flips, max_rounds):
