@@ -139,7 +139,9 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
     out = _one_part(a, h, key=key, bits_per_weight=bits_per_weight, opts=opts, path=path)
   if not opts["fallback"]:
     return out
-  plain = _decompose.decompose(a, key=key, bits_per_weight=bits_per_weight, outliers=outliers)
+  # Bucketed: the row blocks' slightly different budgets share compilations (same factors).
+  plain = _decompose.decompose_bucketed(a, key=key, bits_per_weight=bits_per_weight,
+                                        outliers=outliers)
   e_ours = float(_objective.output_error(a, out.reconstruct(), h))
   e_plain = float(_objective.output_error(a, plain.reconstruct(), h))
   return out if e_ours <= e_plain else plain

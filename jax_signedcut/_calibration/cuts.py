@@ -40,6 +40,7 @@ import numpy as np
 import jax_signedcut as sc
 from jax_signedcut._calibration import objective
 from jax_signedcut._calibration.parts import InputScaled
+from jax_signedcut._signedcut import decompose as _decompose
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -159,7 +160,8 @@ def calibrated_cuts(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
   hp = h / d[:, None] / d[None, :]
   metric = search_metric(hp, options)
   if options.search == "diag":
-    inner = sc.decompose(d[:, None] * w, key=key, width=width, outliers=0)
+    # Bucketed (one compilation for nearby widths; the same cuts as sc.decompose).
+    inner = _decompose.decompose_bucketed(d[:, None] * w, key=key, width=width, outliers=0)
     part = InputScaled(scale=d, inner=inner)
     return part, (_greedy_gains(part, w, metric) if with_gains else None)
   s, t, c, gains = objective.hcut_decompose(
