@@ -19,12 +19,14 @@ passages: is the nearest passage the same as with the original model).
 With ``--calibrate`` the Linear kernels are compressed for their outputs:
 input statistics H = XᵀX/N of every kernel from the calibration texts
 (``jax_signedcut.models.calibration_texts.CALIBRATION``, disjoint from the
-evaluation texts), then ``decompose(..., calibration=stats)`` (input scales,
-the C++ cuts of the scaled kernel and three H-aware backfitting passes over them,
-4 GPTQ-style row blocks for the FFN output kernels, a sparse part by output
-impact for the FFN and attention-output kernels, least-squares refit; plain cuts
-kept where they do better under H; see docs/calibration.md). The embedding
-tables have no statistics and get plain cuts.
+evaluation texts), then ``decompose(..., calibration=stats)`` with
+``search="plain"`` (the plain cuts of each kernel with their weight outliers —
+of the input-scaled kernel for the FFN input kernels — then three H-aware
+backfitting passes over them and a least-squares refit of the scales under H;
+4 GPTQ-style row blocks for the FFN output kernels; plain cuts kept where they
+do better under H; ``--search diag`` is the previous default, with input scales
+everywhere and a sparse part by output impact; see docs/calibration.md section
+11). The embedding tables have no statistics and get plain cuts.
 
     python examples/compress_minilm.py --bits 4 --calibrate
 
@@ -108,23 +110,41 @@ SPARSE_BY_KIND = ((r"/output/kernel$", 0.005), (r"/attention_out/kernel$", 0.002
 #: input kernel beat two blocks of them with either search (measured with ``diag``: docs/
 #: calibration.md section 10), so only the FFN output kernels keep blocks.
 BLOCKS_BY_KIND = {"diag": (((r"/output/kernel$", 4),), 2),
+                  "plain+backfit": (((r"/output/kernel$", 4),), 1),
+                  "plain": (((r"/output/kernel$", 4),), 1),
                   "hcut": (((r"/output/kernel$", 4),), 1),
                   "diag+backfit": (((r"/output/kernel$", 4),), 1),
                   "hcut+backfit": (((r"/output/kernel$", 4),), 1)}
+
+
+#: Input-scale exponent by kind for ``--search plain`` (the plain cuts of D·W with their weight
+#: outliers, backfitted): the FFN input kernels keep α = 0.5, the rest start from the plain
+#: decomposition of W itself (α = 0). Chosen on layers 0–1 by output error under the
+#: development statistics, never the evaluation texts (docs/calibration.md section 11).
+ALPHA_BY_KIND = ((r"/intermediate/kernel$", 0.5),)
+
+
+def _search_options(path_or_pattern, search, sparse):
+  """``sparse_fraction`` (and for ``plain`` the α) of a kernel or rule pattern."""
+  if search != "plain":
+    return {"sparse_fraction": sparse}
+  alpha = next((a for pattern, a in ALPHA_BY_KIND if pattern == path_or_pattern
+                or re.search(pattern, path_or_pattern)), 0.0)
+  return {"sparse_fraction": 0.0, "alpha": alpha}
 
 
 def _blocks_key(search, backfit):
   return f"{search}+backfit" if backfit else search
 
 
-def calibration_rules(rate, bits, search="diag", blocks="auto", backfit=3):
+def calibration_rules(rate, bits, search="plain", blocks="auto", backfit=3):
   """Per-kind rules giving the calibrated kernels their sparse share, search, blocks, backfit."""
   kinds = SPARSE_BY_KIND + ((r"/(query|key|value)/kernel$", 0.0),)
   by_kind, other = BLOCKS_BY_KIND[_blocks_key(search, backfit)]
   kind_blocks = lambda pattern: int(blocks) if blocks != "auto" else dict(  # noqa: E731
       by_kind).get(pattern, other)
   return [(pattern, sc.Budget(rate=rate, bits_per_weight=bits, method="signed_cut",
-                              options={"sparse_fraction": f, "search": search,
+                              options={**_search_options(pattern, search, f), "search": search,
                                        "blocks": kind_blocks(pattern), "backfit": backfit}))
           for pattern, f in kinds]
 
@@ -142,7 +162,7 @@ def _blocks_for(path, blocks, search, backfit=0):
 
 def _options_for(path, search, blocks, backfit=0):
   """The calibrated options of the kernel at ``path`` (what ``calibration_rules`` gives it)."""
-  return {"sparse_fraction": _sparse_for(path), "search": search,
+  return {**_search_options(path, search, _sparse_for(path)), "search": search,
           "blocks": _blocks_for(path, blocks, search, backfit), "backfit": backfit}
 
 
@@ -263,9 +283,11 @@ def main(argv=None) -> dict:
   p.add_argument("--quiet", action="store_true", help="no progress bars, no per-matrix table")
   p.add_argument("--calibrate", action="store_true",
                  help="compress the Linear kernels for their outputs on the calibration texts")
-  p.add_argument("--search", default="diag", choices=("diag", "hcut"),
-                 help="with --calibrate: the sign search before backfitting (diag: the C++ "
-                      "cuts of D·W; hcut: the H-aware greedy; docs/calibration.md section 6)")
+  p.add_argument("--search", default="plain", choices=("diag", "hcut", "plain"),
+                 help="with --calibrate: the cuts before backfitting (plain, the default: the "
+                      "plain cuts with their weight outliers, of D·W for the FFN input kernels; "
+                      "diag: the C++ cuts of D·W with a sparse part by output impact; hcut: the "
+                      "H-aware greedy; docs/calibration.md sections 6, 11)")
   p.add_argument("--blocks", default="auto",
                  help='with --calibrate: input-row blocks per kernel, GPTQ-style ("auto": 4 for '
                       'the FFN output kernels, 1 for the rest, or 2 with --search diag '
@@ -344,7 +366,11 @@ def main(argv=None) -> dict:
       a = flat_p[path]
       rows.append(dict(path=path, shape=tuple(a.shape),
                        cuts=sum(int(c.num_cuts) for c in _parts(f, sc.SignedCut)),
-                       calibrated=isinstance(f, sc.RowBlocks) or bool(_parts(f, sc.InputScaled)),
+                       # --search plain with alpha 0 keeps the plain format (refit scales):
+                       # a kernel with statistics counts, fallback or not.
+                       calibrated=isinstance(f, sc.RowBlocks) or bool(_parts(f, sc.InputScaled))
+                       or (args.search == "plain" and calibration is not None
+                           and path in calibration.hessians),
                        outliers=sum(int(q.count) for q in _parts(f, sc.Sparse)),
                        error=float(sc.relative_error(a, f)), bytes=sc.nbytes(f)))
   bytes_f32 = sum(np.prod(r["shape"]) * 4 for r in rows)
@@ -437,7 +463,8 @@ def main(argv=None) -> dict:
   if args.calibrate:
     print(f"calibrated kernels: {report['calibrated_kernels']} of {len(rows)} matrices (the "
           "others kept plain cuts, which had the lower output error under H, or have no "
-          "statistics)")
+          "statistics" + ("; with --search plain a kept fallback is not told apart" if
+                          args.search == "plain" else "") + ")")
   if args.distill:
     print(f"distilled ({args.distill_mode}, {args.distill_steps} steps, lr {args.distill_lr:g}): "
           f"{report['distill_trained']} floats trained in {report['seconds_distill']:.1f} s; "

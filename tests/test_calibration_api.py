@@ -172,7 +172,7 @@ _, _H = _problem(m=20, n=24)
     (_bad(_H, method="rtn"), "method 'rtn' cannot use calibration statistics"),
     (_bad(_H, options={"sparse_fraction": 2.0}), "sparse_fraction must be"),
     (_bad(_H, options={"nope": 1}), "take the options"),
-    (_bad(_H, options={"search": "exact"}), r"search must be one of \('hcut', 'diag'\)"),
+    (_bad(_H, options={"search": "exact"}), r"search must be one of \('hcut', 'diag', 'plain'\)"),
     (_bad(_H, bits_per_weight=0.5), "pays for no calibrated cut"),
     (lambda: sc.decompose(_problem(m=20, n=24)[0], key=KEY, width=3, calibration=_H),
      "take a rate or bits_per_weight budget, not width=3"),

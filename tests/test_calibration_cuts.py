@@ -344,3 +344,74 @@ def test_allocation_errors():
     allocate.allocate({"a": (np.array([2.0, 1.0]), np.array([2.0, 1.0]))}, 5)
   with pytest.raises(ValueError, match="sensitivity"):
     allocate.allocate(curves, 5, sensitivity={"a": -1.0})
+
+
+def test_padded_refit_and_backfit_are_the_unpadded_ones():
+  """The bucket-padded steps of ``search="plain"``: the same scales and signs, padding kept 0."""
+  w, h, _ = _problem(m=40, n=24, tokens=200)
+  rng = np.random.default_rng(3)
+  k, width = 13, 16
+  s = jnp.asarray(np.where(rng.normal(size=(k, 40)) >= 0, 1.0, -1.0), jnp.float32)
+  t = jnp.asarray(np.where(rng.normal(size=(k, 24)) >= 0, 1.0, -1.0), jnp.float32)
+  pad = lambda a: jnp.pad(a, [(0, width - k)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+  c = objective.refit_scales(s, t, w, h)
+  cp = objective.refit_scales_padded(pad(s), pad(t), w, h, k)
+  np.testing.assert_allclose(np.asarray(cp[:k]), np.asarray(c), rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(cp[k:]) == 0)
+  sb, tb, cb = objective.hcut_backfit(w, h, s, t, c, passes=2, max_flips=16, max_rounds=10)
+  sp, tp, cpb = objective.hcut_backfit_padded(w, h, pad(s), pad(t), pad(c), k, passes=2,
+                                              max_flips=16, max_rounds=10)
+  np.testing.assert_array_equal(np.asarray(sp[:k]), np.asarray(sb))
+  np.testing.assert_array_equal(np.asarray(tp[:k]), np.asarray(tb))
+  np.testing.assert_allclose(np.asarray(cpb[:k]), np.asarray(cb), rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(cpb[k:]) == 0) and np.all(np.asarray(sp[k:]) == 0)
+
+
+def _ls_scales(w, h, s, t):
+  """Least-squares c of fixed cuts under h, from the explicit design matrix (the reference)."""
+  x = np.linalg.cholesky(np.asarray(h, np.float64) + 1e-12 * np.eye(h.shape[0])).T   # XᵀX = h
+  design = np.stack([(x @ np.outer(s[j], t[j])).ravel() for j in range(len(s))], axis=1)
+  return np.linalg.lstsq(design, (x @ np.asarray(w, np.float64)).ravel(), rcond=None)[0]
+
+
+def test_plain_search_starts_from_the_plain_decomposition_and_lowers_its_error():
+  w, h, _ = _problem(m=40, n=24, tokens=200)
+  w = w.at[3, 5].set(25.0)                                   # an outlier for "auto" to keep
+  key = jax.random.key(0)
+  plain = sc.decompose(w, key=key, bits_per_weight=4)
+  pc, psp = plain.parts
+  k = int(pc.num_cuts)
+  s = np.asarray(sc.unpack_signs(pc.s_bits[:k], 40))
+  t = np.asarray(sc.unpack_signs(pc.t_bits[:k], 24))
+  # No backfit, alpha 0: the plain cuts and outliers, c the least squares under the metric.
+  opts = cuts.CutOptions(search="plain", alpha=0.0, backfit=0)
+  got = cuts.fit_plain_start(w, h, key=key, bits_per_weight=4, options=opts)
+  assert isinstance(got, sc.Sum) and got.nbytes == plain.nbytes <= 4 * 40 * 24 / 8
+  gc, gsp = got.parts
+  np.testing.assert_array_equal(np.asarray(gc.s_bits), np.asarray(pc.s_bits[:k]))
+  np.testing.assert_array_equal(np.asarray(gsp.idx), np.asarray(psp.idx))
+  assert int(psp.count) >= 1 and 3 * 24 + 5 in np.asarray(psp.idx)[:int(psp.count)]
+  metric = cuts.search_metric(h, opts)
+  rest = np.asarray(w - psp.reconstruct(), np.float64)
+  np.testing.assert_allclose(np.asarray(gc.c), _ls_scales(rest, metric, s, t), rtol=2e-3,
+                             atol=1e-4)
+  e = lambda f: float(objective.output_error(w, sc.reconstruct(f), metric))  # noqa: E731
+  assert e(got) < e(plain)
+  # Backfitting lowers it further, in the same bytes; the start passed in is used as is.
+  bf = cuts.fit_plain_start(w, h, key=key, bits_per_weight=4, start=plain,
+                            options=cuts.CutOptions(search="plain", alpha=0.0, backfit=2))
+  assert bf.nbytes == plain.nbytes and e(bf) < e(got)
+  # With input scales: an InputScaled whose inner pays for the scales' 4m bytes first.
+  sc_opts = cuts.CutOptions(search="plain", alpha=0.5, backfit=1)
+  scaled = cuts.fit_plain_start(w, h, key=key, bits_per_weight=4, options=sc_opts)
+  assert isinstance(scaled, InputScaled) and scaled.nbytes <= 4 * 40 * 24 / 8
+  # Through decompose (with the fallback, which is the start here): the same result.
+  via = sc.decompose(w, key=key, bits_per_weight=4, calibration=h,
+                     options={"search": "plain", "alpha": 0.0, "backfit": 2})
+  for x, y in zip(jax.tree.leaves(via), jax.tree.leaves(bf)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="search='plain' keeps the weight outliers"):
+    sc.decompose(w, key=key, bits_per_weight=4, calibration=h,
+                 options={"search": "plain", "sparse_fraction": 0.01})
+  with pytest.raises(ValueError, match="pays for no cut"):
+    cuts.fit_plain_start(w, h, key=key, bits_per_weight=0.01, options=sc_opts)

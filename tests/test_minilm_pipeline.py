@@ -203,3 +203,21 @@ def test_main_job_flag_errors(capsys):
     with pytest.raises(SystemExit):
       ex.main(argv)
     assert want in capsys.readouterr().err
+
+
+def test_calibrated_main_job_on_one_layer_beats_the_plain_one(needs_model, tmp_path):
+  """--calibrate (the default --search plain) on the one-layer slice: every kernel compressed
+  with its statistics within the budget, a higher cosine than the plain cuts of the same bits."""
+  ex = _example()
+  common = ["--layers", "1", "--skip", "word", "--bits", "3", "--quiet"]
+  plain = ex.main(common + ["--out", str(tmp_path / "p.safetensors")])
+  cal = ex.main(common + ["--calibrate", "--out", str(tmp_path / "c.safetensors")])
+  assert cal["calibrated_kernels"] == 6
+  assert cal["bytes_matrices_packed"] <= plain["bytes_matrices_f32"] * 3 / 32 + 1
+  assert cal["cosine_mean"] > plain["cosine_mean"], (cal["cosine_mean"], plain["cosine_mean"])
+  # The plain search's rules: no output-impact sparse part; input scales only where chosen.
+  rules = dict(ex.calibration_rules(None, 3.0))
+  assert all(b.options["search"] == "plain" and b.options["sparse_fraction"] == 0.0
+             for b in rules.values())
+  assert rules[r"/intermediate/kernel$"].options["alpha"] == 0.5
+  assert rules[r"/(query|key|value)/kernel$"].options["alpha"] == 0.0

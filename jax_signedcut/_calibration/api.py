@@ -38,7 +38,8 @@ SIGNED_CUT_OPTIONS = {
     "damp": 0.01,            # ridge of the search metric, relative to mean(diag H)
     "max_flips": 256,        # single sign flips per s-step
     "max_rounds": 20,        # alternations per cut
-    "search": "diag",        # "diag": C++ cuts of D·W; "hcut": H-aware greedy sign search (jnp)
+    "search": "diag",        # "diag": C++ cuts of D·W; "hcut": H-aware greedy sign search;
+                             # "plain": the plain cuts (with weight outliers) of D·W, backfitted
     "backfit": 3,            # H-aware backfitting passes over the kept cuts (not prefix-consistent)
     "sparse_fraction": 0.0,  # share of entries stored apart, chosen by output impact
     "refit": True,           # least-squares refit of c (and the sparse values) under H
@@ -112,6 +113,9 @@ def check_options(options) -> dict:
     raise ValueError(f"blocks must be an int >= 1, got {nb!r}")
   opts["blocks"] = int(nb)
   _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})   # its own checks
+  if opts["search"] == "plain" and sf:
+    raise ValueError(f"sparse_fraction={sf!r} applies to the 'diag' and 'hcut' searches; "
+                     "search='plain' keeps the weight outliers of decompose's outliers= instead")
   return opts
 
 
@@ -132,19 +136,41 @@ def signed_cut(a, h, *, key, bits_per_weight: float, options=None, outliers="aut
 
   opts = check_options(options)
   a = jnp.asarray(a, jnp.float32)
+  plain = None
   if opts["blocks"] > 1:
     out = _blocks.blocked_signed_cut(a, h, key=key, bits_per_weight=bits_per_weight,
                                      options=opts, outliers=outliers, path=path)
+  elif opts["search"] == "plain":
+    if opts["alpha"] == 0 or opts["fallback"]:
+      # With alpha=0 this plain decomposition is the start as well as the fallback.
+      plain = _decompose.decompose_bucketed(a, key=key, bits_per_weight=bits_per_weight,
+                                            outliers=outliers)
+    out = _plain_start(a, h, key=key, bits_per_weight=bits_per_weight, opts=opts,
+                       outliers=outliers, start=plain, path=path)
   else:
     out = _one_part(a, h, key=key, bits_per_weight=bits_per_weight, opts=opts, path=path)
   if not opts["fallback"]:
     return out
-  # Bucketed: the row blocks' slightly different budgets share compilations (same factors).
-  plain = _decompose.decompose_bucketed(a, key=key, bits_per_weight=bits_per_weight,
-                                        outliers=outliers)
+  if plain is None:
+    # Bucketed: the row blocks' slightly different budgets share compilations (same factors).
+    plain = _decompose.decompose_bucketed(a, key=key, bits_per_weight=bits_per_weight,
+                                          outliers=outliers)
   e_ours = float(_objective.output_error(a, out.reconstruct(), h))
   e_plain = float(_objective.output_error(a, plain.reconstruct(), h))
   return out if e_ours <= e_plain else plain
+
+
+def _plain_start(a, h, *, key, bits_per_weight, opts, outliers, start, path):
+  """``search="plain"``: :func:`cuts.fit_plain_start` with the checked options."""
+  from jax_signedcut._calibration import cuts as _cuts  # noqa: PLC0415
+
+  cut_opts = _cuts.CutOptions(**{k: opts[k] for k in _CUT_KEYS})
+  try:
+    return _cuts.fit_plain_start(a, h, key=key, bits_per_weight=bits_per_weight,
+                                 options=cut_opts, outliers=outliers, refit=opts["refit"],
+                                 start=start)
+  except ValueError as e:
+    raise ValueError(f"{_where(path)}: {e}") from None
 
 
 def _one_part(a, h, *, key, bits_per_weight, opts, path):

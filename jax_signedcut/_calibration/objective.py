@@ -232,14 +232,16 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", 
 @functools.partial(jax.jit, static_argnames=("passes", "max_flips", "max_rounds", "keep_q", "impl",
                                              "stats"))
 def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, keep_q=None,
-                  impl="auto", stats=False):
+                  impl="auto", stats=False, num=None):
+  # num (traced int32, optional): only the first num cuts are visited; the slots after
+  # them must have c = 0 (padding, so that nearby widths share one compilation).
   m, n = w.shape
   h, diag_h, h_inv, keep_q = _prepare(w, h, keep_q)
   hs_all = jnp.matmul(s_all, h, precision=_HI)                      # rows s_jᵀH = (H s_j)ᵀ
   r = w.astype(jnp.float32) - jnp.matmul(s_all.T * c_all[None, :], t_all, precision=_HI)
   p0 = jnp.matmul(h, r, precision=_HI)
   q0 = jnp.matmul(h_inv, p0, precision=_HI) if keep_q else jnp.zeros((0, n), jnp.float32)
-  width = s_all.shape[0]
+  width = s_all.shape[0] if num is None else num
 
   def one_cut(i, carry):
     p, q_mat, s_all, t_all, c_all, hs_all, counts = carry
@@ -377,6 +379,36 @@ def refit_scales(s: jax.Array, t: jax.Array, target: jax.Array, h: jax.Array, *,
   lam = ridge * jnp.mean(jnp.diagonal(g)) + 1e-30
   g = g + lam * jnp.eye(g.shape[0], dtype=g.dtype)
   return jax.scipy.linalg.solve(g, b, assume_a="pos")
+
+
+def hcut_backfit_padded(w, h, s, t, c, num: int, *, passes: int, max_flips: int,
+                        max_rounds: int):
+  """:func:`hcut_backfit` of the first ``num`` cuts of bucket-padded ``(s, t, c)``.
+
+  ``s``, ``t``, ``c`` have a bucketed width W >= num (slots from ``num`` on are
+  padding and must have ``c = 0``); one compilation serves every ``num`` of a
+  bucket. Returns the padded ``(s, t, c)``, the padding unchanged.
+  """
+  if passes == 0 or num == 0:
+    return s, t, c
+  return _hcut_backfit(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), s, t, c,
+                       passes=passes, max_flips=int(max_flips), max_rounds=int(max_rounds),
+                       num=jnp.int32(num))
+
+
+@jax.jit
+def refit_scales_padded(s, t, target, h, num, ridge=1e-6):
+  """:func:`refit_scales` of the first ``num`` (traced) rows of padded ``s``, ``t``; c = 0 after."""
+  keep = jnp.arange(s.shape[0]) < num
+  hs = jnp.matmul(s, h, precision=_HI)
+  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
+  b = jnp.sum(jnp.matmul(hs, target, precision=_HI) * t, axis=1)
+  both = keep[:, None] & keep[None, :]
+  dg = jnp.where(keep, jnp.diagonal(g), 0.0)
+  lam = ridge * jnp.sum(dg) / jnp.maximum(num, 1).astype(jnp.float32) + 1e-30
+  g = jnp.where(both, g, 0.0) + jnp.diag(jnp.where(keep, lam, 1.0))
+  c = jax.scipy.linalg.solve(g, jnp.where(keep, b, 0.0), assume_a="pos")
+  return jnp.where(keep, c, 0.0)
 
 
 def sparse_by_impact(residual: jax.Array, h: jax.Array, k: int):
