@@ -352,6 +352,14 @@ def hcut_decompose(w: jax.Array, h: jax.Array, *, key: jax.Array, width: int,
                max_rounds=int(max_rounds), impl=impl)
 
 
+def _scale_system(s, t, target, h):
+  """``(G, b)`` of the scales' least squares: ``G_jk = (s_jᵀHs_k)(t_jᵀt_k)``, ``b_j = s_jᵀHYt_j``."""
+  hs = jnp.matmul(s, h, precision=_HI)                         # (w, m)
+  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
+  b = jnp.sum(jnp.matmul(hs, target, precision=_HI) * t, axis=1)
+  return g, b
+
+
 def refit_scales(s: jax.Array, t: jax.Array, target: jax.Array, h: jax.Array, *,
                  ridge: float = 1e-6) -> jax.Array:
   """Least-squares scales c minimising ``tr((Y − Sᵀdiag(c)T)ᵀ H (Y − Sᵀdiag(c)T))``.
@@ -373,9 +381,7 @@ def refit_scales(s: jax.Array, t: jax.Array, target: jax.Array, h: jax.Array, *,
   s = jnp.asarray(s, jnp.float32)
   t = jnp.asarray(t, jnp.float32)
   h = jnp.asarray(h, jnp.float32)
-  hs = jnp.matmul(s, h, precision=_HI)                         # (w, m)
-  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
-  b = jnp.sum(jnp.matmul(hs, jnp.asarray(target, jnp.float32), precision=_HI) * t, axis=1)
+  g, b = _scale_system(s, t, jnp.asarray(target, jnp.float32), h)
   lam = ridge * jnp.mean(jnp.diagonal(g)) + 1e-30
   g = g + lam * jnp.eye(g.shape[0], dtype=g.dtype)
   return jax.scipy.linalg.solve(g, b, assume_a="pos")
@@ -400,9 +406,7 @@ def hcut_backfit_padded(w, h, s, t, c, num: int, *, passes: int, max_flips: int,
 def refit_scales_padded(s, t, target, h, num, ridge=1e-6):
   """:func:`refit_scales` of the first ``num`` (traced) rows of padded ``s``, ``t``; c = 0 after."""
   keep = jnp.arange(s.shape[0]) < num
-  hs = jnp.matmul(s, h, precision=_HI)
-  g = jnp.matmul(hs, s.T, precision=_HI) * jnp.matmul(t, t.T, precision=_HI)
-  b = jnp.sum(jnp.matmul(hs, target, precision=_HI) * t, axis=1)
+  g, b = _scale_system(s, t, target, h)
   both = keep[:, None] & keep[None, :]
   dg = jnp.where(keep, jnp.diagonal(g), 0.0)
   lam = ridge * jnp.sum(dg) / jnp.maximum(num, 1).astype(jnp.float32) + 1e-30
