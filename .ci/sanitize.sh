@@ -50,7 +50,10 @@ echo "sanitize.sh: kernel tests passed under ASan+UBSan with no report"
 # tail bits.
 sanitized_pytest tests/test_apply.py -rs -k "oracle or tail_bits or equals_scalar or rounded_x or pays"
 echo "sanitize.sh: apply kernel tests passed under ASan+UBSan with no report"
-# The H-aware cut search handler: against the jnp search on odd shapes (one
-# row, one column, both sides of n < m), its invariants, NaN input, bad buffers.
-sanitized_pytest tests/test_hcut_search.py -k "match_the_jnp or invariants or non_finite or bad_arguments"
+# The H-aware cut search handlers: against the jnp search on odd shapes (one
+# row, one column, both sides of n < m), its invariants, NaN input, bad buffers;
+# the one-call backfit loop (padding, buffers) and the AVX-512 build against the
+# baseline build.
+sanitized_pytest tests/test_hcut_search.py \
+  -k "match_the_jnp or invariants or non_finite or bad_arguments or loop_handler or baseline or kernel_choice"
 echo "sanitize.sh: hcut search tests passed under ASan+UBSan with no report"

@@ -14,12 +14,21 @@ gamma-distributed channel scales: the shapes are MiniLM's, the errors are
 only for comparing the columns. Run with ``OPENBLAS_NUM_THREADS=1`` for the
 single-thread figures quoted in docs/calibration.md.
 
-Run: ``python benchmarks/hcut_search_benchmark.py [--bits 4] [--repeats 3]``
+``--variants`` times the C++ builds against each other instead, same run,
+interleaved: the greedy cuts with the baseline and the AVX-512 build of the
+search, and one backfit pass as the XLA loop around one search call per visit
+(the path before the one-call loop), and as the one-call loop
+(``BackfitLoop``) with either build. The factors of the two builds are
+bit-identical (checked here too); the loop's differ from the XLA loop's only
+by rounding.
+
+Run: ``python benchmarks/hcut_search_benchmark.py [--bits 4] [--repeats 3] [--variants]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -44,7 +53,11 @@ def main():
   p.add_argument("--bits", type=float, default=4.0)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--max-flips", type=int, default=64)
+  p.add_argument("--variants", action="store_true",
+                 help="the C++ builds and the backfit loops against each other")
   args = p.parse_args()
+  if args.variants:
+    return variants(args)
   impls = ("jnp", "ffi")
   print(f"jax {jax.__version__}, {args.bits:g} bits per weight, max_flips {args.max_flips}, "
         f"{args.repeats} interleaved repeats, medians")
@@ -69,14 +82,7 @@ def main():
                                      stats=True)
 
     for step, fn in (("hcut", hcut), ("1 backfit pass", backfit)):
-      out = {i: jax.block_until_ready(fn(i)) for i in impls}        # compile
-      times = {i: [] for i in impls}
-      for _ in range(args.repeats):
-        for i in impls:
-          t0 = time.perf_counter()
-          jax.block_until_ready(fn(i))
-          times[i].append(time.perf_counter() - t0)
-      med = {i: statistics.median(times[i]) for i in impls}
+      med, out = _timed({i: functools.partial(fn, i) for i in impls}, args.repeats)
       err = {}
       for i in impls:
         si, ti, ci = out[i][:3]
@@ -86,6 +92,47 @@ def main():
             f"{med['jnp'] / med['ffi']:.1f}× | {cnt['jnp'][0]} / {cnt['ffi'][0]} | "
             f"{cnt['jnp'][1]} / {cnt['ffi'][1]} | {err['jnp']:.4f} / {err['ffi']:.4f} |",
             flush=True)
+
+
+def _timed(fns, repeats):
+  """Compile each, then ``repeats`` interleaved rounds; medians in seconds, and the outputs."""
+  out = {k: jax.block_until_ready(f()) for k, f in fns.items()}
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}, out
+
+
+def variants(args):
+  print(f"jax {jax.__version__}, {args.bits:g} bits per weight, max_flips {args.max_flips}, "
+        f"{args.repeats} interleaved repeats, medians; ms per cut (greedy) or per visit "
+        "(backfit)")
+  print("| shape (in × out) | cuts | greedy baseline | greedy avx512 | × | backfit XLA loop "
+        "(baseline) | loop baseline | loop avx512 | XLA loop / loop avx512 |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for m, n in SHAPES:
+    w, h = problem(m, n)
+    width = int(args.bits * m * n / (m + n))
+    key = jax.random.key(0)
+    kw = dict(max_flips=args.max_flips, max_rounds=50, impl="ffi", stats=True)
+    greedy = {k: functools.partial(objective._hcut, w, h, key, width=width, kernel=k,  # noqa: SLF001
+                                   **kw) for k in ("scalar", "avx512")}
+    tg, og = _timed(greedy, args.repeats)
+    for a, b in zip(og["scalar"], og["avx512"]):
+      assert np.array_equal(np.asarray(a), np.asarray(b)), "the two builds differ"
+    s, t, c = og["scalar"][:3]
+    fit = {(loop, k): functools.partial(objective._hcut_backfit, w, h, s, t, c, passes=1,  # noqa: SLF001
+                                        loop=loop, kernel=k, **kw)
+           for loop, k in ((False, "scalar"), (True, "scalar"), (True, "avx512"))}
+    tb, _ = _timed(fit, args.repeats)
+    ms = lambda sec: f"{sec / width * 1e3:.3f}"  # noqa: E731
+    print(f"| {m} × {n} | {width} | {ms(tg['scalar'])} | {ms(tg['avx512'])} | "
+          f"{tg['scalar'] / tg['avx512']:.2f} | {ms(tb[(False, 'scalar')])} | "
+          f"{ms(tb[(True, 'scalar')])} | {ms(tb[(True, 'avx512')])} | "
+          f"{tb[(False, 'scalar')] / tb[(True, 'avx512')]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,88 @@ def test_bad_arguments_name_themselves():
   with pytest.raises(Exception, match="max_rounds >= 1"):
     good = args[:3] + (h,) + args[4:]
     jax.block_until_ready(objective._cut_search_ffi(*good, max_flips=4, max_rounds=0))  # noqa: SLF001
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backfit_loop_handler_matches_the_xla_loop_and_leaves_the_padding(shape):
+  # The one-call loop (BackfitLoop: the cut put back as the search's rank-one term, c from
+  # ‖Pᵀs‖₁) against the XLA loop around one search per visit (P written twice per visit)
+  # and the jnp reference: the same searches in another rounding, so equal signs on these
+  # fixed problems and scales to rounding.
+  m, n = shape
+  w, h = _problem(m, n, 11)
+  width = min(6, m * n)
+  s, t, c, _ = objective.hcut_decompose(w, h, key=jax.random.key(1), width=width, max_flips=16,
+                                        impl="jnp")
+  kw = dict(passes=2, max_flips=16, max_rounds=50, stats=True)
+  got = objective._hcut_backfit(w, h, s, t, c, impl="ffi", loop=True, **kw)  # noqa: SLF001
+  for other in (dict(impl="ffi", loop=False), dict(impl="jnp")):
+    ref = objective._hcut_backfit(w, h, s, t, c, **other, **kw)  # noqa: SLF001
+    for r, g in zip(ref[:2], got[:2]):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(ref[2]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got[3])[:2], np.asarray(ref[3])[:2])
+  # Padded to a bucket (c = 0 after num): the first num as unpadded, the padding untouched.
+  num = max(1, width - 2)
+  pad = lambda x, v: jnp.concatenate([x[:num], jnp.full((3,) + x.shape[1:], v, x.dtype)])  # noqa: E731
+  sp, tp, cp = pad(s, 1.0), pad(t, -1.0), pad(c, 0.0)
+  gp = objective._hcut_backfit(w, h, sp, tp, cp, impl="ffi", num=jnp.int32(num), **kw)  # noqa: SLF001
+  gu = objective._hcut_backfit(w, h, s[:num], t[:num], c[:num], impl="ffi", **kw)  # noqa: SLF001
+  for x, y, p in zip(gp[:3], gu[:3], (sp, tp, cp)):
+    np.testing.assert_allclose(np.asarray(x[:num]), np.asarray(y), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(x[num:]), np.asarray(p[num:]))
+
+
+def test_backfit_loop_handler_checks_its_buffers():
+  w, h = _problem(6, 4, 0)
+  f32 = jnp.float32
+  base = dict(p0=jnp.zeros((6, 4), f32), q0=jnp.zeros((0, 4), f32), h=h, h_inv=h,
+              diag_h=jnp.diagonal(h), s_all=jnp.ones((3, 6), f32), t_all=jnp.ones((3, 4), f32),
+              c_all=jnp.zeros((3,), f32), hs_all=jnp.ones((3, 6), f32), num=jnp.int32(2))
+  run = lambda **kw: jax.block_until_ready(objective._backfit_ffi(  # noqa: E731, SLF001
+      *{**base, **kw}.values(), passes=1, max_flips=4, max_rounds=3))
+  run()
+  with pytest.raises(Exception, match=r"t, c, hs must have shapes \(3, 4\), \(3,\), \(3, 6\)"):
+    run(hs_all=jnp.ones((3, 5), f32))
+  with pytest.raises(Exception, match=r"num must be in \[0, 3\], got 4"):
+    run(num=jnp.int32(4))
+  with pytest.raises(Exception, match=r"q must have shape \(6, 4\) or \(0, 4\)"):
+    run(q0=jnp.zeros((2, 4), f32))
+
+
+@pytest.mark.skipif(not extension.module().avx512_supported(),
+                    reason="this CPU has no AVX-512: only the baseline build of the search runs")
+@pytest.mark.parametrize("shape", [(13, 9), (9, 13), (65, 33), (33, 65), (1, 7), (7, 1)])
+def test_avx512_build_of_the_search_is_bit_identical_to_the_baseline(shape):
+  # One source, two instruction sets (xla_ffi/hcut_search_core.inc, no FMA contraction):
+  # every factor, scale and count equal, for the greedy cuts and the backfit loop.
+  m, n = shape
+  w, h = _problem(m, n, 21)
+  width = min(5, m * n)
+  kw = dict(width=width, max_flips=16, max_rounds=50, impl="ffi", stats=True)
+  base = objective._hcut(w, h, jax.random.key(3), kernel="scalar", **kw)  # noqa: SLF001
+  wide = objective._hcut(w, h, jax.random.key(3), kernel="avx512", **kw)  # noqa: SLF001
+  for x, y in zip(base, wide):
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+  s, t, c = base[:3]
+  for loop in (True, False):
+    kb = dict(passes=2, max_flips=16, max_rounds=50, impl="ffi", stats=True, loop=loop)
+    xb = objective._hcut_backfit(w, h, s, t, c, kernel="scalar", **kb)  # noqa: SLF001
+    yb = objective._hcut_backfit(w, h, s, t, c, kernel="avx512", **kb)  # noqa: SLF001
+    for x, y in zip(xb, yb):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_the_search_kernel_choice_is_checked(monkeypatch):
+  w, h = _problem(6, 4, 0)
+  f32 = jnp.float32
+  args = (jnp.zeros((6, 4), f32), jnp.zeros((0, 4), f32), h, h, jnp.diagonal(h),
+          jnp.ones((6,), f32), jnp.ones((6,), f32), jnp.ones((4,), f32))
+  call = lambda **kw: jax.block_until_ready(  # noqa: E731
+      objective._cut_search_ffi(*args, max_flips=4, max_rounds=3, **kw))  # noqa: SLF001
+  call(kernel="scalar")
+  with pytest.raises(ValueError, match="kernel must be one of"):
+    call(kernel="sse9")
+  if not extension.module().avx512_supported():
+    with pytest.raises(Exception, match="needs AVX-512"):
+      call(kernel="avx512")

@@ -32,12 +32,14 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <limits>
 #include <new>
 #include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_features.h"
 #include "ffi_util.h"
 
 namespace ffi = xla::ffi;
@@ -48,106 +50,11 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kFlipLanes = 8;
 
-// Σ x_i y_i: 16 independent float lanes (which the compiler vectorises at
-// any instruction-set level), then the lanes in double.
-double Dot(const float* x, const float* y, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] * y[i + l];
-  }
-  double sum = 0.0;
-  for (; i < n; ++i) sum += static_cast<double>(x[i]) * y[i];
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  return sum;
-}
-
-double SumAbs(const float* x, int64_t n) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += std::fabs(x[i]);
-  return sum;
-}
-
-// y += alpha x.
-void Axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-inline float Sgn(float x) { return x >= 0.0f ? 1.0f : -1.0f; }
-
-// num² / den, the gain of a cut (up to 1/n), as objective._ratio.
-inline double Ratio(double num, double den) { return num * num / std::max(den, 1e-30); }
-
-// y = M x for a row-major (rows × cols) M.
-void MatVec(const float* mat, const float* x, float* y, int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) y[i] = static_cast<float>(Dot(mat + i * cols, x, cols));
-}
-
 struct Stats {
   int32_t rounds = 0;
   int32_t flips = 0;
   int32_t full_hs = 0;  // rounds that recomputed H s of the starts in one full pass of H
 };
-
-// Single flips of s while (sᵀa)² / (sᵀ hs) rises by more than a 1e-6 fraction.
-// sᵀa and sᵀHs after flipping s_i are known in closed form
-// (p − 2 s_i a_i and q − 4 s_i (Hs)_i + 4 H_ii), so each flip is one pass over
-// the m candidates that also applies the previous flip's row of H to hs; the
-// candidates are compared by cross-multiplication (no division per element).
-void FlipSearch(const float* h, const float* diag_h, const float* a, int64_t m,
-                int32_t max_flips, float* s, float* hs, Stats* stats) {
-  if (max_flips <= 0) return;
-  double p = Dot(s, a, m), q = Dot(s, hs, m);
-  const float* pending = nullptr;  // the row of H still to add to hs, times alpha
-  float alpha = 0.0f;
-  for (int32_t k = 0; k < max_flips; ++k) {
-    // kFlipLanes independent running maxima (lane l sees i ≡ l mod kFlipLanes, in
-    // increasing order), so the compare chain does not serialise the loop.
-    double lane_num2[kFlipLanes], lane_den[kFlipLanes];
-    int64_t lane_i[kFlipLanes];
-    for (int l = 0; l < kFlipLanes; ++l) {
-      lane_num2[l] = -1.0;
-      lane_den[l] = 1.0;
-      lane_i[l] = l;
-    }
-    const auto visit = [&](int64_t i, int l) {
-      if (pending) hs[i] += alpha * pending[i];
-      const double num = p - 2.0 * s[i] * a[i];
-      const double den = std::max(q - 4.0 * s[i] * hs[i] + 4.0 * diag_h[i], 1e-30);
-      const double num2 = num * num;
-      const bool take = num2 * lane_den[l] > lane_num2[l] * den;  // strictly: first of equals
-      lane_num2[l] = take ? num2 : lane_num2[l];
-      lane_den[l] = take ? den : lane_den[l];
-      lane_i[l] = take ? i : lane_i[l];
-    };
-    int64_t i0 = 0;
-    for (; i0 + kFlipLanes <= m; i0 += kFlipLanes) {
-      for (int l = 0; l < kFlipLanes; ++l) visit(i0 + l, l);
-    }
-    for (int64_t i = i0; i < m; ++i) visit(i, static_cast<int>(i - i0));
-    // The lanes' maxima: the largest ratio, the smallest index among equal ones.
-    double best_num2 = lane_num2[0], best_den = lane_den[0];
-    int64_t bi = lane_i[0];
-    for (int l = 1; l < kFlipLanes && l < m; ++l) {
-      const double lhs = lane_num2[l] * best_den, rhs = best_num2 * lane_den[l];
-      if (lhs > rhs || (lhs == rhs && lane_i[l] < bi)) {
-        best_num2 = lane_num2[l];
-        best_den = lane_den[l];
-        bi = lane_i[l];
-      }
-    }
-    pending = nullptr;
-    if (!(best_num2 / best_den > Ratio(p, q) * (1 + 1e-6))) return;
-    const float si = s[bi];
-    p -= 2.0 * si * a[bi];
-    q += -4.0 * si * hs[bi] + 4.0 * diag_h[bi];
-    s[bi] = -si;
-    pending = h + bi * m;
-    alpha = -2.0f * si;
-    ++stats->flips;
-  }
-  if (pending) Axpy(alpha, pending, hs, m);
-}
 
 struct Problem {
   const float* p;      // (m, n)
@@ -157,123 +64,91 @@ struct Problem {
   const float* diag_h; // (m)
   int64_t m, n;
   int32_t max_flips, max_rounds;
+  // An optional rank-one term: the search runs on P + rc·rh·rtᵀ (and Q + rc·rhv·rtᵀ)
+  // without forming it (the backfit's cut put back). rc = 0: none.
+  float rc = 0.0f;
+  const float* rh = nullptr;   // (m)
+  const float* rhv = nullptr;  // (m), = H⁻¹ rh, when q is kept
+  const float* rt = nullptr;   // (n)
 };
 
-// The search from (s, hs = H s, t); all three are updated in place.
-void Search(const Problem& pr, float* s, float* hs, float* t, Stats* stats) {
-  const int64_t m = pr.m, n = pr.n;
-  std::vector<float> a(m), b(pr.q ? m : 0), u(n, 0.0f), s_u(m);
-  // The two sign starts of the last round and their images H s0, H s1.
-  std::vector<float> s0(m), s1(m), s0n(m), s1n(m), hs0(m), hs1(m);
-  bool have_img = false;
-  std::vector<int64_t> d0, d1, e0, e1, changed;
-  for (auto* d : {&d0, &d1, &e0, &e1}) d->reserve(m);
-  changed.reserve(std::max(m, n));
-  std::vector<float> delta;  // t' − t on the changed columns
-  delta.reserve(n);
-  MatVec(pr.p, t, a.data(), m, n);
-  if (pr.q) MatVec(pr.q, t, b.data(), m, n);
-  bool have_u = false;
-  double val = -1.0;
-  for (int32_t round = 0; round < pr.max_rounds; ++round) {
-    // s-step: the best of sgn(a), sgn(Q t or H⁻¹ a) and the current s. H s0 and
-    // H s1 are kept from the last round's starts (which differ from this round's
-    // where a or b changed sign) or, where fewer rows differ, from H s of the
-    // current s; when more than m rows would be read, one fused pass of H.
-    if (pr.q) {
-      for (int64_t i = 0; i < m; ++i) s1n[i] = Sgn(b[i]);
-    } else {
-      MatVec(pr.h_inv, a.data(), s1n.data(), m, m);
-      for (int64_t i = 0; i < m; ++i) s1n[i] = Sgn(s1n[i]);
-    }
-    for (int64_t i = 0; i < m; ++i) s0n[i] = Sgn(a[i]);
-    const auto diffs = [m](const float* x, const float* y, std::vector<int64_t>* d) {
-      d->clear();
-      for (int64_t i = 0; i < m; ++i) {
-        if (x[i] != y[i]) d->push_back(i);
-      }
-    };
-    // Base of each start's image: its own last image, or the current s.
-    diffs(s0n.data(), s, &d0);
-    diffs(s1n.data(), s, &d1);
-    bool from_img0 = false, from_img1 = false;
-    if (have_img) {
-      diffs(s0n.data(), s0.data(), &e0);
-      diffs(s1n.data(), s1.data(), &e1);
-      if (e0.size() < d0.size()) { d0.swap(e0); from_img0 = true; }
-      if (e1.size() < d1.size()) { d1.swap(e1); from_img1 = true; }
-    }
-    if (static_cast<int64_t>(d0.size() + d1.size()) < m) {
-      // x' differs from x on the rows i in d, where x'_i − x_i = 2 x'_i, so
-      // H x' = H x + Σ_{i∈d} 2 x'_i H_i (H symmetric: row i is column i).
-      if (!from_img0) std::copy(hs, hs + m, hs0.begin());
-      if (!from_img1) std::copy(hs, hs + m, hs1.begin());
-      for (int64_t i : d0) Axpy(2.0f * s0n[i], pr.h + i * m, hs0.data(), m);
-      for (int64_t i : d1) Axpy(2.0f * s1n[i], pr.h + i * m, hs1.data(), m);
-    } else {
-      for (int64_t i = 0; i < m; ++i) {  // one pass of H for both starts
-        const float* row = pr.h + i * m;
-        hs0[i] = static_cast<float>(Dot(row, s0n.data(), m));
-        hs1[i] = static_cast<float>(Dot(row, s1n.data(), m));
-      }
-      ++stats->full_hs;
-    }
-    s0.swap(s0n);
-    s1.swap(s1n);
-    have_img = true;
-    const double r0 = Ratio(Dot(s0.data(), a.data(), m), Dot(s0.data(), hs0.data(), m));
-    const double r1 = Ratio(Dot(s1.data(), a.data(), m), Dot(s1.data(), hs1.data(), m));
-    const double r_prev = Ratio(Dot(s, a.data(), m), Dot(s, hs, m));
-    const bool use1 = r1 > r0;
-    if (!(r_prev > std::max(r0, r1))) {
-      std::copy(use1 ? s1.begin() : s0.begin(), use1 ? s1.end() : s0.end(), s);
-      std::copy(use1 ? hs1.begin() : hs0.begin(), use1 ? hs1.end() : hs0.end(), hs);
-    }
-    FlipSearch(pr.h, pr.diag_h, a.data(), m, pr.max_flips, s, hs, stats);
 
-    // t-step: u = Pᵀ s (incrementally from the last s), t = sgn(u).
-    if (have_u) {
-      for (int64_t i = 0; i < m; ++i) {
-        if (s[i] != s_u[i]) Axpy(s[i] - s_u[i], pr.p + i * n, u.data(), n);
-      }
+namespace baseline {
+#define HCUT_TARGET
+#include "hcut_search_core.inc"
+#undef HCUT_TARGET
+}  // namespace baseline
+
+namespace avx512 {
+#define HCUT_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#include "hcut_search_core.inc"
+#undef HCUT_TARGET
+}  // namespace avx512
+
+// The instruction set of one call: `isa` 0 (auto: JAX_SIGNEDCUT_HCUT_KERNEL if
+// set and not "auto", else AVX-512 where the CPU has it), 1 (baseline) or 2
+// (AVX-512). Sets *use_avx512, or returns an error naming the value.
+ffi::Error ChooseIsa(int32_t isa, bool* use_avx512) {
+  const bool have = Cpu().avx512;
+  if (isa == 0) {
+    const std::string& env = EnvChoice("JAX_SIGNEDCUT_HCUT_KERNEL");
+    if (env.empty() || env == "auto") {
+      *use_avx512 = have;
+      return ffi::Error::Success();
+    }
+    if (env == "scalar") {
+      isa = 1;
+    } else if (env == "avx512") {
+      isa = 2;
     } else {
-      std::fill(u.begin(), u.end(), 0.0f);
-      for (int64_t i = 0; i < m; ++i) Axpy(s[i], pr.p + i * n, u.data(), n);
-      have_u = true;
-    }
-    std::copy(s, s + m, s_u.begin());
-    changed.clear();
-    delta.clear();
-    for (int64_t j = 0; j < n; ++j) {
-      const float tj = Sgn(u[j]);
-      if (tj != t[j]) {
-        changed.push_back(j);
-        delta.push_back(tj - t[j]);
-        t[j] = tj;
-      }
-    }
-    ++stats->rounds;
-    const double gain = Ratio(SumAbs(u.data(), n), Dot(s, hs, m));  // sᵀ P sgn(Pᵀs) = ‖Pᵀs‖₁
-    const bool improved = gain > val * (1 + 1e-7);
-    val = std::max(gain, val);
-    if (!improved || round + 1 == pr.max_rounds) break;
-    // a = P t (and b = Q t) for the new t, from the changed columns.
-    const size_t k = changed.size();
-    if (k > 0) {
-      for (int64_t i = 0; i < m; ++i) {
-        const float* row = pr.p + i * n;
-        double acc = 0.0;
-        for (size_t c = 0; c < k; ++c) acc += static_cast<double>(delta[c]) * row[changed[c]];
-        a[i] += static_cast<float>(acc);
-        if (pr.q) {
-          const float* qrow = pr.q + i * n;
-          double accq = 0.0;
-          for (size_t c = 0; c < k; ++c) accq += static_cast<double>(delta[c]) * qrow[changed[c]];
-          b[i] += static_cast<float>(accq);
-        }
-      }
+      return ffi::Error::InvalidArgument(
+          "JAX_SIGNEDCUT_HCUT_KERNEL must be auto, scalar or avx512, got '" + env + "'");
     }
   }
+  if (isa == 1) {
+    *use_avx512 = false;
+    return ffi::Error::Success();
+  }
+  if (isa == 2) {
+    if (!have) {
+      return ffi::Error::InvalidArgument(
+          "the avx512 hcut search needs AVX-512 F/BW/DQ/VL, which this CPU does not have");
+    }
+    *use_avx512 = true;
+    return ffi::Error::Success();
+  }
+  return ffi::Error::InvalidArgument("isa must be 0 (auto), 1 (scalar) or 2 (avx512), got " +
+                                     std::to_string(isa));
+}
+
+void RunSearch(bool avx, const Problem& pr, float* s, float* hs, float* t, Stats* stats,
+               double* num) {
+  if (avx) {
+    avx512::Search(pr, s, hs, t, stats, num);
+  } else {
+    baseline::Search(pr, s, hs, t, stats, num);
+  }
+}
+
+// P (m, n) non-empty and Q (m, n) when kept, else (0, n): sets m, n, keep_q.
+ffi::Error CheckPQ(const ffi::Buffer<ffi::F32>& p, const ffi::Buffer<ffi::F32>& q, int64_t* m_out,
+                   int64_t* n_out, bool* keep_q) {
+  const auto pd = p.dimensions();
+  if (pd.size() != 2 || pd[0] < 1 || pd[1] < 1) {
+    return ffi::Error::InvalidArgument("p must be a non-empty (m, n) matrix, got shape " +
+                                       DimsToString(pd));
+  }
+  const int64_t m = pd[0], n = pd[1];
+  *m_out = m;
+  *n_out = n;
+  const auto qd = q.dimensions();
+  *keep_q = qd.size() == 2 && qd[0] == m && qd[1] == n;
+  if (!*keep_q && !(qd.size() == 2 && qd[0] == 0)) {
+    return ffi::Error::InvalidArgument("q must have shape (" + std::to_string(m) + ", " +
+                                       std::to_string(n) + ") or (0, " + std::to_string(n) +
+                                       "), got " + DimsToString(qd));
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error HcutSearchImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> q,
@@ -282,20 +157,12 @@ ffi::Error HcutSearchImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> q,
                           ffi::Buffer<ffi::F32> hs_in, ffi::Buffer<ffi::F32> t_in,
                           ffi::ResultBuffer<ffi::F32> s_out, ffi::ResultBuffer<ffi::F32> hs_out,
                           ffi::ResultBuffer<ffi::F32> t_out, ffi::ResultBuffer<ffi::S32> stats_out,
-                          int32_t max_flips, int32_t max_rounds) {
-  const auto pd = p.dimensions();
-  if (pd.size() != 2 || pd[0] < 1 || pd[1] < 1) {
-    return ffi::Error::InvalidArgument("p must be a non-empty (m, n) matrix, got shape " +
-                                       DimsToString(pd));
-  }
-  const int64_t m = pd[0], n = pd[1];
-  const auto qd = q.dimensions();
-  const bool keep_q = qd.size() == 2 && qd[0] == m && qd[1] == n;
-  if (!keep_q && !(qd.size() == 2 && qd[0] == 0)) {
-    return ffi::Error::InvalidArgument("q must have shape (" + std::to_string(m) + ", " +
-                                       std::to_string(n) + ") or (0, " + std::to_string(n) +
-                                       "), got " + DimsToString(qd));
-  }
+                          int32_t max_flips, int32_t max_rounds, int32_t isa) {
+  bool avx = false;
+  if (ffi::Error e = ChooseIsa(isa, &avx); e.failure()) return e;
+  int64_t m = 0, n = 0;
+  bool keep_q = false;
+  if (ffi::Error e = CheckPQ(p, q, &m, &n, &keep_q); e.failure()) return e;
   const auto is_square = [m](ffi::Span<const int64_t> d) {
     return d.size() == 2 && d[0] == m && d[1] == m;
   };
@@ -332,8 +199,9 @@ ffi::Error HcutSearchImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> q,
   Problem pr{p.typed_data(), keep_q ? q.typed_data() : nullptr, h.typed_data(),
              h_inv.typed_data(), diag_h.typed_data(), m, n, max_flips, max_rounds};
   Stats stats;
+  double num = 0.0;
   try {
-    Search(pr, s, hs, t, &stats);
+    RunSearch(avx, pr, s, hs, t, &stats, &num);
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory in the hcut search");
   } catch (const std::exception& e) {
@@ -344,6 +212,82 @@ ffi::Error HcutSearchImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> q,
   st[1] = stats.flips;
   st[2] = stats.full_hs;
   return ffi::Error::Success();
+}
+
+ffi::Error HcutBackfitImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> h_inv,
+                           ffi::Buffer<ffi::F32> diag_h, ffi::Buffer<ffi::F32> s_in,
+                           ffi::Buffer<ffi::F32> t_in, ffi::Buffer<ffi::F32> c_in,
+                           ffi::Buffer<ffi::F32> hs_in, ffi::Buffer<ffi::S32> num_in,
+                           ffi::ResultBuffer<ffi::F32> s_out, ffi::ResultBuffer<ffi::F32> t_out,
+                           ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::S32> stats_out,
+                           int32_t passes, int32_t max_flips, int32_t max_rounds, int32_t isa) {
+  bool avx = false;
+  if (ffi::Error e = ChooseIsa(isa, &avx); e.failure()) return e;
+  int64_t m = 0, n = 0;
+  bool keep_q = false;
+  if (ffi::Error e = CheckPQ(p, q, &m, &n, &keep_q); e.failure()) return e;
+  const auto sq = [m](ffi::Span<const int64_t> d) {
+    return d.size() == 2 && d[0] == m && d[1] == m;
+  };
+  if (!sq(h.dimensions()) || !sq(h_inv.dimensions()) || diag_h.dimensions().size() != 1 ||
+      diag_h.dimensions()[0] != m) {
+    return ffi::Error::InvalidArgument("h, h_inv must have shape (" + std::to_string(m) + ", " +
+                                       std::to_string(m) + ") and diag_h (" + std::to_string(m) +
+                                       ",), got " + DimsToString(h.dimensions()) + ", " +
+                                       DimsToString(h_inv.dimensions()) + ", " +
+                                       DimsToString(diag_h.dimensions()));
+  }
+  const auto sd = s_in.dimensions();
+  if (sd.size() != 2 || sd[1] != m) {
+    return ffi::Error::InvalidArgument("s must have shape (width, " + std::to_string(m) +
+                                       "), got " + DimsToString(sd));
+  }
+  const int64_t width = sd[0];
+  const auto is = [](ffi::Span<const int64_t> d, std::initializer_list<int64_t> want) {
+    return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+  };
+  if (!is(t_in.dimensions(), {width, n}) || !is(c_in.dimensions(), {width}) ||
+      !is(hs_in.dimensions(), {width, m}) || num_in.element_count() != 1 ||
+      !is(s_out->dimensions(), {width, m}) || !is(t_out->dimensions(), {width, n}) ||
+      !is(c_out->dimensions(), {width}) || !is(stats_out->dimensions(), {3})) {
+    return ffi::Error::InvalidArgument(
+        "t, c, hs must have shapes (" + std::to_string(width) + ", " + std::to_string(n) +
+        "), (" + std::to_string(width) + ",), (" + std::to_string(width) + ", " +
+        std::to_string(m) + ") and num one element; got " + DimsToString(t_in.dimensions()) +
+        ", " + DimsToString(c_in.dimensions()) + ", " + DimsToString(hs_in.dimensions()));
+  }
+  const int64_t num = num_in.typed_data()[0];
+  if (num < 0 || num > width) {
+    return ffi::Error::InvalidArgument("num must be in [0, " + std::to_string(width) +
+                                       "], got " + std::to_string(num));
+  }
+  if (passes < 0 || max_flips < 0 || max_rounds < 1) {
+    return ffi::Error::InvalidArgument(
+        "passes and max_flips must be >= 0 and max_rounds >= 1, got " + std::to_string(passes) +
+        ", " + std::to_string(max_flips) + ", " + std::to_string(max_rounds));
+  }
+  float* s = s_out->typed_data();
+  float* t = t_out->typed_data();
+  float* c = c_out->typed_data();
+  std::copy(s_in.typed_data(), s_in.typed_data() + width * m, s);
+  std::copy(t_in.typed_data(), t_in.typed_data() + width * n, t);
+  std::copy(c_in.typed_data(), c_in.typed_data() + width, c);
+  int32_t* st = stats_out->typed_data();
+  std::fill(st, st + 3, 0);
+  if (num == 0 || passes == 0) return ffi::Error::Success();
+  try {
+    std::vector<float> hs(hs_in.typed_data(), hs_in.typed_data() + width * m);
+    const auto loop = avx ? avx512::BackfitLoop : baseline::BackfitLoop;
+    loop(p.typed_data(), keep_q ? q.typed_data() : nullptr, h.typed_data(),
+                       h_inv.typed_data(), diag_h.typed_data(), m, n, width, num, passes,
+         max_flips, max_rounds, s, t, c, hs.data(), st);
+    return ffi::Error::Success();
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "out of memory in the hcut backfit");
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
 }
 
 }  // namespace
@@ -366,4 +310,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()    // t: (n,)
         .Ret<ffi::Buffer<ffi::S32>>()    // stats: rounds, flips, full passes of H for H s
         .Attr<int32_t>("max_flips")
-        .Attr<int32_t>("max_rounds"));
+        .Attr<int32_t>("max_rounds")
+        .Attr<int32_t>("isa"));
+
+// The backfitting passes over the first num cuts in one call (BackfitLoop above).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    SignedCutHcutBackfit, signedcut::HcutBackfitImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()    // p: (m, n) P = H R, every cut out
+        .Arg<ffi::Buffer<ffi::F32>>()    // q: (m, n) Q = H⁻¹ P, or (0, n) when not kept
+        .Arg<ffi::Buffer<ffi::F32>>()    // h: (m, m) symmetric metric
+        .Arg<ffi::Buffer<ffi::F32>>()    // h_inv: (m, m)
+        .Arg<ffi::Buffer<ffi::F32>>()    // diag_h: (m,)
+        .Arg<ffi::Buffer<ffi::F32>>()    // s: (width, m) row signs
+        .Arg<ffi::Buffer<ffi::F32>>()    // t: (width, n) column signs
+        .Arg<ffi::Buffer<ffi::F32>>()    // c: (width,) scales
+        .Arg<ffi::Buffer<ffi::F32>>()    // hs: (width, m) rows (H s_k)ᵀ
+        .Arg<ffi::Buffer<ffi::S32>>()    // num: the cuts visited (the first num)
+        .Ret<ffi::Buffer<ffi::F32>>()    // s
+        .Ret<ffi::Buffer<ffi::F32>>()    // t
+        .Ret<ffi::Buffer<ffi::F32>>()    // c
+        .Ret<ffi::Buffer<ffi::S32>>()    // stats: rounds, flips, full passes of H for H s
+        .Attr<int32_t>("passes")
+        .Attr<int32_t>("max_flips")
+        .Attr<int32_t>("max_rounds")
+        .Attr<int32_t>("isa"));

@@ -17,6 +17,7 @@ namespace nb = nanobind;
 extern "C" XLA_FFI_Error* SignedCutGreedy(XLA_FFI_CallFrame* call_frame);  // ffi.cc
 extern "C" XLA_FFI_Error* SignedCutApply(XLA_FFI_CallFrame* call_frame);   // apply_ffi.cc
 extern "C" XLA_FFI_Error* SignedCutHcutSearch(XLA_FFI_CallFrame* call_frame);  // hcut_search.cc
+extern "C" XLA_FFI_Error* SignedCutHcutBackfit(XLA_FFI_CallFrame* call_frame);  // hcut_search.cc
 
 NB_MODULE(_signedcut_ffi, m) {
   m.def("registrations", []() {
@@ -24,6 +25,7 @@ NB_MODULE(_signedcut_ffi, m) {
     d["signedcut_greedy"] = nb::capsule(reinterpret_cast<void*>(&SignedCutGreedy));
     d["signedcut_apply"] = nb::capsule(reinterpret_cast<void*>(SignedCutApply));
     d["signedcut_hcut_search"] = nb::capsule(reinterpret_cast<void*>(SignedCutHcutSearch));
+    d["signedcut_hcut_backfit"] = nb::capsule(reinterpret_cast<void*>(SignedCutHcutBackfit));
     return d;
   });
   m.def(

@@ -90,11 +90,21 @@ def _sgn(x):
 
 
 SEARCH_IMPLS = ("auto", "jnp", "ffi")
+# The C++ search's instruction set (the handlers' isa attribute): "auto" is the
+# JAX_SIGNEDCUT_HCUT_KERNEL environment variable if set, else AVX-512 where the CPU has
+# it; both builds round the same (xla_ffi/hcut_search_core.inc), the tests check it.
+KERNELS = {"auto": 0, "scalar": 1, "avx512": 2}
+
+
+def _isa(kernel):
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
+  return np.int32(KERNELS[kernel])
 _SEARCH_TARGET = "signedcut_hcut_search"
 
 
 def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds,
-                impl="auto"):
+                impl="auto", kernel="auto"):
   """One cut's H-aware sign search: ``(s, hs, t, stats)``, stats = int32 (rounds, flips, ·).
 
   ``impl``: ``"jnp"`` the readable reference (:func:`_cut_search_jnp`), ``"ffi"``
@@ -105,17 +115,15 @@ def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_
   where the computation lowers for CPU and the extension has it, else the
   reference.
   """
-  if impl == "auto":
-    impl = os.environ.get("JAX_SIGNEDCUT_HCUT_IMPL", "auto") or "auto"
-    if impl not in SEARCH_IMPLS:
-      raise ValueError(f"JAX_SIGNEDCUT_HCUT_IMPL must be one of {SEARCH_IMPLS}, got {impl!r}")
+  impl = _resolve_impl(impl)
   args = (p, q_mat if keep_q else jnp.zeros((0, p.shape[1]), jnp.float32), h, h_inv, diag_h,
           s, hs, t)
   ref = functools.partial(_cut_search_jnp, keep_q=keep_q, max_flips=max_flips,
                           max_rounds=max_rounds)
   if impl == "jnp" or max_rounds < 1:
     return ref(*args)
-  ffi = functools.partial(_cut_search_ffi, max_flips=max_flips, max_rounds=max_rounds)
+  ffi = functools.partial(_cut_search_ffi, max_flips=max_flips, max_rounds=max_rounds,
+                          kernel=kernel)
   if impl == "ffi":
     if not extension.has_target(_SEARCH_TARGET):
       raise RuntimeError("impl='ffi' needs the compiled extension with the hcut search: "
@@ -124,14 +132,15 @@ def _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_
   return extension.on_platform(*args, cpu=ffi, default=ref)
 
 
-def _cut_search_ffi(p, q_mat, h, h_inv, diag_h, s, hs, t, *, max_flips, max_rounds):
+def _cut_search_ffi(p, q_mat, h, h_inv, diag_h, s, hs, t, *, max_flips, max_rounds,
+                    kernel="auto"):
   m, n = p.shape
   out = (jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((m,), jnp.float32),
          jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.int32))
   # One search per call: under vmap the handler runs once per matrix.
   call = jax.ffi.ffi_call(_SEARCH_TARGET, out, vmap_method="sequential")
   return call(p, q_mat, h, h_inv, diag_h, s, hs, t, max_flips=np.int32(max(0, max_flips)),
-              max_rounds=np.int32(max_rounds))
+              max_rounds=np.int32(max_rounds), isa=_isa(kernel))
 
 
 def _cut_search_jnp(p, q_mat, h, h_inv, diag_h, s, hs, t, *, keep_q, max_flips, max_rounds):
@@ -199,8 +208,9 @@ def _take_cut(p, q_mat, h_inv, s, hs, t, keep_q):
 
 
 @functools.partial(jax.jit, static_argnames=("width", "max_flips", "max_rounds", "keep_q", "impl",
-                                             "stats"))
-def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", stats=False):
+                                             "stats", "kernel"))
+def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", stats=False,
+          kernel="auto"):
   # Memory traffic is the cost (one matrix-vector product reads a whole matrix):
   # per round this reads H once (Hs for both sign starts in one product), P twice
   # and H⁻¹P once. With fewer outputs than inputs (n < m) Q = H⁻¹P (m, n) is kept
@@ -216,7 +226,8 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", 
     p, q_mat, s_all, t_all, c_all, g_all, counts = carry
     t = jax.random.rademacher(jax.random.fold_in(key, j), (n,), jnp.float32)
     s, hs, t, st = _cut_search(p, q_mat, h, h_inv, diag_h, ones, h_ones, t, keep_q=keep_q,
-                               max_flips=max_flips, max_rounds=max_rounds, impl=impl)
+                               max_flips=max_flips, max_rounds=max_rounds, impl=impl,
+                               kernel=kernel)
     c, gain, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
     return (p, q_mat, s_all.at[j].set(s), t_all.at[j].set(t), c_all.at[j].set(c),
             g_all.at[j].set(gain), counts + st)
@@ -229,12 +240,28 @@ def _hcut(w, h, key, *, width, max_flips, max_rounds, keep_q=None, impl="auto", 
   return (s_all, t_all, c_all, g_all, counts) if stats else (s_all, t_all, c_all, g_all)
 
 
+_BACKFIT_TARGET = "signedcut_hcut_backfit"
+
+
+def _resolve_impl(impl):
+  """``impl`` with ``"auto"`` replaced by ``JAX_SIGNEDCUT_HCUT_IMPL`` when that is set."""
+  if impl == "auto":
+    impl = os.environ.get("JAX_SIGNEDCUT_HCUT_IMPL", "auto") or "auto"
+    if impl not in SEARCH_IMPLS:
+      raise ValueError(f"JAX_SIGNEDCUT_HCUT_IMPL must be one of {SEARCH_IMPLS}, got {impl!r}")
+  return impl
+
+
 @functools.partial(jax.jit, static_argnames=("passes", "max_flips", "max_rounds", "keep_q", "impl",
-                                             "stats"))
+                                             "stats", "loop", "kernel"))
 def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, keep_q=None,
-                  impl="auto", stats=False, num=None):
+                  impl="auto", stats=False, num=None, loop=True, kernel="auto"):
   # num (traced int32, optional): only the first num cuts are visited; the slots after
   # them must have c = 0 (padding, so that nearby widths share one compilation).
+  # loop: with the C++ search, all passes in one custom call (xla_ffi/hcut_search.cc,
+  # BackfitLoop: the cut put back as the search's rank-one term, one write of P per
+  # visit); False keeps the XLA loop around one search call per visit (the reference
+  # for the loop handler; impl="jnp" always runs it).
   m, n = w.shape
   h, diag_h, h_inv, keep_q = _prepare(w, h, keep_q)
   hs_all = jnp.matmul(s_all, h, precision=_HI)                      # rows s_jᵀH = (H s_j)ᵀ
@@ -242,6 +269,44 @@ def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, k
   p0 = jnp.matmul(h, r, precision=_HI)
   q0 = jnp.matmul(h_inv, p0, precision=_HI) if keep_q else jnp.zeros((0, n), jnp.float32)
   width = s_all.shape[0] if num is None else num
+
+  impl = _resolve_impl(impl)
+  if loop and impl != "jnp" and max_rounds >= 1:
+    args = (p0, q0, h, h_inv, diag_h, s_all, t_all, c_all, hs_all,
+            jnp.asarray(width, jnp.int32).reshape(()))
+    ffi = functools.partial(_backfit_ffi, passes=passes, max_flips=max_flips,
+                            max_rounds=max_rounds, kernel=kernel)
+    xla = functools.partial(_backfit_xla, passes=passes, max_flips=max_flips,
+                            max_rounds=max_rounds, keep_q=keep_q, impl="jnp")
+    if impl == "ffi":
+      if not extension.has_target(_BACKFIT_TARGET):
+        raise RuntimeError("impl='ffi' needs the compiled extension with the hcut backfit: "
+                           + extension.MISSING_HINT)
+      out = ffi(*args)
+    else:
+      out = extension.on_platform(*args, cpu=ffi, default=xla)
+  else:
+    out = _backfit_xla(p0, q0, h, h_inv, diag_h, s_all, t_all, c_all, hs_all, width,
+                       passes=passes, max_flips=max_flips, max_rounds=max_rounds,
+                       keep_q=keep_q, impl=impl, kernel=kernel)
+  s_all, t_all, c_all, counts = out
+  return (s_all, t_all, c_all, counts) if stats else (s_all, t_all, c_all)
+
+
+def _backfit_ffi(p0, q0, h, h_inv, diag_h, s_all, t_all, c_all, hs_all, num, *, passes,
+                 max_flips, max_rounds, kernel="auto"):
+  out = (jax.ShapeDtypeStruct(s_all.shape, jnp.float32),
+         jax.ShapeDtypeStruct(t_all.shape, jnp.float32),
+         jax.ShapeDtypeStruct(c_all.shape, jnp.float32), jax.ShapeDtypeStruct((3,), jnp.int32))
+  call = jax.ffi.ffi_call(_BACKFIT_TARGET, out, vmap_method="sequential")
+  return call(p0, q0, h, h_inv, diag_h, s_all, t_all, c_all, hs_all, num,
+              passes=np.int32(passes), max_flips=np.int32(max(0, max_flips)),
+              max_rounds=np.int32(max_rounds), isa=_isa(kernel))
+
+
+def _backfit_xla(p0, q0, h, h_inv, diag_h, s_all, t_all, c_all, hs_all, width, *, passes,
+                 max_flips, max_rounds, keep_q, impl, kernel="auto"):
+  """The readable backfitting loop: per visit, put the cut back, search, take it out."""
 
   def one_cut(i, carry):
     p, q_mat, s_all, t_all, c_all, hs_all, counts = carry
@@ -251,14 +316,15 @@ def _hcut_backfit(w, h, s_all, t_all, c_all, *, passes, max_flips, max_rounds, k
     if keep_q:
       q_mat = q_mat + c * jnp.outer(jnp.matmul(h_inv, hs, precision=_HI), t)
     s, hs, t, st = _cut_search(p, q_mat, h, h_inv, diag_h, s, hs, t, keep_q=keep_q,
-                               max_flips=max_flips, max_rounds=max_rounds, impl=impl)
+                               max_flips=max_flips, max_rounds=max_rounds, impl=impl,
+                               kernel=kernel)
     c, _, p, q_mat = _take_cut(p, q_mat, h_inv, s, hs, t, keep_q)
     return (p, q_mat, s_all.at[k].set(s), t_all.at[k].set(t), c_all.at[k].set(c),
             hs_all.at[k].set(hs), counts + st)
 
   init = (p0, q0, s_all, t_all, c_all, hs_all, jnp.zeros((3,), jnp.int32))
   _, _, s_all, t_all, c_all, _, counts = jax.lax.fori_loop(0, passes * width, one_cut, init)
-  return (s_all, t_all, c_all, counts) if stats else (s_all, t_all, c_all)
+  return s_all, t_all, c_all, counts
 
 
 def hcut_backfit(w: jax.Array, h: jax.Array, s: jax.Array, t: jax.Array, c: jax.Array, *,
