@@ -28,6 +28,10 @@
 // decisions can therefore differ from the jnp reference's where two candidates
 // tie within rounding; the tests compare the two and check the search's
 // invariants. Never throws, aborts or prints: failures are ffi::Error.
+//
+// The functions are in hcut_search_core.inc, built twice below (baseline
+// x86-64 and AVX-512, identical rounding); a second handler runs the
+// backfitting passes in one call (BackfitLoop there).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

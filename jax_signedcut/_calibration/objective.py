@@ -97,9 +97,12 @@ KERNELS = {"auto": 0, "scalar": 1, "avx512": 2}
 
 
 def _isa(kernel):
+  """The handlers' ``isa`` attribute for a :data:`KERNELS` name."""
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
   return np.int32(KERNELS[kernel])
+
+
 _SEARCH_TARGET = "signedcut_hcut_search"
 
 
