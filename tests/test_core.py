@@ -97,6 +97,10 @@ def test_pack_unpack_roundtrip(shape, seed):
   tail = shape[1] % 32
   if tail:
     assert np.all(words[:, -1] >> np.uint32(tail) == 0)
+  # The NumPy twins (used by eager pipelines of changing shapes) give the same words / signs.
+  from jax_signedcut._signedcut import packing  # noqa: PLC0415
+  np.testing.assert_array_equal(packing.pack_signs_np(x), words)
+  np.testing.assert_array_equal(packing.unpack_signs_np(words, shape[1]), expected)
 
 
 def test_start_words_prefix_and_tail():

@@ -41,6 +41,7 @@ import jax_signedcut as sc
 from jax_signedcut._calibration import objective
 from jax_signedcut._calibration.parts import InputScaled
 from jax_signedcut._signedcut import decompose as _decompose
+from jax_signedcut._signedcut import packing as _packing
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -381,8 +382,12 @@ def fit_plain_start(w: jax.Array, h: jax.Array, *, key: jax.Array, bits_per_weig
   # The k cuts in slots of a bucketed width (c = 0 after k): the outlier count varies k
   # from kernel to kernel, and the padded steps compile once per bucket.
   wb = _decompose.width_bucket(k)
-  s, t = _signs(f)
-  pad = lambda x: jnp.pad(x[:k], [(0, wb - k)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+  # Slicing, padding and (un)packing on the host: k differs from kernel to kernel, and each
+  # eager jnp op of a new shape would compile (≈ 200 compilations in the MiniLM job).
+  s = _packing.unpack_signs_np(np.asarray(f.s_bits), m).astype(np.float32)
+  t = _packing.unpack_signs_np(np.asarray(f.t_bits), n).astype(np.float32)
+  pad = lambda x: jnp.asarray(  # noqa: E731
+      np.pad(np.asarray(x)[:k], [(0, wb - k)] + [(0, 0)] * (np.ndim(x) - 1)))
   s, t, c = pad(s), pad(t), pad(f.c)
   if refit:
     c = objective.refit_scales_padded(s, t, rest, metric, k, ridge)
@@ -392,8 +397,10 @@ def fit_plain_start(w: jax.Array, h: jax.Array, *, key: jax.Array, bits_per_weig
                                             max_rounds=options.max_rounds)
     if refit:
       c = objective.refit_scales_padded(s, t, rest, metric, k, ridge)
-  cut = sc.SignedCut(s_bits=sc.pack_signs(s[:k]), t_bits=sc.pack_signs(t[:k]),
-                     c=c[:k].astype(jnp.float32), num_cuts=jnp.int32(k), shape=(m, n))
+  s, t, c = (np.asarray(x)[:k] for x in (s, t, c))
+  cut = sc.SignedCut(s_bits=jnp.asarray(_packing.pack_signs_np(s)),
+                     t_bits=jnp.asarray(_packing.pack_signs_np(t)),
+                     c=jnp.asarray(c, jnp.float32), num_cuts=jnp.int32(k), shape=(m, n))
   inner = sc.Sum((cut, *others)) if others else cut
   return InputScaled(scale=d, inner=inner) if scaled else inner
 

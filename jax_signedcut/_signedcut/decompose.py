@@ -253,9 +253,17 @@ def truncate_cuts(f, width: int):
   if isinstance(f, Sum):
     return Sum(tuple(truncate_cuts(p, width) if isinstance(p, SignedCut) else p
                      for p in f.parts))
-  return dataclasses.replace(f, s_bits=f.s_bits[..., :width, :], t_bits=f.t_bits[..., :width, :],
-                             c=f.c[..., :width],
-                             num_cuts=jnp.minimum(f.num_cuts, width).astype(jnp.int32))
+  if any(isinstance(x, jax.core.Tracer) for x in (f.s_bits, f.t_bits, f.c, f.num_cuts)):
+    return dataclasses.replace(f, s_bits=f.s_bits[..., :width, :],
+                               t_bits=f.t_bits[..., :width, :], c=f.c[..., :width],
+                               num_cuts=jnp.minimum(f.num_cuts, width).astype(jnp.int32))
+  # Eagerly on the host: each eager slice of a new width would compile.
+  host = lambda x, sl: jnp.asarray(np.asarray(x)[sl])  # noqa: E731
+  rows = (Ellipsis, slice(None, width), slice(None))
+  return dataclasses.replace(f, s_bits=host(f.s_bits, rows), t_bits=host(f.t_bits, rows),
+                             c=host(f.c, (Ellipsis, slice(None, width))),
+                             num_cuts=jnp.asarray(np.minimum(np.asarray(f.num_cuts), width),
+                                                  jnp.int32))
 
 
 def decompose_bucketed(a, *, key, width: int | None = None, rate: float | None = None,

@@ -50,6 +50,18 @@ def unpack_signs(words: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
   return (1 - 2 * bits.astype(jnp.int32)).astype(dtype)
 
 
+def pack_signs_np(x: np.ndarray) -> np.ndarray:
+  """NumPy twin of :func:`pack_signs` (the same words): for eager pipelines whose shapes
+  change from call to call, where each eager jnp op would compile once per shape."""
+  x = np.asarray(x)
+  d = x.shape[-1]
+  nw = num_words(d)
+  neg = (x < 0).astype(np.uint32)
+  neg = np.pad(neg, [(0, 0)] * (x.ndim - 1) + [(0, nw * WORD_BITS - d)])
+  neg = neg.reshape(*x.shape[:-1], nw, WORD_BITS)
+  return np.sum(neg << np.arange(WORD_BITS, dtype=np.uint32), axis=-1, dtype=np.uint32)
+
+
 def unpack_signs_np(words: np.ndarray, d: int) -> np.ndarray:
   """NumPy twin of :func:`unpack_signs` (int8 ±1), for host-side checks."""
   words = np.asarray(words, dtype=np.uint32)
