@@ -234,5 +234,58 @@ def test_curve_argument_errors(kernels):
       allocate.budget_curves(weights, hessians, key=KEY, **kw)
   with pytest.raises(ValueError, match=r"must name the same kernels; differ in \['b'\]"):
     allocate.budget_curves(weights, {"a": hessians["a"]}, key=KEY, budgets=BUDGETS)
-  with pytest.raises(ValueError, match="bits_per_weight - step > 0"):
+  with pytest.raises(ValueError, match=r"bits_per_weight - span \* step > 0"):
     allocate.budget_grid(1.0)
+  with pytest.raises(ValueError, match=r"bits_per_weight - span \* step > 0"):
+    allocate.budget_grid(2.0, span=2)
+  for span in (0, True, 1.5):
+    with pytest.raises(ValueError, match="span must be an integer >= 1"):
+      allocate.budget_grid(4.0, span=span)
+
+
+def test_budget_grid_spans_steps_around_the_target():
+  assert allocate.budget_grid(4.0) == (3.0, 4.0, 5.0)
+  assert allocate.budget_grid(4.0, span=2) == (2.0, 3.0, 4.0, 5.0, 6.0)
+  assert allocate.budget_grid(4.0, 0.5) == (3.5, 4.0, 4.5)
+
+
+def test_plain_curves_are_decomposes_errors_and_the_rules_reproduce_the_kept_table():
+  """A table without statistics: its curve is its plain cuts' squared relative error."""
+  rng = np.random.default_rng(3)
+  table = np.asarray(rng.normal(size=(48, 32)), np.float32)
+  kernel, h = _problem(0)
+  key = lambda p: _tree.leaf_key(KEY, p)  # noqa: E731
+  curves, kept = allocate.plain_curves({"emb": table}, key=key, budgets=BUDGETS, keep=4.0)
+  bits, errs = curves["emb"]
+  np.testing.assert_array_equal(bits, BUDGETS)
+  for b, e in zip(BUDGETS, errs):
+    f = sc.decompose(jnp.asarray(table), key=key("emb"), bits_per_weight=b)
+    dense = np.asarray(f.reconstruct())
+    want = np.sum((table - dense) ** 2) / np.sum(table ** 2)   # the readable reference
+    np.testing.assert_allclose(e, want, rtol=1e-5)
+    if b == 4.0:
+      np.testing.assert_array_equal(kept["emb"], dense)
+  assert errs[0] > errs[1] > errs[2] > 0
+  # Beside a calibrated kernel: one allocation, and decompose with its rules gives the table
+  # the very cuts the curve measured (options {} = plain cuts; the kernel keeps its options).
+  kc, _ = allocate.budget_curves({"k": kernel}, {"k": h}, key=key, budgets=BUDGETS, options=OPTS)
+  bits = allocate.allocate_bits({**kc, **curves}, {"k": kernel.size, "emb": table.size}, 4.0,
+                                sensitivity={"k": 1.0, "emb": 1.0})
+  assert bits["k"] * kernel.size + bits["emb"] * table.size <= 4.0 * (kernel.size + table.size)
+  rules = allocate.allocation_rules(bits, options=lambda p: {} if p == "emb" else OPTS)
+  out = sc.decompose({"k": kernel, "emb": table}, key=KEY, bits_per_weight=4, rules=rules,
+                     calibration={"k": h})
+  want = sc.decompose(jnp.asarray(table), key=key("emb"), bits_per_weight=bits["emb"])
+  np.testing.assert_array_equal(np.asarray(out["emb"].reconstruct()),
+                                np.asarray(want.reconstruct()))
+
+
+def test_plain_curve_errors():
+  table = np.ones((8, 4), np.float32)
+  with pytest.raises(ValueError, match=r"keep=3.5 is not among budgets"):
+    allocate.plain_curves({"t": table}, key=KEY, budgets=BUDGETS, keep=3.5)
+  with pytest.raises(ValueError, match="budgets must be increasing"):
+    allocate.plain_curves({"t": table}, key=KEY, budgets=(4.0, 3.0))
+  with pytest.raises(ValueError, match=r"matrix 'v' must be a non-empty 2-D array, got shape "
+                                       r"\(8,\)"):
+    allocate.plain_curves({"v": np.ones(8, np.float32)}, key=KEY, budgets=BUDGETS)

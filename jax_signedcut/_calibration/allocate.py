@@ -111,17 +111,20 @@ def allocate(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], budget: float,
 # Bits per kernel from calibrated curves and measured sensitivities (issue 14).
 
 
-def budget_grid(bits_per_weight: float, step: float = 1.0) -> tuple[float, float, float]:
-  """The options ``(b − step, b, b + step)`` bits per weight around a target ``b``.
+def budget_grid(bits_per_weight: float, step: float = 1.0, span: int = 1) -> tuple[float, ...]:
+  """The options ``b − span·step, …, b, …, b + span·step`` bits per weight around ``b``.
 
   Raises:
-    ValueError: ``b − step`` not > 0.
+    ValueError: ``b − span·step`` not > 0, ``step`` not > 0 or ``span`` not an integer >= 1.
   """
-  lo = float(bits_per_weight) - step
+  b = float(bits_per_weight)
+  if isinstance(span, bool) or not isinstance(span, (int, np.integer)) or span < 1:
+    raise ValueError(f"span must be an integer >= 1, got {span!r}")
+  lo = b - span * step
   if not (np.isfinite(lo) and lo > 0 and step > 0):
     raise ValueError(f"allocation around bits_per_weight={bits_per_weight!r} with step "
-                     f"{step!r} needs bits_per_weight - step > 0")
-  return (lo, float(bits_per_weight), float(bits_per_weight) + step)
+                     f"{step!r} and span {span!r} needs bits_per_weight - span * step > 0")
+  return tuple(b + k * float(step) for k in range(-span, span + 1))
 
 
 def _options_for(options, name):
@@ -196,13 +199,14 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
       raise ValueError(f"kernel {name!r}: {max(budgets):g} bits per weight pay for no "
                        f"calibrated cut on shape {(m, n)}")
     k = key(name) if callable(key) else key
-    if opts["blocks"] == 1:
+    prefix = opts["blocks"] == 1
+    if prefix:
       part, _ = _cuts.calibrated_cuts(w, h, key=k, width=width, options=cut_opts,
                                       with_gains=False)
       system = _cuts.gram(part, w, h, cut_opts)
     errs = []
     for b in budgets:
-      if opts["blocks"] == 1:
+      if prefix:
         ours = _cuts.fit_budget(part, w, h, bits_per_weight=b, sparse_fraction=sf,
                                 options=cut_opts, refit=opts["refit"],
                                 system=system).reconstruct()
@@ -210,7 +214,7 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
         ours = _api.signed_cut(w, h, key=k, bits_per_weight=b, options=opts,
                                outliers=outliers, path=name).reconstruct()
       best, e = ours, float(_objective.relative_output_error(w, ours, h))
-      if opts["fallback"] and opts["blocks"] == 1:
+      if opts["fallback"] and prefix:
         plain = _decompose.decompose(w, key=k, bits_per_weight=b,
                                      outliers=outliers).reconstruct()
         e_plain = float(_objective.relative_output_error(w, plain, h))
@@ -219,6 +223,61 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
       errs.append(e * e)
       if b in keeps:
         kept[(name, b) if several else name] = np.asarray(best)
+    curves[name] = (np.array(budgets), np.array(errs))
+  return curves, kept
+
+
+def plain_curves(weights: Mapping[str, np.ndarray], *, key, budgets, outliers="auto",
+                 keep: float | None = None):
+  """Each matrix's squared relative weight error at each budget, of its plain cuts.
+
+  For the matrices without input statistics (e.g. embedding tables: a lookup has no
+  second moment worth an (in, in) matrix) that share a budget with calibrated kernels:
+  with a measured sensitivity per unit of this error they enter :func:`allocate_bits`
+  beside :func:`budget_curves`' kernels. The cuts are ``decompose``'s at each budget
+  (``bits_per_weight``, ``outliers``), so with ``key`` the key ``decompose`` gives the
+  leaf (``lambda p: leaf_key(key, p)``) the allocated budget reproduces them.
+
+  Args:
+    weights: ``{name: 2-D array}``.
+    key: PRNG key, or a callable ``name -> key``.
+    budgets: increasing bits per weight.
+    outliers: ``decompose``'s ``outliers``.
+    keep: also return each matrix's reconstruction (dense) at this budget.
+
+  Returns:
+    ``(curves, kept)`` as :func:`budget_curves`.
+
+  Raises:
+    ValueError: budgets not increasing, ``keep`` not a budget, or what ``decompose``
+      rejects (naming the matrix).
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
+
+  budgets = tuple(float(b) for b in budgets)
+  if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
+    raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
+  if keep is not None and float(keep) not in budgets:
+    raise ValueError(f"keep={keep!r} is not among budgets {budgets}")
+  curves, kept = {}, {}
+  for name in sorted(weights):
+    w = np.asarray(weights[name], np.float32)
+    if w.ndim != 2 or w.size == 0:
+      raise ValueError(f"matrix {name!r} must be a non-empty 2-D array, got shape {w.shape}")
+    k = key(name) if callable(key) else key
+    norm2 = float(np.sum(np.square(w, dtype=np.float64)))
+    errs = []
+    for b in budgets:
+      try:
+        f = _decompose.decompose(jnp.asarray(w), key=k, bits_per_weight=b, outliers=outliers)
+      except ValueError as e:
+        raise ValueError(f"matrix {name!r} at {b:g} bits per weight: {e}") from None
+      r = np.asarray(f.reconstruct(), np.float32)
+      errs.append(float(np.sum(np.square(w - r, dtype=np.float64))) / max(norm2, 1e-30))
+      if keep is not None and b == float(keep):
+        kept[name] = r
     curves[name] = (np.array(budgets), np.array(errs))
   return curves, kept
 
