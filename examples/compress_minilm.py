@@ -30,12 +30,14 @@ everywhere and a sparse part by output impact; see docs/calibration.md section
 
     python examples/compress_minilm.py --bits 4 --calibrate
 
-With ``--allocate`` (needs ``--calibrate --bits B``) the kernels get B − 1, B or
-B + 1 bits per weight, B on average: each kernel's output error curve under its H
-and its sensitivity measured on 64 calibration texts (the loss with only that
-kernel compressed, per unit of its error) choose them
-(``jax_signedcut._calibration.allocate``; docs/calibration.md section 4). The
-allocation is printed and returned in the report (``allocation``, ``sensitivities``).
+With ``--allocate`` (needs ``--calibrate --bits B``) the kernels and the word and
+position embedding tables get B − 1, B or B + 1 bits per weight (± up to
+``--allocate-span``), B on average: each kernel's output error curve under its H
+(each table's weight error curve: it has no statistics) and its sensitivity measured
+on 64 calibration texts (the loss with only that matrix compressed, per unit of its
+error) choose them (``jax_signedcut._calibration.allocate``; docs/calibration.md
+sections 4 and 12; ``--no-allocate-tables`` leaves the tables at B). The allocation
+is printed and returned in the report (``allocation``, ``sensitivities``).
 
     python examples/compress_minilm.py --bits 4 --calibrate --allocate
 
@@ -123,6 +125,10 @@ BLOCKS_BY_KIND = {"diag": (((r"/output/kernel$", 4),), 2),
 #: development statistics, never the evaluation texts (docs/calibration.md section 11).
 ALPHA_BY_KIND = ((r"/intermediate/kernel$", 0.5),)
 
+#: The embedding tables: no statistics (plain cuts), in ``--allocate``'s budget unless
+#: ``--no-allocate-tables`` (docs/calibration.md section 12).
+TABLES = ("embeddings/word/embedding", "embeddings/position/embedding")
+
 
 def _search_options(path_or_pattern, search, sparse):
   """``sparse_fraction`` (and for ``plain`` the α) of a kernel or rule pattern."""
@@ -167,15 +173,17 @@ def _options_for(path, search, blocks, backfit=0):
 
 
 def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto",
-               backfit=0):
-  """Per-kernel bits at ``bits`` on average over the calibrated kernels, and the rules.
+               backfit=0, tables=(), span=1, outliers="auto"):
+  """Bits per matrix, ``bits`` on average over the calibrated kernels and ``tables``; the rules.
 
   Curves: each kernel's squared relative output error under the calibration H at
-  ``bits`` ± 1 of the part it keeps; sensitivities: only that kernel replaced by its
-  ``bits`` part, ``mean(1 − cos)`` of the embeddings on 64 calibration texts per unit
-  of its error (calibration texts only). The curves and sensitivities are of the cuts
-  without backfitting (each backfitted budget would cost a search of its own); the rules
-  carry ``backfit`` for the chosen budgets. Returns ``(bits by path, rules, sensitivities)``.
+  ``bits`` ± 1, …, ± ``span`` of the part it keeps, each table's (``tables``: the
+  embedding tables, which have no statistics) squared relative weight error of its plain
+  cuts; sensitivities: only that matrix replaced by its ``bits`` part, ``mean(1 − cos)``
+  of the embeddings on 64 calibration texts per unit of its error (calibration texts
+  only). The kernels' curves and sensitivities are of the cuts without backfitting (each
+  backfitted budget would cost a search of its own); the rules carry ``backfit`` for the
+  chosen budgets. Returns ``(bits by path, rules, sensitivities)``.
   """
   from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
   from jax_signedcut._core.tree import leaf_key  # noqa: PLC0415
@@ -184,23 +192,35 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   flat = flat_paths(params)
   names = sorted(calibration.hessians)
   final = lambda p: _options_for(p, search, blocks, backfit)  # noqa: E731
+  grid = _alloc.budget_grid(bits, span=span)
   opts = lambda p: {**final(p), "backfit": 0}  # noqa: E731
   curves, kept = _alloc.budget_curves(
       {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
-      budgets=_alloc.budget_grid(bits), options=opts, keep=bits)
+      budgets=grid, options=opts, keep=bits)
+  if tables:
+    more, kept_more = _alloc.plain_curves({p: flat[p] for p in tables},
+                                          key=lambda p: leaf_key(key, p),
+                                          budgets=grid, outliers=outliers,
+                                          keep=bits)
+    curves.update(more)
+    kept.update(kept_more)
+    names = sorted(curves)
   errors = {p: float(np.interp(bits, *curves[p])) for p in names}
   sens = bert.sensitivities(model, tok, list(CALIBRATION[::5])[:64], kept, errors)
   sizes = {p: int(np.prod(np.shape(flat[p]))) for p in names}
   alloc = _alloc.allocate_bits(curves, sizes, bits, sensitivity=sens)
   mean = sum(alloc[p] * sizes[p] for p in names) / sum(sizes.values())
-  say(f"allocation: {mean:.3f} bits/weight over {len(names)} kernels (target {bits:g})")
-  kinds = sorted({re.sub(r"layers/\d+/", "", p) for p in names})
+  say(f"allocation: {mean:.3f} bits/weight over {len(names)} matrices (target {bits:g})")
+  kinds = sorted({re.sub(r"layers/\d+/", "", p) for p in names if p not in tables})
   layers = sorted({int(m.group(1)) for p in names if (m := re.search(r"layers/(\d+)/", p))})
   say("  " + f"{'layer':<7}" + "".join(f"{k.split('/')[0]:>15}" for k in kinds))
   for layer in layers:
     say("  " + f"{layer:<7}" + "".join(
         f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
-  return alloc, _alloc.allocation_rules(alloc, options=final), sens
+  for p in tables:
+    say(f"  {p}: {alloc[p]:g}")
+  rule_opts = lambda p: {} if p in tables else final(p)  # noqa: E731
+  return alloc, _alloc.allocation_rules(alloc, options=rule_opts), sens
 
 
 def _parts(f, cls):
@@ -296,8 +316,15 @@ def main(argv=None) -> dict:
                  help="with --calibrate: H-aware backfitting passes over each kernel's kept cuts "
                       "(default 3; 0: none; docs/calibration.md section 10)")
   p.add_argument("--allocate", action="store_true",
-                 help="with --calibrate --bits: bits per kernel from measured sensitivities "
-                      "(same total)")
+                 help="with --calibrate --bits: bits per kernel and embedding table from measured "
+                      "sensitivities (same total)")
+  p.add_argument("--allocate-span", type=int, default=1,
+                 help="with --allocate: each matrix's options are --bits ± 1, …, ± SPAN bits "
+                      "per weight (default 1)")
+  p.add_argument("--allocate-tables", action=argparse.BooleanOptionalAction, default=True,
+                 help="with --allocate: the word and position embedding tables (plain cuts, "
+                      "no statistics) share the budget with the kernels (default; "
+                      "--no-allocate-tables: they keep --bits)")
   p.add_argument("--distill", action="store_true",
                  help="then train c, sparse values, input scales, biases and LayerNorm "
                  "parameters against the original model (S, T unchanged)")
@@ -314,6 +341,9 @@ def main(argv=None) -> dict:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
+  if args.allocate and not (args.allocate_span >= 1 and args.bits - args.allocate_span > 0):
+    p.error(f"--allocate-span must be an integer >= 1 below --bits, got {args.allocate_span} "
+            f"with --bits {args.bits:g}")
   if args.backfit < 0:
     p.error(f"--backfit must be an integer >= 0, got {args.backfit}")
   if args.blocks != "auto" and not (args.blocks.isdigit() and int(args.blocks) >= 1):
@@ -343,7 +373,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     alloc, rules, sens = allocation(model, tok, params, calibration, bits=args.bits,
                                     search=args.search, key=jax.random.key(args.seed), say=print,
-                                    blocks=args.blocks, backfit=args.backfit)
+                                    blocks=args.blocks, backfit=args.backfit,
+                                    tables=tuple(t for t in TABLES if t in flat_paths(params)
+                                                 and not any(re.search(k, t) for k in args.skip))
+                                    if args.allocate_tables else (),
+                                    span=args.allocate_span, outliers=outliers)
     t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).

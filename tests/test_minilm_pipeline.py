@@ -199,7 +199,11 @@ def test_main_job_flag_errors(capsys):
   """Bad --backfit / --blocks values stop the job before any work, naming the flag."""
   ex = _example()
   for argv, want in ((["--calibrate", "--backfit", "-1"], "--backfit must be an integer >= 0"),
-                     (["--calibrate", "--blocks", "two"], "--blocks must be 'auto'")):
+                     (["--calibrate", "--blocks", "two"], "--blocks must be 'auto'"),
+                     (["--calibrate", "--bits", "2", "--allocate", "--allocate-span", "2"],
+                      "--allocate-span must be an integer >= 1 below --bits, got 2 with --bits 2"),
+                     (["--calibrate", "--bits", "4", "--allocate", "--allocate-span", "0"],
+                      "--allocate-span must be an integer >= 1")):
     with pytest.raises(SystemExit):
       ex.main(argv)
     assert want in capsys.readouterr().err
@@ -221,3 +225,23 @@ def test_calibrated_main_job_on_one_layer_beats_the_plain_one(needs_model, tmp_p
              for b in rules.values())
   assert rules[r"/intermediate/kernel$"].options["alpha"] == 0.5
   assert rules[r"/(query|key|value)/kernel$"].options["alpha"] == 0.0
+
+
+def test_allocated_main_job_shares_the_budget_with_the_position_table(needs_model, tmp_path):
+  """--allocate on the one-layer slice: the six kernels and the position table (plain cuts, no
+  statistics) take options of 2, 3 or 4 bits, within the 3-bit total; with
+  --no-allocate-tables the table keeps --bits and only the kernels are allocated."""
+  ex = _example()
+  common = ["--layers", "1", "--skip", "word", "--bits", "3", "--quiet", "--calibrate",
+            "--allocate"]
+  out = ex.main(common + ["--out", str(tmp_path / "a.safetensors")])
+  alloc = out["allocation"]
+  table = "embeddings/position/embedding"
+  assert table in alloc and len(alloc) == 7 and set(alloc.values()) <= {2.0, 3.0, 4.0}
+  sizes = {r["path"]: np.prod(r["shape"]) for r in out["matrices"]}
+  assert sum(alloc[p] * sizes[p] for p in alloc) <= 3.0 * sum(sizes[p] for p in alloc) + 1e-6
+  stored = {r["path"]: r["bytes"] for r in out["matrices"]}
+  assert stored[table] <= alloc[table] * sizes[table] / 8
+  assert out["sensitivities"][table] >= 0
+  fixed = ex.main(common + ["--no-allocate-tables", "--out", str(tmp_path / "b.safetensors")])
+  assert table not in fixed["allocation"] and len(fixed["allocation"]) == 6
