@@ -173,11 +173,11 @@ def _options_for(path, search, blocks, backfit=0):
 
 
 def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto",
-               backfit=0, tables=(), span=1, outliers="auto"):
+               backfit=0, tables=(), span=1, step=1.0, outliers="auto"):
   """Bits per matrix, ``bits`` on average over the calibrated kernels and ``tables``; the rules.
 
   Curves: each kernel's squared relative output error under the calibration H at
-  ``bits`` ± 1, …, ± ``span`` of the part it keeps, each table's (``tables``: the
+  ``bits`` ± ``step``, …, ± ``span·step`` of the part it keeps, each table's (``tables``: the
   embedding tables, which have no statistics) squared relative weight error of its plain
   cuts; sensitivities: only that matrix replaced by its ``bits`` part, ``mean(1 − cos)``
   of the embeddings on 64 calibration texts per unit of its error (calibration texts
@@ -192,7 +192,7 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   flat = flat_paths(params)
   names = sorted(calibration.hessians)
   final = lambda p: _options_for(p, search, blocks, backfit)  # noqa: E731
-  grid = _alloc.budget_grid(bits, span=span)
+  grid = _alloc.budget_grid(bits, step, span=span)
   opts = lambda p: {**final(p), "backfit": 0}  # noqa: E731
   curves, kept = _alloc.budget_curves(
       {p: flat[p] for p in names}, calibration.hessians, key=lambda p: leaf_key(key, p),
@@ -319,8 +319,10 @@ def main(argv=None) -> dict:
                  help="with --calibrate --bits: bits per kernel and embedding table from measured "
                       "sensitivities (same total)")
   p.add_argument("--allocate-span", type=int, default=1,
-                 help="with --allocate: each matrix's options are --bits ± 1, …, ± SPAN bits "
-                      "per weight (default 1)")
+                 help="with --allocate: each matrix's options are --bits ± STEP, …, ± SPAN·STEP "
+                      "bits per weight (default 1)")
+  p.add_argument("--allocate-step", type=float, default=1.0,
+                 help="with --allocate: the options' spacing in bits per weight (default 1)")
   p.add_argument("--allocate-tables", action=argparse.BooleanOptionalAction, default=True,
                  help="with --allocate: the word and position embedding tables (plain cuts, "
                       "no statistics) share the budget with the kernels (default; "
@@ -341,9 +343,11 @@ def main(argv=None) -> dict:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
-  if args.allocate and not (args.allocate_span >= 1 and args.bits - args.allocate_span > 0):
-    p.error(f"--allocate-span must be an integer >= 1 below --bits, got {args.allocate_span} "
-            f"with --bits {args.bits:g}")
+  if args.allocate and not (args.allocate_span >= 1 and args.allocate_step > 0
+                            and args.bits - args.allocate_span * args.allocate_step > 0):
+    p.error(f"--allocate-span must be an integer >= 1 and --allocate-step > 0 with "
+            f"--bits - span * step > 0, got span {args.allocate_span}, step "
+            f"{args.allocate_step:g} with --bits {args.bits:g}")
   if args.backfit < 0:
     p.error(f"--backfit must be an integer >= 0, got {args.backfit}")
   if args.blocks != "auto" and not (args.blocks.isdigit() and int(args.blocks) >= 1):
@@ -377,7 +381,8 @@ def main(argv=None) -> dict:
                                     tables=tuple(t for t in TABLES if t in flat_paths(params)
                                                  and not any(re.search(k, t) for k in args.skip))
                                     if args.allocate_tables else (),
-                                    span=args.allocate_span, outliers=outliers)
+                                    span=args.allocate_span, step=args.allocate_step,
+                                    outliers=outliers)
     t_allocate = time.perf_counter() - t0
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).

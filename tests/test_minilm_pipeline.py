@@ -201,9 +201,11 @@ def test_main_job_flag_errors(capsys):
   for argv, want in ((["--calibrate", "--backfit", "-1"], "--backfit must be an integer >= 0"),
                      (["--calibrate", "--blocks", "two"], "--blocks must be 'auto'"),
                      (["--calibrate", "--bits", "2", "--allocate", "--allocate-span", "2"],
-                      "--allocate-span must be an integer >= 1 below --bits, got 2 with --bits 2"),
+                      "got span 2, step 1 with --bits 2"),
                      (["--calibrate", "--bits", "4", "--allocate", "--allocate-span", "0"],
-                      "--allocate-span must be an integer >= 1")):
+                      "--allocate-span must be an integer >= 1"),
+                     (["--calibrate", "--bits", "4", "--allocate", "--allocate-step", "-0.5"],
+                      "got span 1, step -0.5 with --bits 4")):
     with pytest.raises(SystemExit):
       ex.main(argv)
     assert want in capsys.readouterr().err
