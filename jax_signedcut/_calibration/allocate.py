@@ -135,6 +135,13 @@ def _options_for(options, name):
   return dict(options)
 
 
+def _check_budgets(budgets) -> tuple[float, ...]:
+  budgets = tuple(float(b) for b in budgets)
+  if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
+    raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
+  return budgets
+
+
 def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], *,
                   key, budgets, options=None, outliers="auto", keep: float | None = None):
   """Each kernel's squared relative output error at each budget, of the part it would keep.
@@ -175,9 +182,7 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
   from jax_signedcut._signedcut import budget as _budget  # noqa: PLC0415
   from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
 
-  budgets = tuple(float(b) for b in budgets)
-  if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
-    raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
+  budgets = _check_budgets(budgets)
   several = isinstance(keep, (tuple, list))
   keeps = () if keep is None else tuple(float(b) for b in (keep if several else (keep,)))
   if any(b not in budgets for b in keeps):
@@ -199,14 +204,13 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
       raise ValueError(f"kernel {name!r}: {max(budgets):g} bits per weight pay for no "
                        f"calibrated cut on shape {(m, n)}")
     k = key(name) if callable(key) else key
-    prefix = opts["blocks"] == 1
-    if prefix:
+    if opts["blocks"] == 1:
       part, _ = _cuts.calibrated_cuts(w, h, key=k, width=width, options=cut_opts,
                                       with_gains=False)
       system = _cuts.gram(part, w, h, cut_opts)
     errs = []
     for b in budgets:
-      if prefix:
+      if opts["blocks"] == 1:
         ours = _cuts.fit_budget(part, w, h, bits_per_weight=b, sparse_fraction=sf,
                                 options=cut_opts, refit=opts["refit"],
                                 system=system).reconstruct()
@@ -214,7 +218,7 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
         ours = _api.signed_cut(w, h, key=k, bits_per_weight=b, options=opts,
                                outliers=outliers, path=name).reconstruct()
       best, e = ours, float(_objective.relative_output_error(w, ours, h))
-      if opts["fallback"] and prefix:
+      if opts["fallback"] and opts["blocks"] == 1:
         plain = _decompose.decompose(w, key=k, bits_per_weight=b,
                                      outliers=outliers).reconstruct()
         e_plain = float(_objective.relative_output_error(w, plain, h))
@@ -235,7 +239,7 @@ def plain_curves(weights: Mapping[str, np.ndarray], *, key, budgets, outliers="a
   second moment worth an (in, in) matrix) that share a budget with calibrated kernels:
   with a measured sensitivity per unit of this error they enter :func:`allocate_bits`
   beside :func:`budget_curves`' kernels. The cuts are ``decompose``'s at each budget
-  (``bits_per_weight``, ``outliers``), so with ``key`` the key ``decompose`` gives the
+  (``bits_per_weight``, ``outliers``; one run at the largest, truncated), so with ``key`` the key ``decompose`` gives the
   leaf (``lambda p: leaf_key(key, p)``) the allocated budget reproduces them.
 
   Args:
@@ -255,10 +259,9 @@ def plain_curves(weights: Mapping[str, np.ndarray], *, key, budgets, outliers="a
   import jax.numpy as jnp  # noqa: PLC0415
 
   from jax_signedcut._signedcut import decompose as _decompose  # noqa: PLC0415
+  from jax_signedcut._signedcut import factors as _factors  # noqa: PLC0415
 
-  budgets = tuple(float(b) for b in budgets)
-  if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
-    raise ValueError(f"budgets must be increasing positive bits per weight, got {budgets}")
+  budgets = _check_budgets(budgets)
   if keep is not None and float(keep) not in budgets:
     raise ValueError(f"keep={keep!r} is not among budgets {budgets}")
   curves, kept = {}, {}
@@ -268,12 +271,14 @@ def plain_curves(weights: Mapping[str, np.ndarray], *, key, budgets, outliers="a
       raise ValueError(f"matrix {name!r} must be a non-empty 2-D array, got shape {w.shape}")
     k = key(name) if callable(key) else key
     norm2 = float(np.sum(np.square(w, dtype=np.float64)))
+    try:   # one run at the largest budget: plain cuts are prefix-consistent (truncate)
+      full = _decompose.decompose(jnp.asarray(w), key=k, bits_per_weight=budgets[-1],
+                                  outliers=outliers)
+      runs = [_factors.truncate(full, bits_per_weight=b) for b in budgets[:-1]] + [full]
+    except ValueError as e:
+      raise ValueError(f"matrix {name!r} at {budgets} bits per weight: {e}") from None
     errs = []
-    for b in budgets:
-      try:
-        f = _decompose.decompose(jnp.asarray(w), key=k, bits_per_weight=b, outliers=outliers)
-      except ValueError as e:
-        raise ValueError(f"matrix {name!r} at {b:g} bits per weight: {e}") from None
+    for b, f in zip(budgets, runs):
       r = np.asarray(f.reconstruct(), np.float32)
       errs.append(float(np.sum(np.square(w - r, dtype=np.float64))) / max(norm2, 1e-30))
       if keep is not None and b == float(keep):
