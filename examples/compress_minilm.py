@@ -238,7 +238,7 @@ def _kind(path):
   return re.sub(r"layers/\d+/", "layers/*/", path)
 
 
-def distill_checkpoint(args, teacher, student, tok, factors, say):
+def distill_checkpoint(args, teacher, student, tok, factors, say, budget_text):
   """``--distill``: distils ``student`` to ``teacher``, writes it to ``args.out``, returns it reloaded.
 
   Returns:
@@ -273,6 +273,7 @@ def distill_checkpoint(args, teacher, student, tok, factors, say):
 
   distilled = jax.tree_util.tree_map_with_path(updated, factors, is_leaf=sc.is_compressed)
   sc.save(args.out, distilled, metadata={"model": "all-MiniLM-L6-v2", "distilled": "true",
+                                         "budget": budget_text,
                                          "distill": f"{args.distill_mode}, "
                                          f"{args.distill_steps} steps, lr {args.distill_lr:g}"})
   loaded, _ = load_factors(args.out)
@@ -421,7 +422,8 @@ def main(argv=None) -> dict:
   # 3. The checkpoint: write, then read back into a model with SignedCutDense layers.
   budget_text = f"rate {rate:g}" if rate is not None else f"{args.bits:g} bits/weight"
   if args.factors is not None:
-    budget_text = f"from {args.factors}"
+    # The source checkpoint's own budget, so that a distilled copy still says what it is.
+    budget_text = sc.load_info(args.factors)["user"].get("budget", f"from {args.factors}")
   if args.calibrate:
     budget_text += ", calibrated"
   if args.allocate:
@@ -440,7 +442,8 @@ def main(argv=None) -> dict:
   distilled = {}
   if args.distill:
     e_before = bert.encode(compressed, tok, SENTENCES)
-    compressed, distilled = distill_checkpoint(args, model, compressed, tok, factors, say)
+    compressed, distilled = distill_checkpoint(args, model, compressed, tok, factors, say,
+                                                  budget_text)
     distilled["cosine_mean_before_distill"] = float(
         _cosine(bert.encode(model, tok, SENTENCES), e_before).mean())
     distilled["checkpoint_bytes_before_distill"] = int(size)

@@ -193,6 +193,10 @@ def test_factors_of_a_distilled_checkpoint_keep_its_trained_floats(needs_model, 
   assert first["distill_trained"] > 0
   assert again["cosine_mean"] == pytest.approx(first["cosine_mean"], abs=1e-6)
   assert again["cosine_min"] == pytest.approx(first["cosine_min"], abs=1e-6)
+  # Both checkpoints still say what budget they hold (the distilled one and its re-save).
+  assert sc.load_info(str(a))["user"]["budget"] == "rate 0.25"
+  assert sc.load_info(str(a))["user"]["distilled"] == "true"
+  assert sc.load_info(str(b))["user"]["budget"] == "rate 0.25"
 
 
 def test_main_job_flag_errors(capsys):
