@@ -200,6 +200,68 @@ def cal_sens(d):
   return sc.load_calibration(d / "sens.safetensors").sensitivities
 
 
+def test_the_file_carries_weight_sensitivities_for_weights_without_statistics(tmp_path):
+  _, h = _problem(0)
+  cal = sc.Calibration({"x/kernel": h}, 300, weight_sensitivities={"emb/embedding": 0.25})
+  path = tmp_path / "w.safetensors"
+  sc.save_calibration(path, cal, {"x/kernel": "x.weight", "emb/embedding": "emb.weight"},
+                      layout="torch", sensitivities={"x/kernel": 2.0})
+  got = sc.load_calibration(path)
+  assert got.sensitivities == {"x.weight": 2.0}
+  assert got.weight_sensitivities == {"emb.weight": 0.25}
+  sc.save_calibration(path, sc.Calibration({"x/kernel": h}, 300))
+  assert sc.load_calibration(path).weight_sensitivities is None
+  with pytest.raises(ValueError, match=r"weight sensitivities for 1 weights with statistics: "
+                                       r"\['x/kernel'\]"):
+    sc.save_calibration(path, cal, weight_sensitivities={"x/kernel": 1.0})
+  with pytest.raises(ValueError, match="sensitivity of 'e' must be a finite number >= 0"):
+    sc.save_calibration(path, cal, weight_sensitivities={"e": -1.0})
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  meta = {"format": "jax_signedcut.calibration", "layout": "flax", "tokens": "300"}
+  for field, match in (("[1]", "'weight_sensitivities' must be a JSON object"),
+                       (json.dumps({"e": "big"}), "sensitivity of 'e' must be a finite"),
+                       (json.dumps({"x": 1}), r"weights with statistics: \['x'\]")):
+    save_file({"x": h}, str(path), metadata={**meta, "weight_sensitivities": field})
+    with pytest.raises(ValueError, match=f"w.safetensors: .*{match}"):
+      sc.load_calibration(path)
+
+
+@pytest.mark.parametrize("table_sens", [1e4, 1e-6])
+def test_cli_allocate_puts_a_leaf_with_a_weight_sensitivity_into_the_budget(
+    torch_files, kernels, tmp_path, capsys, table_sens):
+  """c.weight has no statistics; with a weight sensitivity it shares the kernels' budget,
+  allocated by its plain cuts' weight-error curve (the library's curves and solver)."""
+  d, tensors, cal = torch_files
+  _, _, curves, _ = kernels
+  stats_file = tmp_path / "ws.safetensors"
+  sens = {"a.weight": 50.0, "b.weight": 0.01}
+  sc.save_calibration(stats_file, cal, sensitivities=sens,
+                      weight_sensitivities={"c.weight": table_sens})
+  out = tmp_path / "o.safetensors"
+  code, stdout, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                           "--calibration", stats_file, "--allocate", *_opts_argv())
+  assert code == 0, err
+  c_curves, _ = allocate.plain_curves({"c.weight": tensors["c.weight"]},
+                                      key=lambda p: _tree.leaf_key(KEY, p), budgets=BUDGETS)
+  every = {**{f"{p}.weight": v for p, v in curves.items()}, **c_curves}
+  sizes = {"a.weight": 1536, "b.weight": 1536, "c.weight": 40 * 33}
+  want = allocate.allocate_bits(every, sizes, 4.0,
+                                sensitivity={**sens, "c.weight": table_sens})
+  assert sc.load_info(out)["user"]["allocation"] == want
+  assert "over 3 leaves" in stdout
+  # The table's share follows its sensitivity: the most it can take, or (mattering little)
+  # less, with the sensitive kernel a at its most.
+  if table_sens > 1:
+    assert want["c.weight"] == 5.0
+  else:
+    assert want["c.weight"] < 5.0 and want["a.weight"] == 5.0
+  got = sc.load(out)
+  plain_c = sc.decompose(jnp.asarray(tensors["c.weight"]), key=_tree.leaf_key(KEY, "c.weight"),
+                         bits_per_weight=want["c.weight"])
+  np.testing.assert_array_equal(got["c.weight"].reconstruct(), plain_c.reconstruct())
+  assert sum(sc.nbytes(got[p]) for p in sizes) <= 4 * sum(sizes.values()) / 8
+
+
 def test_cli_allocate_errors(torch_files, tmp_path, capsys):
   from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -209,6 +271,9 @@ def test_cli_allocate_errors(torch_files, tmp_path, capsys):
   stray = tmp_path / "stray.safetensors"
   save_file(dict(cal.hessians), str(stray), metadata={**meta, "sensitivities": json.dumps(
       {"a.weight": 1, "b.weight": 1, "z.weight": 1})})
+  typo = tmp_path / "typo.safetensors"
+  sc.save_calibration(typo, cal, sensitivities={"a.weight": 1.0, "b.weight": 1.0},
+                      weight_sensitivities={"cc.weight": 1.0})
   neg = tmp_path / "neg.safetensors"
   save_file(dict(cal.hessians), str(neg), metadata={**meta, "sensitivities": json.dumps(
       {"a.weight": -2, "b.weight": 1})})
@@ -219,7 +284,9 @@ def test_cli_allocate_errors(torch_files, tmp_path, capsys):
       (("--bits", "4", "--calibration", stray), r"names without statistics: ['z.weight']"),
       (("--bits", "4", "--calibration", neg), "sensitivity of 'a.weight' must be a finite "
        "number >= 0, got -2"),
-      (("--width", "4", "--calibration", d / "sens.safetensors"), "needs a rate or bits budget")):
+      (("--width", "4", "--calibration", d / "sens.safetensors"), "needs a rate or bits budget"),
+      (("--bits", "4", "--calibration", typo), "'weight_sensitivities' names 1 weights "
+       f"{src} does not have: ['cc.weight']")):
     code, _, err = _cli(capsys, "compress", src, out, *argv, "--allocate", "-q")
     assert code != 0 and match in err, (argv, err)
     assert not out.exists()

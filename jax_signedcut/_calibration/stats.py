@@ -22,7 +22,10 @@ compressed, each an (in, in) float32 matrix ``H / N``, with header metadata
 
 and optionally ``"sensitivities": "{\"<name>\": <float >= 0>, ...}"`` (a JSON object, one
 finite number >= 0 for every tensor: the model's loss per unit of that weight's squared
-relative output error, for ``jax-signedcut compress --allocate``).
+relative output error, for ``jax-signedcut compress --allocate``) and
+``"weight_sensitivities"`` (the same for weights *without* a tensor in the file, such as
+embedding tables: the loss per unit of the squared relative weight error of their plain
+cuts, so that ``--allocate`` puts them into the budget too).
 
 ``layout`` says how the named weights are stored: ``"torch"``: (out, in),
 ``y = x Wᵀ`` (Hugging Face checkpoints); ``"flax"``: (in, out), ``y = x W``.
@@ -66,6 +69,13 @@ class Calibration:
       :func:`~jax_signedcut._calibration.allocate.measure_sensitivities`), for
       global bit allocation; the file carries it as the metadata field
       ``"sensitivities"`` (a JSON object).
+    weight_sensitivities: optional ``{weight name: loss per unit of squared
+      relative weight error ‖W − Ŵ‖² / ‖W‖²}`` for weights *without* statistics
+      here (embedding tables: a lookup has no input second moment worth an
+      (in, in) matrix), whose error curve is that of their plain cuts
+      (:func:`~jax_signedcut._calibration.allocate.plain_curves`); with it the
+      allocation spreads the bits over them too. The file carries it as the
+      metadata field ``"weight_sensitivities"``.
   """
 
   hessians: Mapping[str, np.ndarray]
@@ -73,6 +83,7 @@ class Calibration:
   layout: str = "flax"
   means: Mapping[str, np.ndarray] | None = None
   sensitivities: Mapping[str, float] | None = None
+  weight_sensitivities: Mapping[str, float] | None = None
 
   def for_weight(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The (in, in) matrix of weight ``name`` after checking it against the weight's ``shape``.
@@ -329,7 +340,8 @@ def check_hessian(h, name: str = "H", *, where: str = "") -> np.ndarray:
 
 def save_calibration(path: str | os.PathLike, cal: Calibration,
                      names: Mapping[str, str] | None = None, *, layout: str | None = None,
-                     sensitivities: Mapping[str, float] | None = None) -> None:
+                     sensitivities: Mapping[str, float] | None = None,
+                     weight_sensitivities: Mapping[str, float] | None = None) -> None:
   """Writes statistics in the calibration file format (see the module doc).
 
   Args:
@@ -342,10 +354,14 @@ def save_calibration(path: str | os.PathLike, cal: Calibration,
     sensitivities: optional ``{name in cal: sensitivity}`` (default
       ``cal.sensitivities``), one finite number >= 0 per matrix, written as the
       metadata field ``"sensitivities"`` under the file's names.
+    weight_sensitivities: optional ``{weight name: sensitivity}`` (default
+      ``cal.weight_sensitivities``) for weights with no matrix in ``cal``,
+      written as ``"weight_sensitivities"`` under the file's names.
 
   Raises:
     ValueError: a bad layout, zero tokens, a bad matrix, or bad sensitivities
-      (non-finite, negative, missing for a matrix or naming none).
+      (non-finite, negative, missing for a matrix or naming none; a weight
+      sensitivity for a weight that has a matrix).
   """
   from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -361,7 +377,29 @@ def save_calibration(path: str | os.PathLike, cal: Calibration,
     from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
     sens = _allocate.check_sensitivities(sens, cal.hessians)
     metadata["sensitivities"] = json.dumps({names.get(k, k): v for k, v in sorted(sens.items())})
+  wsens = cal.weight_sensitivities if weight_sensitivities is None else weight_sensitivities
+  if wsens is not None:
+    wsens = check_weight_sensitivities(wsens, cal.hessians)
+    metadata["weight_sensitivities"] = json.dumps(
+        {names.get(k, k): v for k, v in sorted(wsens.items())})
   save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def check_weight_sensitivities(sensitivity: Mapping[str, float], hessians, *,
+                               where: str = "") -> dict:
+  """``{name: float}`` after checking: finite, >= 0, and no name that has statistics.
+
+  Raises:
+    ValueError: naming the offending names / values (and ``where``, e.g. a file).
+  """
+  from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
+
+  at = f"{where}: " if where else ""
+  both = sorted(set(sensitivity) & set(hessians))
+  if both:
+    raise ValueError(f"{at}weight sensitivities for {len(both)} weights with statistics: "
+                     f"{both[:4]} (theirs belong in 'sensitivities', per unit of output error)")
+  return _allocate.check_sensitivities(sensitivity, sensitivity, where=where)
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -410,7 +448,19 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
       raise ValueError(f"{path}: metadata 'sensitivities' must be a JSON object "
                        f"{{weight name: number >= 0}}, got {meta['sensitivities'][:80]!r}")
     sens = _allocate.check_sensitivities(sens, hess, where=f"{path}: metadata 'sensitivities'")
-  return Calibration(hessians=hess, tokens=tokens, layout=layout, sensitivities=sens)
+  wsens = None
+  if "weight_sensitivities" in meta:
+    try:
+      wsens = json.loads(meta["weight_sensitivities"])
+    except ValueError:
+      wsens = None
+    if not isinstance(wsens, dict):
+      raise ValueError(f"{path}: metadata 'weight_sensitivities' must be a JSON object "
+                       f"{{weight name: number >= 0}}, got {meta['weight_sensitivities'][:80]!r}")
+    wsens = check_weight_sensitivities(wsens, hess,
+                                       where=f"{path}: metadata 'weight_sensitivities'")
+  return Calibration(hessians=hess, tokens=tokens, layout=layout, sensitivities=sens,
+                     weight_sensitivities=wsens)
 
 
 def _check_layout(layout):

@@ -105,8 +105,10 @@ def _load_calibration(args, paths) -> dict:
 
 
 def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
-  """``--allocate``: the signed cut jobs of the leaves with statistics at their allocated bits.
+  """``--allocate``: the signed cut jobs of the leaves with sensitivities at their allocated bits.
 
+  The leaves with statistics by their output error under H, those the file's
+  ``weight_sensitivities`` name (embedding tables) by their plain cuts' weight error.
   Returns ``(jobs, {path: bits})``. Reads each such leaf once more (one at a time) for its
   error curve.
   """
@@ -125,10 +127,16 @@ def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
     raise CliError(f"{where} has no sensitivities (the metadata field 'sensitivities', "
                    "{weight name: loss per unit of squared relative output error}, written by "
                    "save_calibration(..., sensitivities=...); see docs/calibration.md)")
+  wsens = dict(cal.weight_sensitivities or {})
+  unknown = sorted(set(wsens) - {path for _, path, _, _ in src.entries})
+  if unknown:
+    raise CliError(f"{where}: metadata 'weight_sensitivities' names {len(unknown)} weights "
+                   f"{args.input} does not have: {unknown[:4]}")
   picked, sizes, bits = [], {}, {}
   for i, (_, path, shape, _) in enumerate(src.entries):
     job = jobs.get(path)
-    if job is None or path not in cal.hessians or (job.method or args.method) != "signed_cut":
+    if (job is None or (path not in cal.hessians and path not in wsens)
+        or (job.method or args.method) != "signed_cut"):
       continue
     if job.width is not None or job.max_error is not None or len(shape) != 2:
       raise CliError(f"{where}: leaf {path!r} of shape {tuple(shape)} needs a rate or bits "
@@ -145,16 +153,21 @@ def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
     for i, path in picked:
       job = jobs[path]
       w = np.asarray(src.get(i), np.float32)
-      w = w.T if cal.layout == "torch" else w
       options = dict(job.options or ()) if job.method is not None or job.options else arg_options
       outliers = args.outliers if job.outliers is None else job.outliers
-      curves.update(_alloc.budget_curves(
-          {path: w}, {path: cal.hessians[path]}, key=_tree.leaf_key(key, path),
-          budgets=budgets, options=options, outliers=outliers)[0])
+      if path in cal.hessians:
+        w = w.T if cal.layout == "torch" else w
+        curves.update(_alloc.budget_curves(
+            {path: w}, {path: cal.hessians[path]}, key=_tree.leaf_key(key, path),
+            budgets=budgets, options=options, outliers=outliers)[0])
+      else:   # no statistics: the plain cuts of the leaf as stored (what compressing it makes)
+        curves.update(_alloc.plain_curves({path: w}, key=_tree.leaf_key(key, path),
+                                          budgets=budgets, outliers=outliers)[0])
       del w
       release_memory()
-    alloc = _alloc.allocate_bits(curves, sizes, target,
-                                 sensitivity={p: cal.sensitivities[p] for p in sizes})
+    alloc = _alloc.allocate_bits(
+        curves, sizes, target,
+        sensitivity={p: cal.sensitivities[p] if p in cal.hessians else wsens[p] for p in sizes})
   except ValueError as e:
     raise CliError(f"{where}: {e}") from None
   if not args.quiet:

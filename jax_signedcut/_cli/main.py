@@ -101,6 +101,9 @@ calibration:
   and the weighted sum minimised. The CLI has no model to measure
   sensitivities with: they come from STATS (metadata field 'sensitivities',
   written by save_calibration(..., sensitivities=...); docs/calibration.md).
+  Leaves without statistics that STATS gives a 'weight_sensitivities' entry
+  (embedding tables: loss per unit of squared relative weight error) share
+  the budget too, by the weight error of their plain cuts.
   The allocation is printed and kept in OUT's metadata.
     jax-signedcut compress model.safetensors out.safetensors --bits 4 \\
         --calibration model.calib.safetensors
@@ -112,7 +115,7 @@ what is compressed:
   unchanged.
 
   Outliers: by default ('auto') the few entries more than 6 robust standard
-  deviations from the median (at most 0.5 %%) are stored apart (8 bytes each,
+  deviations from the median (at most 0.5 %) are stored apart (8 bytes each,
   paid from the same budget); Gaussian-like matrices get none.
 
 inputs and outputs:
