@@ -328,6 +328,11 @@ def main(argv=None) -> dict:
                  help="with --allocate: the word and position embedding tables (plain cuts, "
                       "no statistics) share the budget with the kernels (default; "
                       "--no-allocate-tables: they keep --bits)")
+  p.add_argument("--save-calibration", metavar="PATH", default=None,
+                 help="with --calibrate: also write the statistics file (Hugging Face names, "
+                      "torch layout) for `jax-signedcut compress --calibration PATH`; with "
+                      "--allocate it carries the measured sensitivities of the kernels and "
+                      "(weight_sensitivities) of the embedding tables")
   p.add_argument("--distill", action="store_true",
                  help="then train c, sparse values, input scales, biases and LayerNorm "
                  "parameters against the original model (S, T unchanged)")
@@ -342,6 +347,8 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.factors is not None and args.calibrate:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
+  if args.save_calibration and not args.calibrate:
+    p.error("--save-calibration needs --calibrate")
   if args.allocate and not (args.calibrate and args.bits is not None):
     p.error("--allocate needs --calibrate and --bits")
   if args.allocate and not (args.allocate_span >= 1 and args.allocate_step > 0
@@ -385,6 +392,15 @@ def main(argv=None) -> dict:
                                     span=args.allocate_span, step=args.allocate_step,
                                     outliers=outliers)
     t_allocate = time.perf_counter() - t0
+  if args.save_calibration:
+    # The same statistics (and sensitivities) under the names of the model's own checkpoint,
+    # model.safetensors in bert.minilm_dir(): what the CLI compresses.
+    sc.save_calibration(
+        args.save_calibration, calibration, bert.hf_names(model.config), layout="torch",
+        sensitivities=None if sens is None else
+        {k: v for k, v in sens.items() if k in calibration.hessians},
+        weight_sensitivities=None if sens is None else
+        ({k: v for k, v in sens.items() if k not in calibration.hessians} or None))
 
   # 1. Decompose every selected 2-D weight, one at a time (progress bar).
   t0 = time.perf_counter()

@@ -209,7 +209,9 @@ def test_main_job_flag_errors(capsys):
                      (["--calibrate", "--bits", "4", "--allocate", "--allocate-span", "0"],
                       "--allocate-span must be an integer >= 1"),
                      (["--calibrate", "--bits", "4", "--allocate", "--allocate-step", "-0.5"],
-                      "got span 1, step -0.5 with --bits 4")):
+                      "got span 1, step -0.5 with --bits 4"),
+                     (["--bits", "4", "--save-calibration", "s.safetensors"],
+                      "--save-calibration needs --calibrate")):
     with pytest.raises(SystemExit):
       ex.main(argv)
     assert want in capsys.readouterr().err
@@ -240,9 +242,19 @@ def test_allocated_main_job_shares_the_budget_with_the_position_table(needs_mode
   ex = _example()
   common = ["--layers", "1", "--skip", "word", "--bits", "3", "--quiet", "--calibrate",
             "--allocate"]
-  out = ex.main(common + ["--out", str(tmp_path / "a.safetensors")])
+  stats_file = tmp_path / "minilm.calib.safetensors"
+  out = ex.main(common + ["--out", str(tmp_path / "a.safetensors"),
+                          "--save-calibration", str(stats_file)])
   alloc = out["allocation"]
   table = "embeddings/position/embedding"
+  # The statistics file for the CLI: the same sensitivities under the Hugging Face names, the
+  # table's (no statistics) as a weight sensitivity.
+  saved = sc.load_calibration(stats_file)
+  hf = bert.hf_names(bert.load_safetensors(model_dir(), num_layers=1).config)
+  assert saved.layout == "torch" and len(saved.hessians) == 6
+  assert saved.sensitivities == {hf[p]: v for p, v in out["sensitivities"].items() if p != table}
+  assert saved.weight_sensitivities == {"embeddings.position_embeddings.weight":
+                                        out["sensitivities"][table]}
   assert table in alloc and len(alloc) == 7 and set(alloc.values()) <= {2.0, 3.0, 4.0}
   sizes = {r["path"]: np.prod(r["shape"]) for r in out["matrices"]}
   assert sum(alloc[p] * sizes[p] for p in alloc) <= 3.0 * sum(sizes[p] for p in alloc) + 1e-6

@@ -41,8 +41,9 @@ from jax_signedcut._core import tree as _tree
 from jax_signedcut._core.protocol import is_compressed
 
 __all__ = ["Bert", "BertConfig", "DISTILL_OUTPUTS", "calibrate_texts", "calibration_batches",
-           "distill_blocks", "distill_texts", "encode", "refit_attention", "hf_kernel_names", "hidden_states", "load_safetensors",
-           "load_tokenizer", "minilm_dir", "sentence_embedding", "with_factors"]
+           "distill_blocks", "distill_texts", "encode", "refit_attention", "hf_kernel_names",
+           "hf_names", "hidden_states", "load_safetensors", "load_tokenizer", "minilm_dir",
+           "sentence_embedding", "with_factors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,6 +569,15 @@ def hf_kernel_names(cfg: BertConfig) -> dict[str, str]:
   """``{flax kernel path: Hugging Face weight name}`` of the Linear kernels (torch layout (out, in))."""
   return {"/".join(map(str, where)): hf for hf, (where, transpose) in _hf_names(cfg).items()
           if transpose}
+
+
+def hf_names(cfg: BertConfig) -> dict[str, str]:
+  """``{flax path: Hugging Face name}`` of every parameter (kernels, tables, biases, norms).
+
+  E.g. to write a statistics file whose ``weight_sensitivities`` name the embedding tables
+  as the Hugging Face checkpoint does (``save_calibration(path, cal, hf_names(cfg), ...)``).
+  """
+  return {"/".join(map(str, where)): hf for hf, (where, _) in _hf_names(cfg).items()}
 
 
 def sensitivities(model: Bert, tokenizer, texts, kept, errors) -> dict[str, float]:
