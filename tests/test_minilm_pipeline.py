@@ -263,3 +263,38 @@ def test_allocated_main_job_shares_the_budget_with_the_position_table(needs_mode
   assert out["sensitivities"][table] >= 0
   fixed = ex.main(common + ["--no-allocate-tables", "--out", str(tmp_path / "b.safetensors")])
   assert table not in fixed["allocation"] and len(fixed["allocation"]) == 6
+
+
+def test_comparison_table_on_one_layer(needs_model, tmp_path):
+  """examples/table_minilm.py on the one-layer slice: plain cuts, RTN, GPTQ at the budget, the
+  main job's allocated checkpoint with the figures the job itself reported, and GPTQ at that
+  checkpoint's split (its tables, the kernels at their allocated bits)."""
+  ex = _example()
+  ckpt = tmp_path / "a.safetensors"
+  job = ex.main(["--layers", "1", "--bits", "3", "--quiet", "--calibrate", "--allocate",
+                 "--out", str(ckpt)])
+  spec = importlib.util.spec_from_file_location(
+      "table_minilm", os.path.join(os.path.dirname(EXAMPLE), "table_minilm.py"))
+  table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table)
+  md = tmp_path / "table.md"
+  rows = table.main(["--layers", "1", "--bits", "3", "--checkpoint", f"allocated={ckpt}",
+                     "--out", str(md)])
+  labels = [r["label"] for r in rows]
+  assert labels[:4] == ["plain cuts", "RTN int3 per output channel",
+                        "GPTQ int3 per output channel", "allocated"], labels
+  by = dict(zip(labels, rows))
+  assert by["plain cuts"]["bits"] <= 3.0 + 1e-6
+  # RTN/GPTQ: 3-bit codes + an f32 scale per output channel on the kernels, 3-bit table cuts.
+  assert 3.0 < by["GPTQ int3 per output channel"]["bits"] < 3.1
+  assert by["allocated"]["mean"] == pytest.approx(job["cosine_mean"], abs=2e-5)
+  assert by["allocated"]["min"] == pytest.approx(job["cosine_min"], abs=2e-5)
+  assert by["allocated"]["bits"] <= 3.0 + 1e-6
+  if len(set(job["allocation"].values())) > 1:    # an allocation that moved bits
+    # (on one layer the word table is 6.6x the kernels: 2 bits for it, 4 for the kernels,
+    # ~2.3 bits in all — the ±1 options leave budget unspent; GPTQ gets the same split)
+    assert labels[4] == "GPTQ at the split of 'allocated'"
+    assert rows[4]["bits"] == pytest.approx(by["allocated"]["bits"], abs=0.1)
+  assert all(-1 <= r["min"] <= r["mean"] <= 1 and 0 <= r["top1"] <= 20 for r in rows)
+  lines = md.read_text().splitlines()
+  assert len(lines) == len(rows) and all(line.startswith("| 3 | ") for line in lines)
