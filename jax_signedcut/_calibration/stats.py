@@ -437,30 +437,30 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
   if not tensors:
     raise ValueError(f"{path}: holds no tensors")
   hess = {k: check_hessian(v, k, where=path) for k, v in tensors.items()}
-  sens = None
-  if "sensitivities" in meta:
+  sens = _json_field(meta, "sensitivities", path)
+  if sens is not None:
     from jax_signedcut._calibration import allocate as _allocate  # noqa: PLC0415
-    try:
-      sens = json.loads(meta["sensitivities"])
-    except ValueError:
-      sens = None
-    if not isinstance(sens, dict):
-      raise ValueError(f"{path}: metadata 'sensitivities' must be a JSON object "
-                       f"{{weight name: number >= 0}}, got {meta['sensitivities'][:80]!r}")
     sens = _allocate.check_sensitivities(sens, hess, where=f"{path}: metadata 'sensitivities'")
-  wsens = None
-  if "weight_sensitivities" in meta:
-    try:
-      wsens = json.loads(meta["weight_sensitivities"])
-    except ValueError:
-      wsens = None
-    if not isinstance(wsens, dict):
-      raise ValueError(f"{path}: metadata 'weight_sensitivities' must be a JSON object "
-                       f"{{weight name: number >= 0}}, got {meta['weight_sensitivities'][:80]!r}")
+  wsens = _json_field(meta, "weight_sensitivities", path)
+  if wsens is not None:
     wsens = check_weight_sensitivities(wsens, hess,
                                        where=f"{path}: metadata 'weight_sensitivities'")
   return Calibration(hessians=hess, tokens=tokens, layout=layout, sensitivities=sens,
                      weight_sensitivities=wsens)
+
+
+def _json_field(meta: Mapping[str, str], field: str, path) -> dict | None:
+  """The JSON object in metadata ``field`` (None when absent); a clear error otherwise."""
+  if field not in meta:
+    return None
+  try:
+    value = json.loads(meta[field])
+  except ValueError:
+    value = None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: metadata {field!r} must be a JSON object "
+                     f"{{weight name: number >= 0}}, got {meta[field][:80]!r}")
+  return value
 
 
 def _check_layout(layout):
