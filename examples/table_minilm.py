@@ -15,10 +15,12 @@ in one run and on the same held-out texts:
   budget read from its own bytes), loaded into ``SignedCutDense`` layers as a
   user would run it;
 * for each checkpoint whose matrices have different budgets (``--allocate``):
-  **GPTQ at the checkpoint's split** — every kernel by GPTQ at its allocated bits
-  rounded to the nearest integer (2..8), the checkpoint's own embedding tables.
+  **GPTQ at the checkpoint's split** — every kernel by GPTQ at integer bits near its
+  allocated bits (``split_bits``: within the same total budget), the checkpoint's own
+  embedding tables.
   The allocation's gain is mostly the split between the tables and the kernels,
-  which any kernel method can use; this row gives it to GPTQ too.
+  which any kernel method can use; this row gives it to GPTQ too (once per split: a
+  distilled copy with the same kernel bits and tables gets no second row).
 
 Figures: sentence-embedding cosine to the uncompressed model on the 50
 ``eval_texts.SENTENCES`` (mean and worst), top-1 agreement of 20 queries × 30
@@ -97,6 +99,28 @@ def kernel_bits(f, w) -> float:
   return 8 * sc.nbytes(f) / int(np.prod(np.shape(w)))
 
 
+def split_bits(per: dict, weights: dict, kernels, flat: dict, *, budget: float) -> dict:
+  """Integer GPTQ bits per kernel near a checkpoint's allocation, within the same budget.
+
+  ``per``: the checkpoint's stored bits per weight of every matrix. Each kernel starts at
+  the floor of its allocated bits (2..8) and the kernels with the largest fractional parts
+  get one more bit while the 38 matrices (the checkpoint's own tables, GPTQ's codes and
+  scales) stay within ``budget`` bits per weight — what the cuts were held to.
+  """
+  size = {k: int(np.prod(np.shape(weights[k]))) for k in weights}
+  cost = lambda k, q: sc.rtn_bits_per_weight(*np.shape(weights[k])[::-1], q) * size[k]  # noqa: E731
+  out = {k: int(np.clip(np.floor(per[k] + 1e-6), 2, 8)) for k in kernels}
+  total = sum(cost(k, out[k]) for k in kernels) + sum(
+      8 * sc.nbytes(flat[t]) for t in weights if t not in out)
+  room = budget * sum(size.values()) - total
+  for k in sorted(kernels, key=lambda k: (-(per[k] - out[k]), k)):
+    extra = cost(k, out[k] + 1) - cost(k, out[k])
+    if out[k] < 8 and per[k] - out[k] > 0.25 and extra <= room:
+      out[k] += 1
+      room -= extra
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--bits", type=float, required=True, help="the budget of this table's rows")
@@ -147,6 +171,7 @@ def main(argv=None):
   row(f"RTN int{ib} per output channel", {**rtn, **tables})
   gq = {k: gptq.gptq(weights[k], cal.hessians[k], bits=ib) for k in kernels}
   row(f"GPTQ int{ib} per output channel", {**gq, **tables})
+  splits = {}   # (kernel bits, table values) -> the label whose GPTQ-at-split row has them
   for label, path in checkpoints:
     flat, meta = load_factors(path)
     missing = [k for k in weights if not sc.is_compressed(flat.get(k))]
@@ -155,8 +180,14 @@ def main(argv=None):
     row(label, flat, note=f"({meta['budget']})" if meta.get("budget") else "")
     per = {k: kernel_bits(flat[k], weights[k]) for k in weights}
     if max(per.values()) - min(per.values()) > 0.25:   # an allocated checkpoint
-      split = {k: gptq.gptq(weights[k], cal.hessians[k],
-                            bits=int(np.clip(round(per[k]), 2, 8))) for k in kernels}
+      kernel_ints = split_bits(per, weights, kernels, flat, budget=b)
+      same = (tuple(sorted(kernel_ints.items())),
+              tuple(np.asarray(flat[t].reconstruct(np.float32)).tobytes() for t in TABLES))
+      if same in splits:   # e.g. a distilled copy of an allocated checkpoint: its tables as they were
+        print(f"GPTQ at the split of '{label}': the row of '{splits[same]}'", flush=True)
+        continue
+      splits[same] = label
+      split = {k: gptq.gptq(weights[k], cal.hessians[k], bits=kernel_ints[k]) for k in kernels}
       table_bits = ", ".join(f"{t.split('/')[1]} {per[t]:.2f}" for t in TABLES)
       row(f"GPTQ at the split of '{label}'", {**split, **{t: flat[t] for t in TABLES}},
           note=f"(kernels int{min(q.inner.bits for q in split.values())}-"
