@@ -240,3 +240,57 @@ def test_distill_trains_the_floats_inside_row_blocks():
     assert not np.array_equal(np.asarray(g.parts[1].inner.c), np.asarray(rest.inner.c))
     runs.append(res.loss)
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-3)
+
+
+def _codes_dense(q):
+  """The (r, c) integer codes of a per-row QuantizedMatrix, read bit by bit (readable oracle)."""
+  words = np.asarray(q.codes)
+  r, c = q.shape
+  out = np.empty((r, c), np.int64)
+  for i in range(r):
+    for j in range(c):
+      bit = j * q.bits
+      v = 0
+      for k in range(q.bits):
+        v |= ((int(words[i, (bit + k) // 32]) >> ((bit + k) % 32)) & 1) << k
+      out[i, j] = v
+  return out
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_distill_trains_the_scales_of_int_codes(dense):
+  """GPTQ / RTN kernels (QuantizedMatrix): their per-row scales train as s0 (1 + u), the codes
+  stay bit for bit and the loss falls (through dense kernels or the layers' own product)."""
+  teacher = _mlp()
+  batches = _batches()
+  student = nnx.clone(teacher)
+  params = nnx.state(student, nnx.Param)
+  f = sc.decompose(params, key=jax.random.key(0), method="rtn", bits_per_weight=5)
+  swap_linears(student, f)
+  q0 = student.layers[3].factors
+  q0 = q0.inner if isinstance(q0, sc.Transposed) else q0
+  assert isinstance(q0, sc.QuantizedMatrix)
+  # The moved value against its readable form: codes × the scales times (1 + u).
+  u = {"s": jnp.linspace(-0.1, 0.1, q0.scale.size).reshape(q0.scale.shape)}
+  moved = _distill._apply_floats(q0, "", {"scale": u["s"]})
+  codes = _codes_dense(q0)
+  np.testing.assert_array_equal(_codes_dense(moved), codes)
+  ratio = np.asarray(moved.reconstruct()) / np.where(np.asarray(q0.reconstruct()) == 0, 1,
+                                                     np.asarray(q0.reconstruct()))
+  nz = np.asarray(q0.reconstruct()) != 0
+  np.testing.assert_allclose(ratio[nz], np.broadcast_to(1 + np.asarray(u["s"]),
+                                                        q0.shape)[nz], rtol=1e-5)
+  before = float(np.mean([_distill.relative_squared_error(student(b), teacher(b))
+                          for b in batches]))
+  res = sc.distill(student, teacher, batches, steps=10, lr=2e-2, key=jax.random.key(0),
+                   dense=dense, train=("quant_scales",))
+  after = float(np.mean([_distill.relative_squared_error(student(b), teacher(b))
+                         for b in batches]))
+  assert after < before and res.trained == sum(
+      int(np.prod(np.shape(layer.factors.inner.scale if isinstance(layer.factors, sc.Transposed)
+                           else layer.factors.scale)))
+      for layer in (student.layers[0], student.layers[3]))
+  q1 = student.layers[3].factors
+  q1 = q1.inner if isinstance(q1, sc.Transposed) else q1
+  np.testing.assert_array_equal(np.asarray(q1.codes), np.asarray(q0.codes))
+  assert not np.array_equal(np.asarray(q1.scale), np.asarray(q0.scale))

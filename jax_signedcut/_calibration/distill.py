@@ -9,6 +9,9 @@ cosine-decayed learning rate), is what a compressed layer holds as floats:
 * the values of each :class:`~jax_signedcut.Sparse` part, as ``v₀ (1 + u)``;
 * the input-channel scales of each :class:`~jax_signedcut.InputScaled`, as
   ``d₀ exp(u)`` (they stay > 0, as the format requires);
+* the absmax scales of each :class:`~jax_signedcut.QuantizedMatrix` (RTN, GPTQ:
+  one per row or group), as ``s₀ (1 + u)`` (``"quant_scales"``), so that an
+  int-b model can be distilled on the same terms as the cuts;
 * every ``nnx.Param`` of at most one dimension (biases, LayerNorm scales and
   offsets), as ``p₀ + u``.
 
@@ -49,6 +52,7 @@ from flax import nnx
 from jax_signedcut._core import checks as _checks
 from jax_signedcut._core import keypath as _keypath
 from jax_signedcut._core.protocol import Compressed, is_compressed
+from jax_signedcut._methods.rtn import QuantizedMatrix
 from jax_signedcut._parts.blocks import RowBlocks
 from jax_signedcut._parts.scaled import InputScaled, Transposed
 from jax_signedcut._parts.sparse import Sparse
@@ -57,7 +61,7 @@ from jax_signedcut._signedcut import packing as _packing
 from jax_signedcut._signedcut.factors import SignedCut
 
 #: What ``distill`` can train (its ``train`` argument).
-TRAINABLE = ("cuts", "sparse", "input_scales", "vectors")
+TRAINABLE = ("cuts", "sparse", "input_scales", "quant_scales", "vectors")
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -108,6 +112,9 @@ def _compressed_floats(f, prefix: str, train: frozenset, out: dict) -> None:
   elif isinstance(f, Sparse):
     if "sparse" in train:
       out[prefix + "val"] = jnp.zeros_like(f.val, jnp.float32)
+  elif isinstance(f, QuantizedMatrix):
+    if "quant_scales" in train:
+      out[prefix + "scale"] = jnp.zeros_like(f.scale, jnp.float32)
   elif isinstance(f, InputScaled):
     if "input_scales" in train:
       out[prefix + "scale"] = jnp.zeros_like(f.scale, jnp.float32)
@@ -127,6 +134,10 @@ def _apply_floats(f, prefix: str, u: dict):
   if isinstance(f, Sparse):
     d = u.get(prefix + "val")
     return f if d is None else dataclasses.replace(f, val=(f.val * (1 + d)).astype(f.val.dtype))
+  if isinstance(f, QuantizedMatrix):
+    d = u.get(prefix + "scale")
+    return f if d is None else dataclasses.replace(
+        f, scale=(f.scale * (1 + d)).astype(f.scale.dtype))
   if isinstance(f, InputScaled):
     d = u.get(prefix + "scale")
     scale = f.scale if d is None else (f.scale * jnp.exp(d)).astype(f.scale.dtype)
