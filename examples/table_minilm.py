@@ -18,6 +18,9 @@ in one run and on the same held-out texts:
   **GPTQ at the checkpoint's split** — every kernel by GPTQ at integer bits near its
   allocated bits (``split_bits``: within the same total budget), the checkpoint's own
   embedding tables.
+  With ``--distill`` each GPTQ row also distilled as the main job's ``--distill``
+  does (``bert.distill_blocks``: GPTQ's per-row scales, biases and LayerNorm; the
+  codes unchanged), the cuts' checkpoints having had that step.
   The allocation's gain is mostly the split between the tables and the kernels,
   which any kernel method can use; this row gives it to GPTQ too (once per split: a
   distilled copy with the same kernel bits and tables gets no second row).
@@ -79,8 +82,14 @@ class Evaluator:
 
   def __call__(self, flat: dict) -> dict:
     """``flat``: ``{path: compressed or array}``; arrays (distilled biases, LayerNorm) copied in."""
-    model = bert.with_factors(bert.load_safetensors(self.model_dir, num_layers=self.layers),
-                              flat, dense_leaves=True)
+    return self.of_model(self.student(flat))
+
+  def student(self, flat: dict):
+    """The model with ``flat``'s matrices (Linear kernels as ``SignedCutDense``)."""
+    return bert.with_factors(bert.load_safetensors(self.model_dir, num_layers=self.layers),
+                             flat, dense_leaves=True)
+
+  def of_model(self, model) -> dict:
     cos = _cosine(self.e_eval, bert.encode(model, self.tok, SENTENCES))
     dev = _cosine(self.e_dev, bert.encode(model, self.tok, DEVELOPMENT))
     top = self._retrieval(model)
@@ -128,6 +137,11 @@ def main(argv=None):
                  help="a compress_minilm.py checkpoint at this budget (repeatable)")
   p.add_argument("--seed", type=int, default=0, help="the key of the plain cuts (as the job's)")
   p.add_argument("--out", default=None, help="append the markdown rows to this file")
+  p.add_argument("--distill", action="store_true",
+                 help="also the GPTQ rows distilled as the main job's --distill does (their "
+                      "scales, biases and LayerNorm; about 280 s a row)")
+  p.add_argument("--distill-steps", type=int, default=100,
+                 help="optimizer steps per block (the main job's default, 100)")
   p.add_argument("--layers", type=int, default=None,
                  help="only the first layers (quick runs; the checkpoints must match)")
   args = p.parse_args(argv)
@@ -160,6 +174,19 @@ def main(argv=None):
 
   def row(label, flat, note=""):
     r = evaluate(flat)
+    _row(label, flat, note, r)
+
+  def distilled_row(label, flat, note=""):
+    """``flat`` distilled as the main job's ``--distill`` does it (same texts, steps, rate)."""
+    student = evaluate.student(flat)
+    t0 = time.perf_counter()
+    bert.distill_blocks(student, bert.load_safetensors(model_dir, num_layers=args.layers), tok,
+                        CALIBRATION, steps=args.distill_steps, lr=2e-3, dev_texts=DEVELOPMENT,
+                        key=jax.random.key(args.seed))
+    _row(label, flat, note + f" (distilled in {time.perf_counter() - t0:.0f} s)",
+         evaluate.of_model(student))
+
+  def _row(label, flat, note, r):
     r.update(label=label, bits=stored_bits(flat, weights), note=note)
     rows.append(r)
     print(f"{b:g} bits | {label:<44} | {r['bits']:.3f} b/w | cosine {r['mean']:.5f} / "
@@ -171,6 +198,8 @@ def main(argv=None):
   row(f"RTN int{ib} per output channel", {**rtn, **tables})
   gq = {k: gptq.gptq(weights[k], cal.hessians[k], bits=ib) for k in kernels}
   row(f"GPTQ int{ib} per output channel", {**gq, **tables})
+  if args.distill:
+    distilled_row(f"GPTQ int{ib} per output channel + distillation", {**gq, **tables})
   splits = {}   # (kernel bits, table values) -> the label whose GPTQ-at-split row has them
   for label, path in checkpoints:
     flat, meta = load_factors(path)
@@ -189,9 +218,12 @@ def main(argv=None):
       splits[same] = label
       split = {k: gptq.gptq(weights[k], cal.hessians[k], bits=kernel_ints[k]) for k in kernels}
       table_bits = ", ".join(f"{t.split('/')[1]} {per[t]:.2f}" for t in TABLES)
-      row(f"GPTQ at the split of '{label}'", {**split, **{t: flat[t] for t in TABLES}},
-          note=f"(kernels int{min(q.inner.bits for q in split.values())}-"
-               f"{max(q.inner.bits for q in split.values())}; tables: {table_bits} b/w)")
+      note = (f"(kernels int{min(q.inner.bits for q in split.values())}-"
+              f"{max(q.inner.bits for q in split.values())}; tables: {table_bits} b/w)")
+      row(f"GPTQ at the split of '{label}'", {**split, **{t: flat[t] for t in TABLES}}, note)
+      if args.distill:
+        distilled_row(f"GPTQ at the split of '{label}' + distillation",
+                      {**split, **{t: flat[t] for t in TABLES}}, note)
   print(f"total {time.perf_counter() - t_start:.0f} s")
   if args.out:
     with open(args.out, "a", encoding="utf-8") as fh:

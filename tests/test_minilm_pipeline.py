@@ -267,8 +267,9 @@ def test_allocated_main_job_shares_the_budget_with_the_position_table(needs_mode
 
 def test_comparison_table_on_one_layer(needs_model, tmp_path):
   """examples/table_minilm.py on the one-layer slice: plain cuts, RTN, GPTQ at the budget, the
-  main job's allocated checkpoint with the figures the job itself reported, and GPTQ at that
-  checkpoint's split (its tables, the kernels at their allocated bits)."""
+  main job's allocated checkpoint with the figures the job itself reported, GPTQ at that
+  checkpoint's split (its tables, the kernels at their allocated bits), and (--distill) the
+  GPTQ rows distilled."""
   ex = _example()
   ckpt = tmp_path / "a.safetensors"
   job = ex.main(["--layers", "1", "--bits", "3", "--quiet", "--calibrate", "--allocate",
@@ -279,11 +280,19 @@ def test_comparison_table_on_one_layer(needs_model, tmp_path):
   spec.loader.exec_module(table)
   md = tmp_path / "table.md"
   rows = table.main(["--layers", "1", "--bits", "3", "--checkpoint", f"allocated={ckpt}",
-                     "--out", str(md)])
+                     "--out", str(md), "--distill", "--distill-steps", "10"])
+  labels = [r["label"] for r in rows]
+  by = dict(zip(labels, rows))
+  # --distill: each GPTQ row also distilled (its scales trained), at the same bits.
+  distilled = [r for r in rows if r["label"].endswith(" + distillation")]
+  assert [r["label"] for r in distilled][:1] == ["GPTQ int3 per output channel + distillation"]
+  for r in distilled:
+    assert r["bits"] == by[r["label"][:-len(" + distillation")]]["bits"]
+    assert r["dev_mean"] > by[r["label"][:-len(" + distillation")]]["dev_mean"] - 0.01
+  rows = [r for r in rows if r not in distilled]
   labels = [r["label"] for r in rows]
   assert labels[:4] == ["plain cuts", "RTN int3 per output channel",
                         "GPTQ int3 per output channel", "allocated"], labels
-  by = dict(zip(labels, rows))
   assert by["plain cuts"]["bits"] <= 3.0 + 1e-6
   # RTN/GPTQ: 3-bit codes + an f32 scale per output channel on the kernels, 3-bit table cuts.
   assert 3.0 < by["GPTQ int3 per output channel"]["bits"] < 3.1
@@ -297,4 +306,5 @@ def test_comparison_table_on_one_layer(needs_model, tmp_path):
     assert rows[4]["bits"] == pytest.approx(by["allocated"]["bits"], abs=0.1)
   assert all(-1 <= r["min"] <= r["mean"] <= 1 and 0 <= r["top1"] <= 20 for r in rows)
   lines = md.read_text().splitlines()
-  assert len(lines) == len(rows) and all(line.startswith("| 3 | ") for line in lines)
+  assert len(lines) == len(rows) + len(distilled)
+  assert all(line.startswith("| 3 | ") for line in lines)
