@@ -173,7 +173,7 @@ def _options_for(path, search, blocks, backfit=0):
 
 
 def allocation(model, tok, params, calibration, *, bits, search, key, say, blocks="auto",
-               backfit=0, tables=(), span=1, step=1.0, outliers="auto"):
+               backfit=0, tables=(), span=1, step=1.0, outliers="auto", gptq=False):
   """Bits per matrix, ``bits`` on average over the calibrated kernels and ``tables``; the rules.
 
   Curves: each kernel's squared relative output error under the calibration H at
@@ -183,7 +183,11 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   of the embeddings on 64 calibration texts per unit of its error (calibration texts
   only). The kernels' curves and sensitivities are of the cuts without backfitting (each
   backfitted budget would cost a search of its own); the rules carry ``backfit`` for the
-  chosen budgets. Returns ``(bits by path, rules, sensitivities)``.
+  chosen budgets. With ``gptq`` a kernel may instead take GPTQ int-b codes (b the
+  integers among the budgets, 2..8; their output error under H), whichever option the
+  allocation finds cheaper for the same sensitivity (measured with the cuts: the loss is
+  taken as linear in the output error, whatever made it). Returns ``(bits by path, rules,
+  sensitivities)``.
   """
   from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
   from jax_signedcut._core.tree import leaf_key  # noqa: PLC0415
@@ -208,19 +212,31 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   errors = {p: float(np.interp(bits, *curves[p])) for p in names}
   sens = bert.sensitivities(model, tok, list(CALIBRATION[::5])[:64], kept, errors)
   sizes = {p: int(np.prod(np.shape(flat[p]))) for p in names}
+  methods = {}
+  if gptq:
+    codes = sorted({int(round(b)) for b in grid if 2 <= round(b) <= 8})
+    kernels = sorted(calibration.hessians)
+    by_gptq, _ = _alloc.gptq_curves({p: flat[p] for p in kernels},
+                                    {p: calibration.hessians[p] for p in kernels}, codes=codes)
+    curves, methods = _alloc.merge_curves({"signed_cut": curves, "gptq": by_gptq})
   alloc = _alloc.allocate_bits(curves, sizes, bits, sensitivity=sens)
+  method = lambda p: methods.get(p, {}).get(alloc[p], "signed_cut")  # noqa: E731
   mean = sum(alloc[p] * sizes[p] for p in names) / sum(sizes.values())
   say(f"allocation: {mean:.3f} bits/weight over {len(names)} matrices (target {bits:g})")
   kinds = sorted({re.sub(r"layers/\d+/", "", p) for p in names if p not in tables})
   layers = sorted({int(m.group(1)) for p in names if (m := re.search(r"layers/(\d+)/", p))})
   say("  " + f"{'layer':<7}" + "".join(f"{k.split('/')[0]:>15}" for k in kinds))
+  def cell(p):
+    if p not in alloc:
+      return "nan"
+    return f"gptq {alloc[p]:.2f}" if method(p) == "gptq" else f"{alloc[p]:g}"
+
   for layer in layers:
-    say("  " + f"{layer:<7}" + "".join(
-        f"{alloc.get(f'layers/{layer}/{k}', float('nan')):>15g}" for k in kinds))
+    say("  " + f"{layer:<7}" + "".join(f"{cell(f'layers/{layer}/{k}'):>15}" for k in kinds))
   for p in tables:
     say(f"  {p}: {alloc[p]:g}")
-  rule_opts = lambda p: {} if p in tables else final(p)  # noqa: E731
-  return alloc, _alloc.allocation_rules(alloc, options=rule_opts), sens
+  rule_opts = lambda p: {} if p in tables or method(p) == "gptq" else final(p)  # noqa: E731
+  return alloc, _alloc.allocation_rules(alloc, options=rule_opts, method=method), sens
 
 
 def _parts(f, cls):
@@ -328,6 +344,10 @@ def main(argv=None) -> dict:
                  help="with --allocate: the word and position embedding tables (plain cuts, "
                       "no statistics) share the budget with the kernels (default; "
                       "--no-allocate-tables: they keep --bits)")
+  p.add_argument("--allocate-gptq", action="store_true",
+                 help="with --allocate: a kernel may take GPTQ int-b codes instead of cuts "
+                      "where they cost less output error per bit (the method chosen per "
+                      "kernel with its bits; docs/calibration.md section 13)")
   p.add_argument("--save-calibration", metavar="PATH", default=None,
                  help="with --calibrate: also write the statistics file (Hugging Face names, "
                       "torch layout) for `jax-signedcut compress --calibration PATH`; with "
@@ -347,6 +367,8 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.factors is not None and args.calibrate:
     p.error("--factors loads a compressed checkpoint: --calibrate has nothing to do")
+  if args.allocate_gptq and not args.allocate:
+    p.error("--allocate-gptq needs --allocate")
   if args.save_calibration and not args.calibrate:
     p.error("--save-calibration needs --calibrate")
   if args.allocate and not (args.calibrate and args.bits is not None):
@@ -390,7 +412,7 @@ def main(argv=None) -> dict:
                                                  and not any(re.search(k, t) for k in args.skip))
                                     if args.allocate_tables else (),
                                     span=args.allocate_span, step=args.allocate_step,
-                                    outliers=outliers)
+                                    outliers=outliers, gptq=args.allocate_gptq)
     t_allocate = time.perf_counter() - t0
   if args.save_calibration:
     # The same statistics (and sensitivities) under the names of the model's own checkpoint,
@@ -428,6 +450,7 @@ def main(argv=None) -> dict:
                        or (args.search == "plain" and calibration is not None
                            and path in calibration.hessians),
                        outliers=sum(int(q.count) for q in _parts(f, sc.Sparse)),
+                       method="gptq" if _parts(f, sc.QuantizedMatrix) else "signed_cut",
                        error=float(sc.relative_error(a, f)), bytes=sc.nbytes(f)))
   bytes_f32 = sum(np.prod(r["shape"]) * 4 for r in rows)
   bytes_packed = sum(r["bytes"] for r in rows)
@@ -443,7 +466,7 @@ def main(argv=None) -> dict:
   if args.calibrate:
     budget_text += ", calibrated"
   if args.allocate:
-    budget_text += ", allocated"
+    budget_text += ", allocated" + (" with GPTQ" if args.allocate_gptq else "")
   sc.save(args.out, factors, metadata={"model": "all-MiniLM-L6-v2", "budget": budget_text,
                                        "outliers": str(outliers), "seed": args.seed})
   size = os.path.getsize(args.out)
@@ -487,7 +510,8 @@ def main(argv=None) -> dict:
       top1_correct_compressed=float(np.mean(top_comp == np.array(ANSWERS))),
       seconds_decompose=t_decompose, seconds_eval=t_eval, seconds_total=total,
       seconds_calibrate=t_calibrate,
-      calibrated_kernels=sum(r["calibrated"] for r in rows), **distilled)
+      calibrated_kernels=sum(r["calibrated"] for r in rows),
+      gptq_kernels=sum(r["method"] == "gptq" for r in rows), **distilled)
   if args.allocate:
     report.update(allocation=alloc, sensitivities=sens, seconds_allocate=t_allocate)
 

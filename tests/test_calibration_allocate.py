@@ -356,3 +356,72 @@ def test_plain_curve_errors():
   with pytest.raises(ValueError, match=r"matrix 'v' must be a non-empty 2-D array, got shape "
                                        r"\(8,\)"):
     allocate.plain_curves({"v": np.ones(8, np.float32)}, key=KEY, budgets=BUDGETS)
+
+
+def _gptq_error2(w, h, bits):
+  """Readable reference: tr(EᵀHE) / tr(WᵀHW) of GPTQ's int-b kernel, in float64."""
+  q = np.asarray(sc.decompose(jnp.asarray(w), key=KEY, method="gptq", calibration=h,
+                              bits_per_weight=sc.rtn_bits_per_weight(w.shape[1], w.shape[0],
+                                                                     bits)).reconstruct(),
+                 np.float64)
+  e, h64, w64 = q - w, np.asarray(h, np.float64), np.asarray(w, np.float64)
+  return np.trace(e.T @ h64 @ e) / np.trace(w64.T @ h64 @ w64)
+
+
+def test_gptq_curves_and_the_method_chosen_per_matrix(kernels):
+  """GPTQ's curve is its stored bits and output error under H; merged with the cuts' curve,
+  the allocation chooses method and bits per kernel, and the rules reproduce both."""
+  weights, hessians, curves, _ = kernels
+  g, kept = allocate.gptq_curves(weights, hessians, codes=(3, 4), keep=4)
+  for p in weights:
+    bits, err2 = g[p]
+    np.testing.assert_allclose(bits, [sc.rtn_bits_per_weight(48, 32, b) for b in (3, 4)])
+    for b, e2 in zip((3, 4), err2):
+      np.testing.assert_allclose(e2, _gptq_error2(weights[p], hessians[p], b), rtol=1e-4)
+    assert kept[p].shape == weights[p].shape
+  merged, methods = allocate.merge_curves({"signed_cut": curves, "gptq": g,
+                                           "none": {"a": (np.array([3.0]), np.array([9.0]))}})
+  for p in weights:
+    bits, err2 = merged[p]
+    assert np.all(np.diff(bits) > 0)
+    # The union of the options (at in = 32 GPTQ's scales cost 1 bit: int3 is 4.0 bits, the
+    # cuts' 4-bit option); at equal bits the lower error and its method stay.
+    options = {}
+    for method, c in (("signed_cut", curves[p]), ("gptq", g[p])) + (
+        (("none", (np.array([3.0]), np.array([9.0]))),) if p == "a" else ()):
+      for b, e in zip(*c):
+        if float(b) not in options or e < options[float(b)][0]:
+          options[float(b)] = (float(e), method)
+    assert list(bits) == sorted(options)
+    assert [(float(e), methods[p][float(b)]) for b, e in zip(bits, err2)] == [
+        options[b] for b in sorted(options)]
+  sizes = {p: weights[p].size for p in weights}
+  got = allocate.allocate_bits(merged, sizes, 4.0, sensitivity={"a": 1.0, "b": 1.0})
+  assert sum(got[p] * sizes[p] for p in sizes) <= 4.0 * sum(sizes.values())
+  chosen = {p: methods[p][got[p]] for p in got}
+  rules = allocate.allocation_rules(got, options=lambda p: OPTS if chosen[p] == "signed_cut"
+                                    else {}, method=chosen.get)
+  out = sc.decompose(weights, key=KEY, bits_per_weight=4, calibration=hessians, rules=rules)
+  for p in weights:
+    is_gptq = bool(isinstance(out[p], sc.Transposed)
+                   and isinstance(out[p].inner, sc.QuantizedMatrix))
+    assert is_gptq == (chosen[p] == "gptq"), (p, chosen[p], type(out[p]))
+    assert 8 * sc.nbytes(out[p]) <= got[p] * sizes[p] + 1e-6
+  # One kernel forced to GPTQ by the curve: at 100x the cuts' error the solver takes GPTQ.
+  worse = dict(merged)
+  b, e = merged["a"]
+  worse["a"] = (b, np.where([methods["a"][x] == "signed_cut" for x in b], e * 100, e))
+  got = allocate.allocate_bits(worse, sizes, 4.0)
+  assert methods["a"][got["a"]] == "gptq"
+
+
+@pytest.mark.parametrize("codes, match", [((4, 3), "increasing integers"), ((1, 2), "2..8"),
+                                          ((3.5,), "integers"), ((), "increasing")])
+def test_gptq_curve_errors(kernels, codes, match):
+  weights, hessians, _, _ = kernels
+  with pytest.raises(ValueError, match=match):
+    allocate.gptq_curves(weights, hessians, codes=codes)
+  with pytest.raises(ValueError, match="keep=5"):
+    allocate.gptq_curves(weights, hessians, codes=(3, 4), keep=5)
+  with pytest.raises(ValueError, match="same kernels"):
+    allocate.gptq_curves(weights, {"a": hessians["a"]}, codes=(3,))

@@ -211,7 +211,9 @@ def test_main_job_flag_errors(capsys):
                      (["--calibrate", "--bits", "4", "--allocate", "--allocate-step", "-0.5"],
                       "got span 1, step -0.5 with --bits 4"),
                      (["--bits", "4", "--save-calibration", "s.safetensors"],
-                      "--save-calibration needs --calibrate")):
+                      "--save-calibration needs --calibrate"),
+                     (["--calibrate", "--bits", "4", "--allocate-gptq"],
+                      "--allocate-gptq needs --allocate")):
     with pytest.raises(SystemExit):
       ex.main(argv)
     assert want in capsys.readouterr().err
@@ -308,3 +310,26 @@ def test_comparison_table_on_one_layer(needs_model, tmp_path):
   lines = md.read_text().splitlines()
   assert len(lines) == len(rows) + len(distilled)
   assert all(line.startswith("| 3 | ") for line in lines)
+
+
+def test_allocate_gptq_chooses_the_method_per_kernel(needs_model, tmp_path):
+  """--allocate-gptq on the one-layer slice: every kernel is cuts or GPTQ codes as its
+  allocated bits say (GPTQ's options are its stored bits, scales included), all within the
+  4-bit total, and the checkpoint loads into SignedCutDense layers."""
+  ex = _example()
+  out = tmp_path / "g.safetensors"
+  report = ex.main(["--layers", "1", "--skip", "word", "--bits", "4", "--quiet", "--calibrate",
+                    "--allocate", "--allocate-gptq", "--out", str(out)])
+  alloc = report["allocation"]
+  rows = {r["path"]: r for r in report["matrices"]}
+  sizes = {p: int(np.prod(rows[p]["shape"])) for p in alloc}
+  assert sum(alloc[p] * sizes[p] for p in alloc) <= 4.0 * sum(sizes.values()) + 1e-6
+  gptq_bits = {p for p in alloc if p.endswith("/kernel") and any(
+      abs(alloc[p] - sc.rtn_bits_per_weight(rows[p]["shape"][1], rows[p]["shape"][0], b))
+      < 1e-9 for b in range(2, 9))}
+  assert report["gptq_kernels"] == len(gptq_bits) >= 1, (alloc, report["gptq_kernels"])
+  for p in alloc:
+    assert (rows[p]["method"] == "gptq") == (p in gptq_bits), (p, alloc[p], rows[p]["method"])
+    assert 8 * rows[p]["bytes"] <= alloc[p] * sizes[p] + 1e-6
+  assert "allocated with GPTQ" in sc.load_info(out)["user"]["budget"]
+  assert report["signedcut_dense_layers"] == 6 and report["cosine_mean"] > 0.98, report

@@ -287,6 +287,88 @@ def plain_curves(weights: Mapping[str, np.ndarray], *, key, budgets, outliers="a
   return curves, kept
 
 
+def gptq_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.ndarray], *,
+                codes, damp: float = 0.01, keep: int | None = None):
+  """Each kernel's squared relative output error under H of GPTQ at each code width.
+
+  The GPTQ options of a per-matrix method choice: beside :func:`budget_curves`' cuts, a
+  kernel may take int-b codes (one f32 scale per output channel) where they cost less
+  output error per bit; :func:`merge_curves` puts both on one curve.
+
+  Args:
+    weights: ``{name: (in, out) kernel}``.
+    hessians: ``{name: (in, in) H/N}``, the same names.
+    codes: increasing code widths (integers 2..8).
+    damp: GPTQ's relative damping of H.
+    keep: also return each kernel's dense GPTQ reconstruction at this code width.
+
+  Returns:
+    ``(curves, kept)``: ``curves = {name: (stored bits per weight, squared error)}``
+    (codes and scales: ``rtn_bits_per_weight``), ``kept`` as :func:`budget_curves`.
+
+  Raises:
+    ValueError: names in one mapping and not the other, codes not increasing integers in
+      2..8, ``keep`` not among them, or what ``gptq`` rejects.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from jax_signedcut._calibration import api as _api  # noqa: PLC0415
+  from jax_signedcut._calibration import gptq as _gptq  # noqa: PLC0415
+  from jax_signedcut._calibration import objective as _objective  # noqa: PLC0415
+  from jax_signedcut._methods import rtn as _rtn  # noqa: PLC0415
+
+  codes = tuple(codes)
+  if (not codes or any(isinstance(b, bool) or int(b) != b or not 2 <= b <= 8 for b in codes)
+      or any(b1 <= b0 for b0, b1 in zip(codes, codes[1:]))):
+    raise ValueError(f"codes must be increasing integers in 2..8, got {codes}")
+  if keep is not None and keep not in codes:
+    raise ValueError(f"keep={keep!r} is not among codes {codes}")
+  if set(weights) != set(hessians):
+    odd = sorted(set(weights) ^ set(hessians))
+    raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
+  curves, kept = {}, {}
+  for name in sorted(weights):
+    w = jnp.asarray(weights[name], jnp.float32)
+    h = _api.check_statistics(hessians[name], w.shape, path=name)
+    fan_in, out = w.shape
+    errs = []
+    for b in codes:
+      r = _gptq.gptq(w, h, bits=int(b), damp=damp).reconstruct()
+      errs.append(float(_objective.relative_output_error(w, r, h)) ** 2)
+      if keep is not None and b == keep:
+        kept[name] = np.asarray(r)
+    curves[name] = (np.array([_rtn.rtn_bits_per_weight(out, fan_in, int(b)) for b in codes]),
+                    np.array(errs))
+  return curves, kept
+
+
+def merge_curves(by_method: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]):
+  """One curve per matrix over the options of several methods, and which method each is.
+
+  Args:
+    by_method: ``{method: {name: (bits, error)}}``; a matrix may be missing from some
+      methods (e.g. embedding tables have no GPTQ curve).
+
+  Returns:
+    ``(curves, methods)``: ``curves = {name: (bits, error)}`` with the options of every
+    method sorted by bits (of two options with the same bits, the lower error), for
+    :func:`allocate_bits`; ``methods = {name: {bits: method}}`` to read the choice back.
+  """
+  options: dict[str, dict[float, tuple[float, str]]] = {}
+  for method, curves in by_method.items():
+    for name, (bits, err) in curves.items():
+      for b, e in zip(np.asarray(bits, np.float64), np.asarray(err, np.float64)):
+        best = options.setdefault(name, {}).get(float(b))
+        if best is None or e < best[0]:
+          options[name][float(b)] = (float(e), method)
+  curves, methods = {}, {}
+  for name, opts in options.items():
+    bits = sorted(opts)
+    curves[name] = (np.array(bits), np.array([opts[b][0] for b in bits]))
+    methods[name] = {b: opts[b][1] for b in bits}
+  return curves, methods
+
+
 def check_sensitivities(sensitivity: Mapping[str, float], names, *, where: str = "") -> dict:
   """``{name: float}`` after checking: finite, >= 0, one for each of ``names``, no others.
 
@@ -339,17 +421,20 @@ def allocate_bits(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
   return {k: float(np.asarray(curves[k][0])[i]) for k, i in choice.items()}
 
 
-def allocation_rules(bits: Mapping[str, float], *, options=None, method: str = "signed_cut"):
+def allocation_rules(bits: Mapping[str, float], *, options=None, method="signed_cut"):
   """``rules`` for ``decompose`` / ``decompose_leafwise``: one exact-path rule per kernel.
 
-  ``options``: one dict for every kernel or a callable ``name -> dict``.
+  ``options``: one dict for every kernel or a callable ``name -> dict``; ``method``: one
+  method for every kernel or a callable ``name -> method`` (e.g. from
+  :func:`merge_curves`' ``methods``).
   """
   import re  # noqa: PLC0415
 
   from jax_signedcut._core.tree import Budget  # noqa: PLC0415
 
+  method_of = method if callable(method) else (lambda name: method)  # noqa: E731
   return [(f"^{re.escape(name)}$",
-           Budget(bits_per_weight=float(b), method=method,
+           Budget(bits_per_weight=float(b), method=method_of(name),
                   options=_options_for(options, name) or None))
           for name, b in sorted(bits.items())]
 
