@@ -425,3 +425,37 @@ def test_gptq_curve_errors(kernels, codes, match):
     allocate.gptq_curves(weights, hessians, codes=(3, 4), keep=5)
   with pytest.raises(ValueError, match="same kernels"):
     allocate.gptq_curves(weights, {"a": hessians["a"]}, codes=(3,))
+
+
+def test_cli_allocate_gptq_chooses_the_method_per_leaf(torch_files, kernels, tmp_path, capsys):
+  """--allocate-gptq: the CLI's choice of method and bits is the library's (cuts' and GPTQ's
+  curves merged, the same solver), and each leaf is what decompose makes with that choice."""
+  d, tensors, cal = torch_files
+  _, _, curves, _ = kernels
+  out = tmp_path / "g.safetensors"
+  code, stdout, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                           "--calibration", d / "sens.safetensors", "--allocate",
+                           "--allocate-gptq", *_opts_argv())
+  assert code == 0, err
+  ws = {p: np.asarray(tensors[p]).T for p in ("a.weight", "b.weight")}
+  g, _ = allocate.gptq_curves(ws, {p: cal.hessians[p] for p in ws}, codes=(3, 4, 5))
+  merged, methods = allocate.merge_curves(
+      {"signed_cut": {f"{p}.weight": c for p, c in curves.items()}, "gptq": g})
+  sizes = {"a.weight": 1536, "b.weight": 1536}
+  want = allocate.allocate_bits(merged, sizes, 4.0, sensitivity=cal_sens(d))
+  saved = sc.load_info(out)["user"]["allocation"]
+  got = sc.load(out)
+  for p, b in want.items():
+    if methods[p][b] == "gptq":
+      assert saved[p] == {"bits": b, "method": "gptq"} and f"{p}  {b:g} bits  gptq" in stdout
+      ref = sc.decompose(jnp.asarray(ws[p]), key=KEY, method="gptq", bits_per_weight=b,
+                         calibration=cal.hessians[p])
+      np.testing.assert_allclose(np.asarray(got[p].reconstruct()),
+                                 np.asarray(ref.reconstruct()).T, rtol=1e-6, atol=1e-7)
+    else:
+      assert saved[p] == b
+  assert "gptq" in {methods[p][b] for p, b in want.items()}     # the test covers that branch
+  assert sum(sc.nbytes(got[p]) for p in want) <= 4 * sum(sizes.values()) / 8
+  code, _, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
+                      "--calibration", d / "sens.safetensors", "--allocate-gptq")
+  assert code != 0 and "--allocate-gptq needs --allocate" in err

@@ -147,9 +147,13 @@ def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
   if not picked:
     raise CliError(f"{where}: no signed cut leaf of {args.input} has statistics")
   target = sum(bits[p] * sizes[p] for p in sizes) / sum(sizes.values())
-  curves = {}
+  curves, gptq = {}, {}
   try:
     budgets = _alloc.budget_grid(target)
+    codes = sorted({int(round(b)) for b in budgets if 2 <= round(b) <= 8})
+    if getattr(args, "allocate_gptq", False) and not codes:
+      raise ValueError(f"--allocate-gptq: the options {budgets} bits per weight hold no GPTQ "
+                       "code width in 2..8")
     for i, path in picked:
       job = jobs[path]
       w = np.asarray(src.get(i), np.float32)
@@ -160,25 +164,37 @@ def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
         curves.update(_alloc.budget_curves(
             {path: w}, {path: cal.hessians[path]}, key=_tree.leaf_key(key, path),
             budgets=budgets, options=options, outliers=outliers)[0])
+        if getattr(args, "allocate_gptq", False):
+          gptq.update(_alloc.gptq_curves({path: w}, {path: cal.hessians[path]},
+                                         codes=codes)[0])
       else:   # no statistics: the plain cuts of the leaf as stored (what compressing it makes)
         curves.update(_alloc.plain_curves({path: w}, key=_tree.leaf_key(key, path),
                                           budgets=budgets, outliers=outliers)[0])
       del w
       release_memory()
+    methods = {}
+    if gptq:   # the method chosen per kernel with its bits (docs/calibration.md section 13)
+      curves, methods = _alloc.merge_curves({"signed_cut": curves, "gptq": gptq})
     alloc = _alloc.allocate_bits(
         curves, sizes, target,
         sensitivity={p: cal.sensitivities[p] if p in cal.hessians else wsens[p] for p in sizes})
   except ValueError as e:
     raise CliError(f"{where}: {e}") from None
+  chosen = {p: methods.get(p, {}).get(alloc[p], "signed_cut") for p in alloc}
   if not args.quiet:
     mean = sum(alloc[p] * sizes[p] for p in sizes) / sum(sizes.values())
     print(f"allocation: {mean:.4g} bits/weight over {len(sizes)} leaves (budget {target:.4g})")
     for p in sorted(alloc):
-      print(f"  {p}  {alloc[p]:g} bits")
+      print(f"  {p}  {alloc[p]:g} bits" + ("  gptq" if chosen[p] == "gptq" else ""))
   new = dict(jobs)
   for p, b in alloc.items():
-    new[p] = jobs[p]._replace(rate=None, bits_per_weight=b)
-  return new, alloc
+    if chosen[p] == "gptq":
+      new[p] = jobs[p]._replace(rate=None, bits_per_weight=b, method="gptq", options={},
+                                outliers=None, lowrank=None)
+    else:
+      new[p] = jobs[p]._replace(rate=None, bits_per_weight=b)
+  return new, {p: b if chosen[p] == "signed_cut" else {"bits": b, "method": "gptq"}
+               for p, b in alloc.items()}
 
 
 def run(args) -> int:
@@ -191,6 +207,8 @@ def run(args) -> int:
   check_method_args(args)
   if getattr(args, "allocate", False) and not args.calibration:
     raise CliError("--allocate needs --calibration STATS (with sensitivities)")
+  if getattr(args, "allocate_gptq", False) and not getattr(args, "allocate", False):
+    raise CliError("--allocate-gptq needs --allocate")
   default = default_budget(args)
   rules = list(args.rule or [])
   if default is None and not any(b is not None for _, b in rules):

@@ -103,7 +103,11 @@ calibration:
   written by save_calibration(..., sensitivities=...); docs/calibration.md).
   Leaves without statistics that STATS gives a 'weight_sensitivities' entry
   (embedding tables: loss per unit of squared relative weight error) share
-  the budget too, by the weight error of their plain cuts.
+  the budget too, by the weight error of their plain cuts. With
+  --allocate-gptq a leaf with statistics may instead take GPTQ int-b codes
+  (b the integers among those budgets, at their stored bits with scales) where
+  they cost less output error per bit: the method is chosen per leaf with its
+  bits (docs/calibration.md section 13).
   The allocation is printed and kept in OUT's metadata.
     jax-signedcut compress model.safetensors out.safetensors --bits 4 \\
         --calibration model.calib.safetensors
@@ -214,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--allocate", action="store_true",
                  help="with --calibration: spread the signed cut leaves' total bits by the "
                  "sensitivities in STATS (see below)")
+  c.add_argument("--allocate-gptq", action="store_true",
+                 help="with --allocate: a leaf with statistics may take GPTQ int-b codes "
+                 "instead of cuts where they cost less output error per bit (see below)")
   c.add_argument("--min-dim", type=int, default=16, metavar="N",
                  help="compress only matrices with both dims >= N (default 16)")
   c.add_argument("--backend", default="auto", choices=("auto", "jnp", "ffi"),
