@@ -135,6 +135,12 @@ def _options_for(options, name):
   return dict(options)
 
 
+def _check_same_names(weights, hessians) -> None:
+  if set(weights) != set(hessians):
+    odd = sorted(set(weights) ^ set(hessians))
+    raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
+
+
 def _check_budgets(budgets) -> tuple[float, ...]:
   budgets = tuple(float(b) for b in budgets)
   if not budgets or any(b1 <= b0 for b0, b1 in zip(budgets, budgets[1:])) or budgets[0] <= 0:
@@ -187,9 +193,7 @@ def budget_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.n
   keeps = () if keep is None else tuple(float(b) for b in (keep if several else (keep,)))
   if any(b not in budgets for b in keeps):
     raise ValueError(f"keep={keep!r} is not among budgets {budgets}")
-  if set(weights) != set(hessians):
-    odd = sorted(set(weights) ^ set(hessians))
-    raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
+  _check_same_names(weights, hessians)
   curves, kept = {}, {}
   for name in sorted(weights):
     w = jnp.asarray(weights[name], jnp.float32)
@@ -323,9 +327,7 @@ def gptq_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.nda
     raise ValueError(f"codes must be increasing integers in 2..8, got {codes}")
   if keep is not None and keep not in codes:
     raise ValueError(f"keep={keep!r} is not among codes {codes}")
-  if set(weights) != set(hessians):
-    odd = sorted(set(weights) ^ set(hessians))
-    raise ValueError(f"weights and hessians must name the same kernels; differ in {odd[:4]}")
+  _check_same_names(weights, hessians)
   curves, kept = {}, {}
   for name in sorted(weights):
     w = jnp.asarray(weights[name], jnp.float32)
