@@ -459,3 +459,11 @@ def test_cli_allocate_gptq_chooses_the_method_per_leaf(torch_files, kernels, tmp
   code, _, err = _cli(capsys, "compress", d / "in.safetensors", out, "--bits", "4",
                       "--calibration", d / "sens.safetensors", "--allocate-gptq")
   assert code != 0 and "--allocate-gptq needs --allocate" in err
+
+
+def test_allocate_never_buys_more_error():
+  """An option with more bytes and no less error (e.g. another method's, merged in) is not
+  taken, even with budget to spare."""
+  curves = {"a": (np.array([1.0, 2.0, 2.1]), np.array([5.0, 1.0, 1.5])),
+            "b": (np.array([1.0, 2.0]), np.array([4.0, 4.0]))}
+  assert allocate.allocate(curves, 100.0) == {"a": 1, "b": 0}

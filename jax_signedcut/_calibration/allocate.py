@@ -89,7 +89,8 @@ def allocate(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], budget: float,
     if p + 1 < len(hull):
       i0, i1 = hull[p], hull[p + 1]
       gain = (e[i0] - e[i1]) / (b[i1] - b[i0])
-      heapq.heappush(heap, (-gain, name))
+      if gain > 0:   # never spend bytes on an option with no less error (e.g. another method's)
+        heapq.heappush(heap, (-gain, name))
 
   for name in curves:
     push(name)
