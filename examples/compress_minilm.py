@@ -43,7 +43,8 @@ is printed and returned in the report (``allocation``, ``sensitivities``).
 
 ``--allocate-gptq`` lets each kernel take GPTQ int-b codes instead of cuts where the
 allocation finds them cheaper (docs/calibration.md section 13): at 3–4 bits it picks GPTQ
-for every kernel and keeps the word table as 2–3-bit cuts, the best model measured.
+for most kernels (cuts for the FFN output kernels) and keeps the word table as 2–3-bit
+cuts, the best model measured; at 2 bits it keeps cuts everywhere.
 
 With ``--distill`` the compressed model is then distilled to the original
 (``jax_signedcut.distill``, block by block: ``bert.distill_blocks``): the cut
