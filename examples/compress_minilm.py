@@ -191,8 +191,9 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   chosen budgets. With ``gptq`` a kernel may instead take GPTQ int-b codes (b the
   integers among the budgets, 2..8; their output error under H), whichever option the
   allocation finds cheaper for the same sensitivity (measured with the cuts: the loss is
-  taken as linear in the output error, whatever made it). Returns ``(bits by path, rules,
-  sensitivities)``.
+  taken as linear in the output error, whatever made it); the kernels' cut curves are then
+  of the backfitted parts (a decompose per kernel and budget), as GPTQ's are of what it
+  keeps. Returns ``(bits by path, rules, sensitivities)``.
   """
   from jax_signedcut._calibration import allocate as _alloc  # noqa: PLC0415
   from jax_signedcut._calibration import objective  # noqa: PLC0415
@@ -220,7 +221,7 @@ def allocation(model, tok, params, calibration, *, bits, search, key, say, block
   sizes = {p: int(np.prod(np.shape(flat[p]))) for p in names}
   methods = {}
   if gptq:
-    codes = sorted({int(round(b)) for b in grid if 2 <= round(b) <= 8})
+    codes = _alloc.gptq_codes(grid)
     kernels = sorted(calibration.hessians)
     # Against GPTQ the cuts' curve must be of the parts decompose keeps *with* backfitting
     # (the curves above are before it, which overstates the cuts' error by up to 2x and

@@ -467,3 +467,11 @@ def test_allocate_never_buys_more_error():
   curves = {"a": (np.array([1.0, 2.0, 2.1]), np.array([5.0, 1.0, 1.5])),
             "b": (np.array([1.0, 2.0]), np.array([4.0, 4.0]))}
   assert allocate.allocate(curves, 100.0) == {"a": 1, "b": 0}
+
+
+def test_gptq_codes_of_a_budget_grid():
+  assert allocate.gptq_codes((3.0, 4.0, 5.0)) == (3, 4, 5)
+  assert allocate.gptq_codes((0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5)) == (2, 3, 4)
+  assert allocate.gptq_codes((8.0, 9.0)) == (8,)
+  with pytest.raises(ValueError, match=r"\(0.5, 1.0\) bits per weight hold no GPTQ code"):
+    allocate.gptq_codes((0.5, 1.0))

@@ -345,6 +345,19 @@ def gptq_curves(weights: Mapping[str, np.ndarray], hessians: Mapping[str, np.nda
   return curves, kept
 
 
+def gptq_codes(budgets) -> tuple[int, ...]:
+  """The GPTQ code widths of a budget grid: its values rounded to integers in 2..8.
+
+  Raises:
+    ValueError: none of ``budgets`` rounds into 2..8 (naming them).
+  """
+  codes = tuple(sorted({int(round(b)) for b in budgets if 2 <= round(b) <= 8}))
+  if not codes:
+    raise ValueError(f"the options {tuple(budgets)} bits per weight hold no GPTQ code width "
+                     "in 2..8")
+  return codes
+
+
 def merge_curves(by_method: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]]):
   """One curve per matrix over the options of several methods, and which method each is.
 

@@ -150,10 +150,7 @@ def _allocate_jobs(src, args, jobs, key, arg_options) -> tuple[dict, dict]:
   curves, gptq = {}, {}
   try:
     budgets = _alloc.budget_grid(target)
-    codes = sorted({int(round(b)) for b in budgets if 2 <= round(b) <= 8})
-    if getattr(args, "allocate_gptq", False) and not codes:
-      raise ValueError(f"--allocate-gptq: the options {budgets} bits per weight hold no GPTQ "
-                       "code width in 2..8")
+    codes = _alloc.gptq_codes(budgets) if getattr(args, "allocate_gptq", False) else ()
     for i, path in picked:
       job = jobs[path]
       w = np.asarray(src.get(i), np.float32)
